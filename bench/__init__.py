@@ -1,0 +1,1 @@
+"""Benchmarks for gwyh_mp: run as `python -m bench <command>`."""
