@@ -1,0 +1,219 @@
+"""Every knob of a gwyh_mp node, with its default, its unit and why it is what it is.
+
+Start from a preset (``Config.local()``, ``Config.lan()``, ``Config.wan()``) and
+override what you need; ``validate()`` (run by the node at start) turns bad values
+into one clear ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from dataclasses import dataclass, field
+
+from gwyh_mp.protocol import wire
+from gwyh_mp.protocol.selection import Strategy
+
+Addr = tuple[str, int]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which and why."""
+
+
+def parse_addr(text: str, *, default_host: str = "127.0.0.1") -> Addr:
+    """``HOST:PORT``, ``:PORT``, ``PORT`` or ``[V6]:PORT`` -> (host, port)."""
+    text = text.strip()
+    if not text:
+        raise ConfigError("empty address; expected HOST:PORT")
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ConfigError(f"bad address {text!r}; expected [V6ADDR]:PORT")
+    elif ":" in text:
+        host, _, port_text = text.rpartition(":")
+    else:
+        host, port_text = "", text
+    host = host or default_host
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"bad port in {text!r}; expected HOST:PORT") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port {port} out of range 0-65535 in {text!r}")
+    return host, port
+
+
+@dataclass(slots=True)
+class Config:
+    # -- identity and network --------------------------------------------------
+    bind: Addr = ("127.0.0.1", 6969)
+    """UDP address to listen on (port 0 picks a free one)."""
+    advertise: Addr | None = None
+    """Address other nodes should use for us, if not the bind address (NAT, 0.0.0.0)."""
+    psks: list[bytes] = field(default_factory=list)
+    """Pre-shared keys. All are accepted; list old and new together while rotating."""
+    bootstrap: list[Addr] = field(default_factory=list)
+    """Seed peers to handshake with at start and whenever this node is isolated."""
+    zone: str | None = None
+    """Free-form zone label (datacenter, rack); None is a zone of its own."""
+    node_id: bytes | None = None
+    """16 bytes; random by default, so a restarted process is a new node."""
+
+    # -- membership ----------------------------------------------------------------
+    strategy: Strategy = Strategy.UNIFORM
+    """How providers are picked: uniform, hub-and-spoke, prefer-local, prefer-remote."""
+    subscriptions: int = 5
+    """N: how many providers this node receives broadcasts from (its in-degree)."""
+    heartbeat_interval_s: float = 5.0
+    """Providers heartbeat subscribers (and subscribers refresh) this often."""
+    missed_heartbeats: int = 3
+    """A provider silent for this many intervals is declared DOWN."""
+    reassign_delay_s: tuple[float, float] = (0.05, 0.5)
+    """Random delay before re-selecting providers, so bursts of changes coalesce."""
+    seed: int | None = None
+    """Seed for peer selection; with a fixed node_id, selection is reproducible."""
+
+    # -- handshake -------------------------------------------------------------------
+    handshake_window_s: float = 60.0
+    """A Hello's timestamp must be within this many seconds of our clock."""
+    handshake_timeout_s: float = 10.0
+    """Half-open handshakes are forgotten after this long."""
+    handshake_retry_s: float = 1.0
+    """Unanswered handshake packets are retransmitted this often."""
+    max_half_open: int = 1024
+    """Bound on responder handshakes waiting for their OkBoss."""
+
+    # -- dissemination ---------------------------------------------------------------
+    seen_set_size: int = 200_000
+    """Message ids remembered for de-duplication (memory: ~100 B per id)."""
+    max_datagram_bytes: int = 1400
+    """Largest UDP payload we send: fits a 1500-byte Ethernet MTU with IPv6 headers."""
+    max_message_bytes: int = 16 << 20
+    """Largest broadcast accepted from the application or the network."""
+
+    # -- runtime ---------------------------------------------------------------------
+    socket_buffer_bytes: int = 8 << 20
+    """SO_RCVBUF/SO_SNDBUF request; bursts from many peers need deep buffers."""
+    message_queue_size: int = 100_000
+    """Delivered messages buffered for the application before the node applies
+    backpressure to the network reader."""
+    workers: int = 1
+    """Receiver processes sharing the port (multiprocess runtime)."""
+
+    # -- presets ---------------------------------------------------------------------
+    @classmethod
+    def local(cls, **overrides: object) -> Config:
+        """One machine (tests, demos): fast heartbeats, jumbo loopback datagrams."""
+        base: dict[str, object] = {
+            "heartbeat_interval_s": 0.5,
+            "reassign_delay_s": (0.01, 0.1),
+            "handshake_retry_s": 0.25,
+            "max_datagram_bytes": 65_000,
+        }
+        base.update(overrides)
+        return cls(**base)  # type: ignore[arg-type]
+
+    @classmethod
+    def lan(cls, **overrides: object) -> Config:
+        """A datacenter network: the defaults."""
+        return cls(**overrides)  # type: ignore[arg-type]
+
+    @classmethod
+    def wan(cls, **overrides: object) -> Config:
+        """Links across regions: slower heartbeats, more patience, smaller datagrams."""
+        base: dict[str, object] = {
+            "heartbeat_interval_s": 10.0,
+            "missed_heartbeats": 4,
+            "handshake_retry_s": 2.0,
+            "handshake_timeout_s": 20.0,
+            "max_datagram_bytes": 1200,
+        }
+        base.update(overrides)
+        return cls(**base)  # type: ignore[arg-type]
+
+    def replace(self, **changes: object) -> Config:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def validate(self) -> Config:
+        """Raise ConfigError on the first invalid value; returns self for chaining."""
+        if not self.psks:
+            raise ConfigError("no pre-shared key configured (generate one: gwyh-node keygen)")
+        for psk in self.psks:
+            if len(psk) < 16:
+                raise ConfigError("pre-shared keys must be at least 16 bytes")
+        _check_addr("bind", self.bind)
+        if self.advertise is not None:
+            _check_addr("advertise", self.advertise)
+        for addr in self.bootstrap:
+            _check_addr("bootstrap", addr)
+        if self.zone is not None and len(self.zone.encode()) > wire.MAX_ZONE_BYTES:
+            raise ConfigError(f"zone must be at most {wire.MAX_ZONE_BYTES} bytes of UTF-8")
+        if self.node_id is not None and len(self.node_id) != wire.NODE_ID_BYTES:
+            raise ConfigError(f"node_id must be {wire.NODE_ID_BYTES} bytes")
+        if not isinstance(self.strategy, Strategy):
+            try:
+                self.strategy = Strategy.parse(str(self.strategy))
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        _positive_int("subscriptions", self.subscriptions, maximum=64)
+        _positive("heartbeat_interval_s", self.heartbeat_interval_s)
+        _positive_int("missed_heartbeats", self.missed_heartbeats, maximum=100)
+        low, high = self.reassign_delay_s
+        if not 0 <= low <= high:
+            raise ConfigError("reassign_delay_s must be (low, high) with 0 <= low <= high")
+        _positive("handshake_window_s", self.handshake_window_s)
+        _positive("handshake_timeout_s", self.handshake_timeout_s)
+        _positive("handshake_retry_s", self.handshake_retry_s)
+        _positive_int("max_half_open", self.max_half_open)
+        _positive_int("seen_set_size", self.seen_set_size, minimum=1000)
+        _positive_int(
+            "max_datagram_bytes",
+            self.max_datagram_bytes,
+            minimum=576,
+            maximum=wire.MAX_DATAGRAM_BYTES,
+        )
+        _positive_int("max_message_bytes", self.max_message_bytes, maximum=1 << 31)
+        _positive_int("socket_buffer_bytes", self.socket_buffer_bytes)
+        _positive_int("message_queue_size", self.message_queue_size)
+        _positive_int("workers", self.workers, maximum=max(64, (os.cpu_count() or 1) * 4))
+        return self
+
+    @property
+    def advertised(self) -> Addr:
+        """The address we tell others about."""
+        if self.advertise is not None:
+            return self.advertise
+        host, port = self.bind
+        if host in ("0.0.0.0", "", "::"):
+            host = "127.0.0.1"
+        return host, port
+
+
+def _check_addr(name: str, addr: Addr) -> None:
+    if not (isinstance(addr, tuple) and len(addr) == 2 and isinstance(addr[1], int)):
+        raise ConfigError(f"{name} must be a (host, port) tuple, got {addr!r}")
+    host, port = addr
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{name} port {port} out of range 0-65535")
+    if not host or len(host.encode()) > wire.MAX_HOST_BYTES:
+        raise ConfigError(f"{name} host {host!r} is empty or too long")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ConfigError(
+                f"{name} host {host!r} must be an IP address (or localhost)"
+            ) from None
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value!r}")
+
+
+def _positive_int(name: str, value: int, *, minimum: int = 1, maximum: int | None = None) -> None:
+    if not isinstance(value, int) or value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise ConfigError(f"{name} must be an integer {bound}, got {value!r}")

@@ -1,0 +1,681 @@
+"""Congestion control: NAK-based loss detection, AIMD pacing, and send scheduling.
+
+Why this exists: the original gwyh NAKed after every packet (NAKs for NAKs included), underflowed on
+reordered packets, ignored sequence wrap-around, never updated its rate controller, and never paced
+the data path (spec §7, §8 items 7-8). This module replaces all of that with three sans-IO state
+machines, driven by the runtime with monotonic ``now`` timestamps in seconds:
+
+* ``LinkLossDetector`` (receiver, one per peer): watches the 32-bit link sequence numbers carried by
+  bulk-data datagrams, tolerates reordering, and emits at most one aggregated ``NakReport`` per
+  ``nak_interval_s``. Control packets carry no link sequence number, so a NAK is never NAKed.
+* ``AimdPacer`` (sender, one per link): token bucket in bytes/s whose rate is cut multiplicatively
+  on reported loss (once per loss event) and raised additively while the link is loss-free.
+* ``SendScheduler`` (sender, one per link): control traffic first and never rate-limited, data
+  released only as the pacer allows, with a byte-bounded data queue that pushes back on the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+SEQ32_MODULUS = 1 << 32
+SEQ32_MASK = SEQ32_MODULUS - 1
+_SEQ32_HALF = 1 << 31
+
+# Slack for float rounding in the token bucket: without it, waking up exactly at
+# ``next_send_time`` can find the bucket a few ULPs short and spin on zero-length timers.
+_TOKEN_EPSILON_BYTES = 1e-6
+
+
+def seq32_diff(a: int, b: int) -> int:
+    """Signed serial-number distance ``a - b`` (RFC 1982) in ``[-2**31, 2**31)``.
+
+    Positive means ``a`` is newer than ``b``. Exactly half the space apart is ambiguous in RFC 1982;
+    it is reported as ``-2**31`` (older), which every caller treats as a far jump anyway.
+    """
+    d = (a - b) & SEQ32_MASK
+    return d - SEQ32_MODULUS if d >= _SEQ32_HALF else d
+
+
+class LinkSeqCounter:
+    """Sender side of the link sequence: one wrapping 32-bit counter per directed link.
+
+    The start value is the caller's choice (random per session is fine); only data datagrams take
+    a number, so gaps at the receiver mean lost data and nothing else.
+    """
+
+    __slots__ = ("_next",)
+
+    def __init__(self, start: int = 0) -> None:
+        self._next = start & SEQ32_MASK
+
+    def next(self) -> int:
+        """Return the sequence number for the next data datagram and advance."""
+        seq = self._next
+        self._next = (seq + 1) & SEQ32_MASK
+        return seq
+
+
+@dataclass(frozen=True, slots=True)
+class PacingConfig:
+    """Every congestion-control knob, with defaults for a LAN gossip node.
+
+    Loss detection (receiver):
+      reorder_window_s: a missing sequence number is declared lost this long after the gap was seen,
+        unless it arrives first. Longer tolerates more jitter but reacts later.
+      reorder_packets: ...or once this many newer data packets arrived (QUIC's packet threshold);
+        the packet that reveals the gap counts as the first. A packet displaced by fewer positions
+        than this is never reported.
+      max_gap_packets: a jump forward or backward larger than this is treated as a sender restart
+        (or garbage) and resets the detector instead of reporting a huge loss. Also bounds memory.
+      nak_interval_s: at most one NAK report per this interval, whatever the loss pattern.
+      max_nak_ranges: at most this many (start, count) ranges in one report; further losses are
+        still counted in ``NakReport.lost`` so the sender's loss fraction stays right.
+
+    Pacing and AIMD (sender):
+      initial_rate_bytes_per_s / min_rate_bytes_per_s / max_rate_bytes_per_s: data pacing rate at
+        start and its bounds. The minimum keeps a loss storm from stalling a link for good.
+      burst_bytes: token-bucket depth, i.e. the most data sent back to back after an idle period.
+        The default fits any UDP datagram (65,507 B), so a single datagram never needs debt.
+      decrease_factor: multiplicative decrease applied on a loss event (rate *= factor).
+      loss_threshold: a report whose lost / (lost + received) exceeds this counts as congestion;
+        below it, loss is treated as noise (e.g. a corrupted frame) and does not cut the rate.
+      decrease_holdoff_s: at most one decrease per this period, so the several NAK reports produced
+        by one queue overflow cut the rate once, not into collapse. Should exceed
+        RTT + reorder_window_s + nak_interval_s.
+      increase_bytes_per_s / increase_interval_s: additive increase applied each loss-free interval
+        (none within decrease_holdoff_s of a decrease). Keep one step to a few percent of the
+        slowest expected link: NAK feedback lags, and bigger steps overshoot into heavy loss.
+        The defaults (160 KiB/s per second) suit links of about 0.5-50 MB/s.
+
+    Scheduling (sender):
+      max_queued_data_bytes: data queue bound; ``push_data`` refuses beyond it (backpressure).
+      max_queued_control_bytes: control queue bound; the oldest control items are dropped beyond
+        it. Large, because control is small and must not be refused, but still finite.
+    """
+
+    reorder_window_s: float = 0.020
+    reorder_packets: int = 3
+    max_gap_packets: int = 4096
+    nak_interval_s: float = 0.050
+    max_nak_ranges: int = 64
+
+    initial_rate_bytes_per_s: float = 1_048_576.0
+    min_rate_bytes_per_s: float = 16_384.0
+    max_rate_bytes_per_s: float = 67_108_864.0
+    burst_bytes: int = 65_536
+    decrease_factor: float = 0.7
+    loss_threshold: float = 0.01
+    decrease_holdoff_s: float = 0.2
+    increase_bytes_per_s: float = 16_384.0
+    increase_interval_s: float = 0.1
+
+    max_queued_data_bytes: int = 1_048_576
+    max_queued_control_bytes: int = 4_194_304
+
+    def __post_init__(self) -> None:
+        errors: list[str] = []
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                errors.append(msg)
+
+        for name in (
+            "reorder_window_s",
+            "nak_interval_s",
+            "increase_interval_s",
+            "min_rate_bytes_per_s",
+            "increase_bytes_per_s",
+        ):
+            value = getattr(self, name)
+            need(math.isfinite(value) and value > 0, f"{name} must be finite and > 0, got {value}")
+        need(
+            math.isfinite(self.decrease_holdoff_s) and self.decrease_holdoff_s >= 0,
+            f"decrease_holdoff_s must be finite and >= 0, got {self.decrease_holdoff_s}",
+        )
+        need(self.reorder_packets >= 1, "reorder_packets must be >= 1")
+        need(
+            1 <= self.max_gap_packets < _SEQ32_HALF,
+            "max_gap_packets must be in [1, 2**31) so serial arithmetic stays unambiguous",
+        )
+        need(self.max_nak_ranges >= 1, "max_nak_ranges must be >= 1")
+        need(
+            math.isfinite(self.max_rate_bytes_per_s)
+            and self.min_rate_bytes_per_s
+            <= self.initial_rate_bytes_per_s
+            <= self.max_rate_bytes_per_s,
+            "need min_rate_bytes_per_s <= initial_rate_bytes_per_s <= max_rate_bytes_per_s, finite",
+        )
+        need(self.burst_bytes >= 1, "burst_bytes must be >= 1")
+        need(0 < self.decrease_factor < 1, "decrease_factor must be in (0, 1)")
+        need(0 <= self.loss_threshold < 1, "loss_threshold must be in [0, 1)")
+        need(self.max_queued_data_bytes >= 1, "max_queued_data_bytes must be >= 1")
+        need(self.max_queued_control_bytes >= 1, "max_queued_control_bytes must be >= 1")
+        if errors:
+            raise ValueError("invalid PacingConfig: " + "; ".join(errors))
+
+
+# --------------------------------------------------------------------------------------------------
+# Receiver: loss detection and NAK aggregation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NakReport:
+    """One aggregated NAK, covering everything since the previous report.
+
+    ranges: ``(start_seq32, count)`` runs of lost sequence numbers, oldest first, merged. A run may
+      cross the wrap (start 0xFFFFFFFE, count 4 covers ...FE, ...FF, 0, 1).
+    lost: total lost sequence numbers in the window; >= the sum of the range counts when the range
+      list was truncated to ``max_nak_ranges``.
+    received: distinct data packets received in the same window: since the previous report, or
+      over the last one to two ``nak_interval_s`` if nothing was lost before that.
+    """
+
+    ranges: tuple[tuple[int, int], ...]
+    lost: int
+    received: int
+
+    @property
+    def loss_fraction(self) -> float:
+        total = self.lost + self.received
+        return self.lost / total if total else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LossStats:
+    received: int
+    duplicates: int
+    lost: int
+    reordered: int
+    resets: int
+    reports: int
+
+
+class _Gap:
+    """A run of missing logical sequence numbers [start, end) awaiting its reorder verdict."""
+
+    __slots__ = ("arrivals_at_open", "end", "opened_s", "start")
+
+    def __init__(self, start: int, end: int, opened_s: float, arrivals_at_open: int) -> None:
+        self.start = start
+        self.end = end
+        self.opened_s = opened_s
+        self.arrivals_at_open = arrivals_at_open
+
+
+class LinkLossDetector:
+    """Receiver side of one directed link: turns link sequence numbers into rare, aggregated NAKs.
+
+    Sequence numbers are unwrapped into an unbounded logical sequence relative to the highest one
+    seen, so wrap-around is invisible past ``on_packet``. Usage by the runtime: call ``on_packet``
+    for every data datagram that passed header checks, ``poll_nak`` after each receive batch and
+    whenever ``next_timer`` comes due, and send whatever report it returns.
+    """
+
+    __slots__ = (
+        "_arrivals",
+        "_cfg",
+        "_highest",
+        "_last_report_s",
+        "_lost",
+        "_lost_ranges",
+        "_pending",
+        "_received",
+        "_received_prev",
+        "_window_start_s",
+        "duplicates",
+        "lost_total",
+        "received_total",
+        "reordered",
+        "reports",
+        "resets",
+    )
+
+    def __init__(self, config: PacingConfig | None = None) -> None:
+        self._cfg = config or PacingConfig()
+        self._highest: int | None = None  # logical sequence number of the newest packet
+        self._arrivals = 0  # count of packets that advanced _highest; the packet-threshold clock
+        self._pending: deque[_Gap] = deque()  # ordered by start == by opening order
+        self._lost_ranges: list[list[int]] = []  # [logical_start, count], awaiting report
+        self._lost = 0  # lost seqs awaiting report, including those beyond max_nak_ranges
+        self._received = 0  # distinct packets in the current counting window
+        self._received_prev = 0  # ...and in the one before it (see _roll_window)
+        self._window_start_s: float | None = None
+        self._last_report_s: float | None = None
+        self.received_total = 0
+        self.duplicates = 0  # duplicates, and stragglers arriving after being declared lost
+        self.lost_total = 0
+        self.reordered = 0  # late arrivals that filled a pending gap
+        self.resets = 0
+        self.reports = 0
+
+    # Hot path: called per received data datagram.
+    def on_packet(self, seq32: int, now: float) -> None:
+        """Record one received data datagram carrying link sequence number ``seq32``."""
+        highest = self._highest
+        self._roll_window(now)
+        if highest is None:
+            self._highest = seq32
+            self._arrivals += 1
+            self._count_received()
+            return
+
+        delta = seq32_diff(seq32, highest & SEQ32_MASK)
+        if delta == 1 and not self._pending:  # in order, nothing outstanding: the common case
+            self._highest = highest + 1
+            self._arrivals += 1
+            self._count_received()
+            return
+        max_gap = self._cfg.max_gap_packets
+        if delta > max_gap or delta < -max_gap:
+            self._reset(highest + delta)
+            return
+        if delta > 0:
+            self._arrivals += 1
+            if delta > 1:
+                self._pending.append(_Gap(highest + 1, highest + delta, now, self._arrivals))
+            self._highest = highest + delta
+            self._count_received()
+            self._expire(now)
+            return
+        if delta < 0 and self._fill(highest + delta):
+            self.reordered += 1
+            self._count_received()
+        else:
+            self.duplicates += 1
+        self._expire(now)
+
+    def poll_nak(self, now: float) -> NakReport | None:
+        """The aggregated NAK if one is due, else None; at most one per ``nak_interval_s``."""
+        self._expire(now)
+        if not self._lost:
+            self._roll_window(now)
+            return None
+        last = self._last_report_s
+        if last is not None and now - last < self._cfg.nak_interval_s:
+            return None
+        report = NakReport(
+            ranges=tuple((start & SEQ32_MASK, count) for start, count in self._lost_ranges),
+            lost=self._lost,
+            received=self._received_prev + self._received,
+        )
+        self._lost_ranges = []
+        self._lost = 0
+        self._received = 0
+        self._received_prev = 0
+        self._window_start_s = now
+        self._last_report_s = now
+        self.reports += 1
+        return report
+
+    def next_timer(self, now: float) -> float | None:
+        """When ``poll_nak`` should next be called, or None if nothing is pending.
+
+        Count-based expiry happens inside ``on_packet``, so only the time-based deadlines matter.
+        The value may be <= ``now``, meaning "call it now".
+        """
+        deadlines: list[float] = []
+        if self._pending:
+            deadlines.append(self._pending[0].opened_s + self._cfg.reorder_window_s)
+        if self._lost:
+            if self._last_report_s is None:
+                deadlines.append(now)
+            else:
+                deadlines.append(self._last_report_s + self._cfg.nak_interval_s)
+        return min(deadlines) if deadlines else None
+
+    def stats(self) -> LossStats:
+        return LossStats(
+            received=self.received_total,
+            duplicates=self.duplicates,
+            lost=self.lost_total,
+            reordered=self.reordered,
+            resets=self.resets,
+            reports=self.reports,
+        )
+
+    def _roll_window(self, now: float) -> None:
+        # With nothing lost to report, roll the counting window every nak_interval_s, so a later
+        # report's loss fraction reflects recent traffic, not everything since the link came up
+        # (which would dilute a fresh loss event below loss_threshold). The previous window is
+        # kept too: a gap still pending at the roll was opened among packets counted there.
+        start = self._window_start_s
+        if start is None:
+            self._window_start_s = now
+        elif not self._lost and now - start >= self._cfg.nak_interval_s:
+            self._received_prev = self._received
+            self._received = 0
+            self._window_start_s = now
+
+    def _count_received(self) -> None:
+        self._received += 1
+        self.received_total += 1
+
+    def _reset(self, logical: int) -> None:
+        # A jump this large is a restarted sender or junk, not loss: forget pending gaps rather
+        # than report thousands of phantom losses. Confirmed losses still get reported.
+        self._pending.clear()
+        self._highest = logical
+        self._arrivals += 1
+        self.resets += 1
+        self._count_received()
+
+    def _fill(self, logical: int) -> bool:
+        """Remove ``logical`` from a pending gap if it is there; True if it was."""
+        for i, gap in enumerate(self._pending):
+            if logical < gap.start:
+                return False
+            if logical < gap.end:
+                if gap.end - gap.start == 1:
+                    del self._pending[i]
+                elif logical == gap.start:
+                    gap.start += 1
+                elif logical == gap.end - 1:
+                    gap.end -= 1
+                else:  # split; both halves keep the original deadline
+                    tail = _Gap(logical + 1, gap.end, gap.opened_s, gap.arrivals_at_open)
+                    gap.end = logical
+                    self._pending.insert(i + 1, tail)
+                return True
+        return False
+
+    def _expire(self, now: float) -> None:
+        """Move gaps whose reorder allowance is used up (by time or by packet count) to lost."""
+        pending = self._pending
+        if not pending:
+            return
+        window_s = self._cfg.reorder_window_s
+        # The revealing packet is arrival number ``arrivals_at_open``; it counts as the first.
+        last_ok_open = self._arrivals - self._cfg.reorder_packets + 1
+        while pending:
+            gap = pending[0]
+            if now - gap.opened_s < window_s and gap.arrivals_at_open > last_ok_open:
+                break
+            pending.popleft()
+            self._record_lost(gap.start, gap.end - gap.start)
+
+    def _record_lost(self, start: int, count: int) -> None:
+        self._lost += count
+        self.lost_total += count
+        ranges = self._lost_ranges
+        if ranges and ranges[-1][0] + ranges[-1][1] == start:
+            ranges[-1][1] += count
+        elif len(ranges) < self._cfg.max_nak_ranges:
+            ranges.append([start, count])
+        # else: listed ranges are full; the loss still counts in ``lost``.
+
+
+# --------------------------------------------------------------------------------------------------
+# Sender: AIMD token-bucket pacer
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PacerStats:
+    rate_bytes_per_s: float
+    sent_bytes: int
+    decreases: int
+    increases: int
+
+
+class AimdPacer:
+    """Token bucket whose fill rate follows AIMD on the receiver's NAK reports.
+
+    Tokens are bytes. Data goes out only when ``can_send`` says so, which keeps the bucket >= 0.
+    ``consume`` is also used for traffic that is not gated (control), so the pacer still accounts
+    for it: that may push the bucket into debt, bounded at ``-burst_bytes`` so a control storm
+    delays data by at most one burst's worth of time after it ends.
+    """
+
+    __slots__ = (
+        "_cfg",
+        "_interval_start_s",
+        "_last_decrease_s",
+        "_last_refill_s",
+        "_loss_in_interval",
+        "_rate",
+        "_tokens",
+        "decreases",
+        "increases",
+        "sent_bytes",
+    )
+
+    def __init__(self, config: PacingConfig | None = None, now: float = 0.0) -> None:
+        self._cfg = config or PacingConfig()
+        self._rate = float(self._cfg.initial_rate_bytes_per_s)
+        self._tokens = float(self._cfg.burst_bytes)
+        self._last_refill_s = now
+        self._interval_start_s = now
+        self._loss_in_interval = False
+        self._last_decrease_s: float | None = None
+        self.sent_bytes = 0
+        self.decreases = 0
+        self.increases = 0
+
+    @property
+    def rate_bytes_per_s(self) -> float:
+        return self._rate
+
+    def tokens(self, now: float) -> float:
+        """Bucket level in bytes at ``now`` (negative only after ungated ``consume``)."""
+        self._refill(now)
+        return self._tokens
+
+    def can_send(self, nbytes: int, now: float) -> bool:
+        """True if a datagram of ``nbytes`` may go out now.
+
+        A datagram larger than the bucket needs a full bucket (it could never fit otherwise).
+        """
+        self._refill(now)
+        return self._tokens + _TOKEN_EPSILON_BYTES >= min(nbytes, self._cfg.burst_bytes)
+
+    def consume(self, nbytes: int, now: float) -> None:
+        """Account for ``nbytes`` just sent on this link."""
+        self._refill(now)
+        self._tokens = max(self._tokens - nbytes, -float(self._cfg.burst_bytes))
+        self.sent_bytes += nbytes
+
+    def next_send_time(self, nbytes: int, now: float) -> float:
+        """Earliest time at which ``can_send(nbytes, t)`` will hold at the current rate."""
+        self._refill(now)
+        shortfall = min(nbytes, self._cfg.burst_bytes) - self._tokens
+        if shortfall <= _TOKEN_EPSILON_BYTES:
+            return now
+        return now + shortfall / self._rate
+
+    def on_nak(self, report_lost: int, report_received: int, now: float) -> bool:
+        """Feed one NAK report; returns True if it caused a multiplicative decrease."""
+        total = report_lost + report_received
+        if report_lost <= 0 or total <= 0:
+            return False
+        if report_lost / total <= self._cfg.loss_threshold:
+            return False
+        self._loss_in_interval = True  # blocks the additive increase of the current interval
+        last = self._last_decrease_s
+        if last is not None and now - last < self._cfg.decrease_holdoff_s:
+            return False  # same loss event: its first report already cut the rate
+        self._refill(now)  # tokens earned so far accrue at the old rate
+        self._rate = max(self._rate * self._cfg.decrease_factor, self._cfg.min_rate_bytes_per_s)
+        self._last_decrease_s = now
+        self.decreases += 1
+        # The increase clock restarts: probing resumes only after a full loss-free interval.
+        self._interval_start_s = now
+        self._loss_in_interval = False
+        return True
+
+    def on_tick(self, now: float) -> bool:
+        """Advance the additive-increase clock; returns True if the rate was raised.
+
+        Call at least every ``increase_interval_s`` (see ``next_timer``). A late tick raises the
+        rate once, not once per missed interval, so a stalled loop does not spike the rate.
+        """
+        cfg = self._cfg
+        if now - self._interval_start_s < cfg.increase_interval_s:
+            return False
+        self._interval_start_s = now
+        lossy = self._loss_in_interval
+        self._loss_in_interval = False
+        last = self._last_decrease_s
+        # Within the holdoff the link has not yet shown the effect of the last decrease (NAKs
+        # lag by reorder window + NAK interval + RTT), so probing upward then only overshoots.
+        if lossy or (last is not None and now - last < cfg.decrease_holdoff_s):
+            return False
+        if self._rate >= cfg.max_rate_bytes_per_s:
+            return False
+        self._refill(now)
+        self._rate = min(self._rate + cfg.increase_bytes_per_s, cfg.max_rate_bytes_per_s)
+        self.increases += 1
+        return True
+
+    def next_timer(self, now: float) -> float:
+        """When ``on_tick`` next has work to do."""
+        return self._interval_start_s + self._cfg.increase_interval_s
+
+    def stats(self) -> PacerStats:
+        return PacerStats(
+            rate_bytes_per_s=self._rate,
+            sent_bytes=self.sent_bytes,
+            decreases=self.decreases,
+            increases=self.increases,
+        )
+
+    def _refill(self, now: float) -> None:
+        elapsed = now - self._last_refill_s
+        if elapsed <= 0:  # same instant, or a caller's clock stepped back: earn nothing
+            return
+        self._last_refill_s = now
+        self._tokens = min(self._tokens + elapsed * self._rate, float(self._cfg.burst_bytes))
+
+
+# --------------------------------------------------------------------------------------------------
+# Sender: control-first scheduler in front of the pacer
+# --------------------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStats:
+    queued_control_bytes: int
+    queued_data_bytes: int
+    control_sent: int
+    data_sent: int
+    control_dropped: int
+    data_refused: int
+
+
+class SendScheduler(Generic[T]):
+    """Two-class send queue for one link: CONTROL before DATA, DATA paced by an ``AimdPacer``.
+
+    Control (handshakes, heartbeats, membership status, NAKs) is small and latency-critical, so it
+    is released immediately and only charged to the pacer: a link saturated with data never delays
+    a heartbeat into a false failure. Data is FIFO and waits for tokens. Items are opaque to the
+    scheduler; the caller passes each item's wire size.
+    """
+
+    __slots__ = (
+        "_cfg",
+        "_control",
+        "_control_bytes",
+        "_data",
+        "_data_bytes",
+        "control_dropped",
+        "control_sent",
+        "data_refused",
+        "data_sent",
+        "pacer",
+    )
+
+    def __init__(self, pacer: AimdPacer, config: PacingConfig | None = None) -> None:
+        self.pacer = pacer
+        self._cfg = config or PacingConfig()
+        self._control: deque[tuple[T, int]] = deque()
+        self._data: deque[tuple[T, int]] = deque()
+        self._control_bytes = 0
+        self._data_bytes = 0
+        self.control_sent = 0
+        self.data_sent = 0
+        self.control_dropped = 0
+        self.data_refused = 0
+
+    @property
+    def queued_data_bytes(self) -> int:
+        return self._data_bytes
+
+    @property
+    def queued_control_bytes(self) -> int:
+        return self._control_bytes
+
+    def push_control(self, item: T, nbytes: int) -> None:
+        """Queue a control item. Always accepted; the oldest control is dropped past the bound."""
+        self._control.append((item, nbytes))
+        self._control_bytes += nbytes
+        # Keep at least the newest item even if it alone exceeds the bound.
+        while self._control_bytes > self._cfg.max_queued_control_bytes and len(self._control) > 1:
+            _, dropped = self._control.popleft()
+            self._control_bytes -= dropped
+            self.control_dropped += 1
+
+    def push_data(self, item: T, nbytes: int) -> bool:
+        """Queue a data item; False (nothing queued) when the data queue is full.
+
+        The caller owns backpressure: keep the item and retry after ``pop_ready`` drains some.
+        An item larger than the whole queue could never be accepted, so that is a ValueError.
+        """
+        if nbytes > self._cfg.max_queued_data_bytes:
+            raise ValueError(
+                f"data item of {nbytes} B exceeds max_queued_data_bytes "
+                f"({self._cfg.max_queued_data_bytes} B)"
+            )
+        if self._data_bytes + nbytes > self._cfg.max_queued_data_bytes:
+            self.data_refused += 1
+            return False
+        self._data.append((item, nbytes))
+        self._data_bytes += nbytes
+        return True
+
+    def pop_ready(self, now: float, max_items: int | None = None) -> list[T]:
+        """Items that may be sent now, control first; each is charged to the pacer."""
+        out: list[T] = []
+        limit = max_items if max_items is not None else -1
+        pacer = self.pacer
+        control = self._control
+        while control and len(out) != limit:
+            item, nbytes = control.popleft()
+            self._control_bytes -= nbytes
+            pacer.consume(nbytes, now)
+            self.control_sent += 1
+            out.append(item)
+        data = self._data
+        while data and len(out) != limit:
+            item, nbytes = data[0]
+            if not pacer.can_send(nbytes, now):
+                break
+            data.popleft()
+            self._data_bytes -= nbytes
+            pacer.consume(nbytes, now)
+            self.data_sent += 1
+            out.append(item)
+        return out
+
+    def next_timer(self, now: float) -> float | None:
+        """When ``pop_ready`` will next release something, or None if both queues are empty."""
+        if self._control:
+            return now
+        if self._data:
+            return self.pacer.next_send_time(self._data[0][1], now)
+        return None
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            queued_control_bytes=self._control_bytes,
+            queued_data_bytes=self._data_bytes,
+            control_sent=self.control_sent,
+            data_sent=self.data_sent,
+            control_dropped=self.control_dropped,
+            data_refused=self.data_refused,
+        )

@@ -1,0 +1,158 @@
+"""De-duplication and fanout of broadcasts.
+
+A broadcast is forwarded at once to every subscriber except the peer it came from.
+Two ideas keep that cheap (see docs/PROTOCOL.md, "Broadcast channel"):
+
+- Message ids travel in clear, so a copy we have already seen is dropped with one
+  set lookup, before any decryption.
+- A provider encrypts a datagram once under its *channel key* (handed to each
+  subscriber over the pairwise session) and sends the same ciphertext to all
+  subscribers; only the small clear header differs. Entries produced in the same
+  processing round are coalesced into as few datagrams as fit.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gwyh_mp.protocol import wire
+from gwyh_mp.protocol.crypto import ids_digest, nonce, seal
+
+Addr = tuple[str, int]
+
+
+class SeenSet:
+    """A bounded set of recent message ids; the oldest is forgotten first.
+
+    ``ids`` is exposed for the hot path (``msg_id in seen.ids``)."""
+
+    __slots__ = ("_order", "capacity", "ids")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.ids: set[bytes] = set()
+        self._order: deque[bytes] = deque()
+
+    def __contains__(self, msg_id: bytes) -> bool:
+        return msg_id in self.ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(self, msg_id: bytes) -> bool:
+        """Add an id; returns False if it was already there."""
+        if msg_id in self.ids:
+            return False
+        self.ids.add(msg_id)
+        self._order.append(msg_id)
+        if len(self._order) > self.capacity:
+            self.ids.discard(self._order.popleft())
+        return True
+
+
+@dataclass(slots=True)
+class FanoutTarget:
+    """One subscriber as the fanout sees it."""
+
+    node_id: bytes
+    addr: Addr
+    remote_session_id: int
+    next_link_seq: Callable[[], int]
+
+
+@dataclass(slots=True)
+class BroadcastChannel:
+    """This node's provider channel: one key, one nonce counter, many subscribers."""
+
+    key: bytes
+    seq: int = 0
+    datagrams: int = 0
+    encryptions: int = 0
+
+
+@dataclass(slots=True)
+class PendingEntry:
+    msg_id: bytes
+    entry: bytes  # ENTRY_HEADER + body
+    exclude: bytes | None  # the peer it came from: it already has it
+
+
+@dataclass(slots=True)
+class Fanout:
+    """Entries waiting for the end of the current processing round."""
+
+    channel: BroadcastChannel
+    max_datagram_bytes: int
+    pending: list[PendingEntry] = field(default_factory=list)
+
+    @property
+    def max_entry_bytes(self) -> int:
+        return self.max_datagram_bytes - wire.BROADCAST_OVERHEAD - wire.MESSAGE_ID_BYTES
+
+    def add(self, msg_id: bytes, entry: bytes, exclude: bytes | None) -> None:
+        self.pending.append(PendingEntry(msg_id, entry, exclude))
+
+    def flush(self, targets: list[FanoutTarget], out: list[tuple[bytes, Addr]]) -> None:
+        """Encrypt pending entries once per distinct recipient set and append one
+        datagram per subscriber to ``out``."""
+        pending, self.pending = self.pending, []
+        if not pending or not targets:
+            return
+        target_ids = {t.node_id for t in targets}
+        excluded = {p.exclude for p in pending if p.exclude in target_ids}
+        if not excluded:
+            self._send_group(pending, targets, out)
+            return
+        # Subscribers that sent us none of these entries get all of them; each one
+        # that did gets everything but its own. One encryption per group.
+        everyone = [t for t in targets if t.node_id not in excluded]
+        if everyone:
+            self._send_group(pending, everyone, out)
+        for target in targets:
+            if target.node_id in excluded:
+                group = [p for p in pending if p.exclude != target.node_id]
+                if group:
+                    self._send_group(group, [target], out)
+
+    def _send_group(
+        self,
+        entries: list[PendingEntry],
+        targets: list[FanoutTarget],
+        out: list[tuple[bytes, Addr]],
+    ) -> None:
+        budget = self.max_datagram_bytes - wire.BROADCAST_OVERHEAD
+        chunk: list[PendingEntry] = []
+        size = 0
+        for item in entries:
+            cost = wire.MESSAGE_ID_BYTES + len(item.entry)
+            if chunk and (size + cost > budget or len(chunk) == wire.MAX_ENTRIES_PER_DATAGRAM):
+                self._seal_and_send(chunk, targets, out)
+                chunk, size = [], 0
+            chunk.append(item)
+            size += cost
+        if chunk:
+            self._seal_and_send(chunk, targets, out)
+
+    def _seal_and_send(
+        self,
+        chunk: list[PendingEntry],
+        targets: list[FanoutTarget],
+        out: list[tuple[bytes, Addr]],
+    ) -> None:
+        channel = self.channel
+        channel.seq += 1
+        seq = channel.seq
+        ids = b"".join([p.msg_id for p in chunk])
+        body = ids + seal(
+            channel.key, nonce(seq, ids_digest(ids)), b"".join([p.entry for p in chunk])
+        )
+        channel.encryptions += 1
+        count = len(chunk)
+        pack = wire.BROADCAST_HEADER.pack
+        version, ptype = wire.VERSION, wire.PacketType.BROADCAST
+        for t in targets:
+            header = pack(version, ptype, count, 0, t.remote_session_id, t.next_link_seq(), seq)
+            out.append((header + body, t.addr))
+        channel.datagrams += len(targets)

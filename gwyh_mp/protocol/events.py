@@ -1,0 +1,57 @@
+"""What the node core reports to its runtime and, through it, to the application."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gwyh_mp.protocol.wire import MemberState
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A snapshot of one cluster member as this node sees it."""
+
+    node_id: bytes
+    host: str
+    port: int
+    zone: str | None
+    state: MemberState
+    incarnation: int
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    @property
+    def is_up(self) -> bool:
+        return self.state == MemberState.UP
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One broadcast, delivered exactly once per node (never to its own sender)."""
+
+    data: bytes
+    id: bytes
+    origin: bytes
+    hops: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemberUp:
+    member: Member
+
+
+@dataclass(frozen=True, slots=True)
+class MemberDown:
+    member: Member
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderChanged:
+    """This node's set of providers changed (after a reassignment)."""
+
+    providers: tuple[bytes, ...]
+
+
+Event = Message | MemberUp | MemberDown | ProviderChanged

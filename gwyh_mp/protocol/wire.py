@@ -1,0 +1,344 @@
+"""Wire format v1: every byte of every datagram (docs/PROTOCOL.md describes the same).
+
+All integers are big-endian. Every datagram starts with ``version:u8 type:u8``.
+Handshake packets travel in clear, authenticated by MACs; everything else is
+XSalsa20-Poly1305 ciphertext behind a small clear header that carries only what
+the receiver needs to pick the key and drop duplicates *before* decrypting.
+
+Decoders raise :class:`WireError` on anything malformed; the node turns that into
+a counted, silent drop.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+VERSION = 1
+
+MAX_DATAGRAM_BYTES = 65_507  # IPv4 UDP payload ceiling
+NODE_ID_BYTES = 16
+MESSAGE_ID_BYTES = 16
+PUBLIC_KEY_BYTES = 32
+MAC_BYTES = 32
+CHALLENGE_BYTES = 16
+TAG_BYTES = 16  # Poly1305
+MAX_ZONE_BYTES = 64
+MAX_HOST_BYTES = 64
+MAX_PSKS_PER_HELLO = 8
+# A Hello is padded to this size so that the Ohai it provokes is never larger:
+# an unauthenticated (or replayed) Hello can never be used for amplification.
+HELLO_PADDED_BYTES = 200
+
+
+class WireError(ValueError):
+    """A datagram or frame that does not parse. Always dropped, never answered."""
+
+
+class PacketType(enum.IntEnum):
+    HELLO = 0x01
+    OHAI = 0x02
+    OKBOSS = 0x03
+    GOTEAM = 0x04
+    CONTROL = 0x10  # pairwise-session ciphertext carrying control frames
+    BROADCAST = 0x11  # provider-channel ciphertext carrying broadcast entries
+
+
+class FrameType(enum.IntEnum):
+    """Frames inside a CONTROL packet (point-to-point, never forwarded)."""
+
+    PING = 0x01
+    PONG = 0x02
+    HEARTBEAT = 0x03
+    SUBSCRIBE = 0x04
+    SUBSCRIBED = 0x05
+    UNSUBSCRIBE = 0x06
+    PEERS_REQUEST = 0x07
+    PEERS = 0x08
+    NAK = 0x09
+
+
+class EntryKind(enum.IntEnum):
+    """Entries inside a BROADCAST packet (forwarded cluster-wide)."""
+
+    APP = 0x00
+    STATUS = 0x01
+    FRAGMENT = 0x02
+
+
+class MemberState(enum.IntEnum):
+    UP = 1
+    DOWN = 2
+
+
+PREFIX = struct.Struct("!BB")
+
+# ---------------------------------------------------------------------------
+# Handshake
+# ---------------------------------------------------------------------------
+
+# version, type, hs_id, node_id, ephemeral public key, receive session id, incarnation,
+# unix time ns
+HELLO_FIXED = struct.Struct("!BB16s16s32sIIQ")
+# version, type, hs_id, node_id, ephemeral public key, receive session id, incarnation,
+# challenge
+OHAI_FIXED = struct.Struct("!BB16s16s32sII16s")
+# version, type, hs_id, mac
+CONFIRM = struct.Struct("!BB16s32s")
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    hs_id: bytes
+    node_id: bytes
+    public_key: bytes
+    session_id: int
+    incarnation: int
+    timestamp_ns: int
+    zone: str | None
+    signed: bytes  # the bytes the MACs cover
+    macs: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ohai:
+    hs_id: bytes
+    node_id: bytes
+    public_key: bytes
+    session_id: int
+    incarnation: int
+    challenge: bytes
+    zone: str | None
+    signed: bytes
+    mac: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Confirm:
+    """OkBoss or GoTeam: a key-confirmation MAC over the whole transcript."""
+
+    packet_type: PacketType
+    hs_id: bytes
+    mac: bytes
+
+
+def _encode_zone(zone: str | None) -> bytes:
+    # 0xFF marks "no zone", distinct from the empty-string zone.
+    if zone is None:
+        return b"\xff"
+    raw = zone.encode()
+    if len(raw) > MAX_ZONE_BYTES:
+        raise ValueError(f"zone is {len(raw)} bytes; at most {MAX_ZONE_BYTES} allowed")
+    return bytes((len(raw),)) + raw
+
+
+def _decode_zone(buf: bytes | memoryview, offset: int) -> tuple[str | None, int]:
+    if offset >= len(buf):
+        raise WireError("truncated zone")
+    length = buf[offset]
+    offset += 1
+    if length == 0xFF:
+        return None, offset
+    if length > MAX_ZONE_BYTES or offset + length > len(buf):
+        raise WireError("bad zone length")
+    try:
+        return bytes(buf[offset : offset + length]).decode(), offset + length
+    except UnicodeDecodeError as exc:
+        raise WireError("zone is not UTF-8") from exc
+
+
+def encode_hello_signed(
+    hs_id: bytes,
+    node_id: bytes,
+    public_key: bytes,
+    session_id: int,
+    incarnation: int,
+    timestamp_ns: int,
+    zone: str | None,
+) -> bytes:
+    return HELLO_FIXED.pack(
+        VERSION,
+        PacketType.HELLO,
+        hs_id,
+        node_id,
+        public_key,
+        session_id,
+        incarnation,
+        timestamp_ns,
+    ) + _encode_zone(zone)
+
+
+def finish_hello(signed: bytes, macs: list[bytes]) -> bytes:
+    body = signed + bytes((len(macs),)) + b"".join(macs)
+    return body + bytes(max(0, HELLO_PADDED_BYTES - len(body)))
+
+
+def decode_hello(data: bytes) -> Hello:
+    if len(data) < HELLO_PADDED_BYTES:
+        raise WireError("short hello")  # unpadded hellos are refused: no amplification
+    _, _, hs_id, node_id, pk, sid, inc, ts = HELLO_FIXED.unpack_from(data)
+    zone, offset = _decode_zone(data, HELLO_FIXED.size)
+    signed = data[:offset]
+    if offset >= len(data):
+        raise WireError("truncated hello")
+    count = data[offset]
+    offset += 1
+    if not 1 <= count <= MAX_PSKS_PER_HELLO or offset + count * MAC_BYTES > len(data):
+        raise WireError("bad hello mac count")
+    macs = tuple(data[offset + i * MAC_BYTES : offset + (i + 1) * MAC_BYTES] for i in range(count))
+    return Hello(hs_id, node_id, pk, sid, inc, ts, zone, signed, macs)
+
+
+def encode_ohai_signed(
+    hs_id: bytes,
+    node_id: bytes,
+    public_key: bytes,
+    session_id: int,
+    incarnation: int,
+    challenge: bytes,
+    zone: str | None,
+) -> bytes:
+    return OHAI_FIXED.pack(
+        VERSION,
+        PacketType.OHAI,
+        hs_id,
+        node_id,
+        public_key,
+        session_id,
+        incarnation,
+        challenge,
+    ) + _encode_zone(zone)
+
+
+def decode_ohai(data: bytes) -> Ohai:
+    if len(data) < OHAI_FIXED.size + 1 + MAC_BYTES:
+        raise WireError("short ohai")
+    _, _, hs_id, node_id, pk, sid, inc, challenge = OHAI_FIXED.unpack_from(data)
+    zone, offset = _decode_zone(data, OHAI_FIXED.size)
+    if offset + MAC_BYTES != len(data):
+        raise WireError("bad ohai length")
+    return Ohai(hs_id, node_id, pk, sid, inc, challenge, zone, data[:offset], data[offset:])
+
+
+def encode_confirm(packet_type: PacketType, hs_id: bytes, mac: bytes) -> bytes:
+    return CONFIRM.pack(VERSION, packet_type, hs_id, mac)
+
+
+def decode_confirm(data: bytes) -> Confirm:
+    if len(data) != CONFIRM.size:
+        raise WireError("bad confirm length")
+    _, ptype, hs_id, mac = CONFIRM.unpack(data)
+    return Confirm(PacketType(ptype), hs_id, mac)
+
+
+# ---------------------------------------------------------------------------
+# Encrypted packets
+# ---------------------------------------------------------------------------
+
+# CONTROL: version, type, reserved, receiver session id, session sequence (also the nonce)
+CONTROL_HEADER = struct.Struct("!BBHIQ")
+# BROADCAST: version, type, entry count, flags, receiver session id, link sequence (u32,
+# wraps; loss detection), channel sequence (the nonce, never wraps); then count x 16-byte
+# message ids in clear so duplicates are dropped before any decryption.
+BROADCAST_HEADER = struct.Struct("!BBBBIIQ")
+MAX_ENTRIES_PER_DATAGRAM = 255
+CONTROL_OVERHEAD = CONTROL_HEADER.size + TAG_BYTES
+BROADCAST_OVERHEAD = BROADCAST_HEADER.size + TAG_BYTES
+
+FRAME_HEADER = struct.Struct("!BH")  # frame type, body length
+MAX_FRAME_BODY = 0xFFFF
+
+# Broadcast entry inside the plaintext: kind, hops, origin node id, body length.
+# The message id is not repeated: it sits in the clear header, which the nonce binds.
+ENTRY_HEADER = struct.Struct("!BB16sI")
+ENTRY_OVERHEAD = ENTRY_HEADER.size + MESSAGE_ID_BYTES
+
+# Member record (PEERS frames and STATUS entries):
+# node id, incarnation, state, port; then zone and host, length-prefixed.
+MEMBER_FIXED = struct.Struct("!16sIBH")
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRecord:
+    node_id: bytes
+    incarnation: int
+    state: MemberState
+    host: str
+    port: int
+    zone: str | None
+
+    def encode(self) -> bytes:
+        host = self.host.encode()
+        if len(host) > MAX_HOST_BYTES:
+            raise ValueError("host too long")
+        return (
+            MEMBER_FIXED.pack(self.node_id, self.incarnation, self.state, self.port)
+            + _encode_zone(self.zone)
+            + bytes((len(host),))
+            + host
+        )
+
+
+def decode_member(buf: bytes | memoryview, offset: int = 0) -> tuple[MemberRecord, int]:
+    if offset + MEMBER_FIXED.size > len(buf):
+        raise WireError("truncated member record")
+    node_id, incarnation, state, port = MEMBER_FIXED.unpack_from(buf, offset)
+    try:
+        member_state = MemberState(state)
+    except ValueError as exc:
+        raise WireError("bad member state") from exc
+    zone, offset = _decode_zone(buf, offset + MEMBER_FIXED.size)
+    if offset >= len(buf):
+        raise WireError("truncated host")
+    host_len = buf[offset]
+    offset += 1
+    if host_len > MAX_HOST_BYTES or offset + host_len > len(buf):
+        raise WireError("bad host length")
+    try:
+        host = bytes(buf[offset : offset + host_len]).decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise WireError("host is not ASCII") from exc
+    return MemberRecord(node_id, incarnation, member_state, host, port, zone), offset + host_len
+
+
+def encode_members(records: list[MemberRecord]) -> bytes:
+    return struct.pack("!H", len(records)) + b"".join(r.encode() for r in records)
+
+
+def decode_members(buf: bytes | memoryview) -> list[MemberRecord]:
+    if len(buf) < 2:
+        raise WireError("truncated member list")
+    (count,) = struct.unpack_from("!H", buf)
+    offset = 2
+    out = []
+    for _ in range(count):
+        record, offset = decode_member(buf, offset)
+        out.append(record)
+    if offset != len(buf):
+        raise WireError("trailing bytes after member list")
+    return out
+
+
+def encode_frame(frame_type: FrameType, body: bytes = b"") -> bytes:
+    if len(body) > MAX_FRAME_BODY:
+        raise ValueError("frame body too large")
+    return FRAME_HEADER.pack(frame_type, len(body)) + body
+
+
+def iter_frames(plaintext: bytes | memoryview) -> list[tuple[int, bytes]]:
+    """Split a CONTROL plaintext into (frame type, body). Unknown types are kept: the
+    caller skips them, so a newer peer's extra frames do not poison the packet."""
+    frames = []
+    offset = 0
+    end = len(plaintext)
+    while offset < end:
+        if offset + FRAME_HEADER.size > end:
+            raise WireError("truncated frame header")
+        ftype, length = FRAME_HEADER.unpack_from(plaintext, offset)
+        offset += FRAME_HEADER.size
+        if offset + length > end:
+            raise WireError("truncated frame body")
+        frames.append((ftype, bytes(plaintext[offset : offset + length])))
+        offset += length
+    return frames
