@@ -16,7 +16,6 @@ clock) is used only for the handshake's time lock. Everything random comes from
 from __future__ import annotations
 
 import os
-import random
 import struct
 from collections import deque
 from collections.abc import Callable
