@@ -1,0 +1,22 @@
+"""gwyh_mp: a fast, encrypted UDP gossip node (public names only)."""
+
+from gwyh_mp.api import MessageTooLarge, Node, NotRunning
+from gwyh_mp.config import Config, ConfigError
+from gwyh_mp.protocol.events import Member, MemberDown, MemberUp, Message
+from gwyh_mp.protocol.selection import Strategy
+from gwyh_mp.protocol.wire import MemberState
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Member",
+    "MemberDown",
+    "MemberState",
+    "MemberUp",
+    "Message",
+    "MessageTooLarge",
+    "Node",
+    "NotRunning",
+    "Strategy",
+]
+__version__ = "0.1.0"

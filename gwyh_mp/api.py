@@ -1,0 +1,184 @@
+"""The asyncio library API.
+
+async with Node(Config.local(bind=("127.0.0.1", 7001), psks=[key])) as node:
+    msg_id = await node.broadcast(b"hello")
+    async for msg in node.messages():
+        print(msg.origin.hex(), msg.data)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator
+from types import TracebackType
+
+from gwyh_mp.config import Config
+from gwyh_mp.protocol.events import Event, Member, MemberDown, MemberUp, Message, ProviderChanged
+from gwyh_mp.protocol.node import MessageTooLarge, NotRunning
+from gwyh_mp.runtime.single import SingleProcessRuntime
+
+MemberEvent = MemberUp | MemberDown
+
+__all__ = ["MessageTooLarge", "Node", "NotRunning"]
+
+
+class Node:
+    """A gwyh_mp node. Start it (``await node.start()`` or ``async with``), then
+    broadcast, read messages and watch membership. Not thread-safe: use it from the
+    event loop that started it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config.validate()
+        self._runtime = SingleProcessRuntime(config, self._on_event)
+        # A deque, not an asyncio.Queue: a batch already read from the socket must be
+        # delivered even when it overshoots the bound (reading pauses right after).
+        self._inbox: deque[Message] = deque()
+        self._inbox_ready = asyncio.Event()
+        self._inbox_limit = config.message_queue_size
+        self._member_events: asyncio.Queue[MemberEvent] = asyncio.Queue(10_000)
+        self._providers: tuple[bytes, ...] = ()
+        self._started = False
+        self._stopped = False
+        self._reading_paused = False
+        self._changed = asyncio.Event()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> Node:
+        if self._started:
+            raise RuntimeError("node already started")
+        await self._runtime.start()
+        self._started = True
+        return self
+
+    async def stop(self) -> None:
+        """Leave the cluster gracefully and close the socket. Idempotent."""
+        if self._started and not self._stopped:
+            self._stopped = True
+            await self._runtime.stop()
+
+    async def __aenter__(self) -> Node:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------ identity
+
+    @property
+    def node_id(self) -> bytes:
+        return self._core().node_id
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound address (useful with port 0)."""
+        if self._runtime.address is None:
+            raise NotRunning("node is not started")
+        return self._runtime.address
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self._core().max_message_bytes
+
+    # ------------------------------------------------------------ messaging
+
+    async def broadcast(self, data: bytes) -> bytes:
+        """Send ``data`` to every node in the cluster; returns the 16-byte message id.
+        Raises MessageTooLarge or NotRunning."""
+        if not self._started or self._stopped:
+            raise NotRunning("node is not running")
+        return self._runtime.broadcast(bytes(data))
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Every broadcast from other nodes, exactly once each, in arrival order."""
+        inbox = self._inbox
+        while True:
+            while not inbox:
+                self._inbox_ready.clear()
+                await self._inbox_ready.wait()
+            msg = inbox.popleft()
+            if self._reading_paused and len(inbox) < self._inbox_limit // 2:
+                self._reading_paused = False
+                self._runtime.resume_reading()
+            yield msg
+
+    async def receive(self, timeout: float | None = None) -> Message:
+        """The next message (raises TimeoutError after ``timeout`` seconds)."""
+        async with asyncio.timeout(timeout):
+            async for msg in self.messages():
+                return msg
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------ membership
+
+    def members(self) -> list[Member]:
+        """Every other node this node knows of, UP or DOWN."""
+        return self._core().member_list()
+
+    def local_member(self) -> Member:
+        return self._core().local_member()
+
+    @property
+    def providers(self) -> tuple[bytes, ...]:
+        """Node ids this node currently receives broadcasts from."""
+        return self._providers
+
+    async def member_events(self) -> AsyncIterator[MemberEvent]:
+        while True:
+            yield await self._member_events.get()
+
+    async def wait_for_members(self, count: int, timeout: float = 30.0) -> list[Member]:
+        """Wait until at least ``count`` other members are UP."""
+        async with asyncio.timeout(timeout):
+            while True:
+                up = [m for m in self.members() if m.is_up]
+                if len(up) >= count:
+                    return up
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        await self._changed.wait()
+
+    def stats(self) -> dict[str, int]:
+        core = self._core()
+        out = dict(core.stats)
+        for key, value in core.handshaker.stats.items():
+            out[f"handshake_{key}"] = value
+        out["members_up"] = len(core.members.up_members())
+        out["providers"] = len(core.providers)
+        out["subscribers"] = len(core.subscribers)
+        out["seen_ids"] = len(core.seen)
+        out["message_queue"] = len(self._inbox)
+        return out
+
+    # ------------------------------------------------------------ internals
+
+    def _core(self):  # type: ignore[no-untyped-def]
+        if self._runtime.core is None:
+            raise NotRunning("node is not started")
+        return self._runtime.core
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, Message):
+            self._inbox.append(event)
+            self._inbox_ready.set()
+            if len(self._inbox) >= self._inbox_limit and not self._reading_paused:
+                # Backpressure: stop reading the socket until the app catches up,
+                # rather than dropping messages we already accepted.
+                self._reading_paused = True
+                self._runtime.pause_reading()
+        elif isinstance(event, MemberUp | MemberDown):
+            if self._member_events.full():
+                self._member_events.get_nowait()  # keep the newest; members() is exact
+            self._member_events.put_nowait(event)
+            self._changed.set()
+        elif isinstance(event, ProviderChanged):
+            self._providers = event.providers
+            self._changed.set()

@@ -1,0 +1,200 @@
+"""One-process runtime: a UDP socket and timers on an asyncio (uvloop) loop around
+:class:`NodeCore`.
+
+The loop watches the socket with ``add_reader`` and drains it in batches (recvmmsg
+where available): every datagram goes to the core, then everything the core wants
+to send leaves in one batch. Processing a whole batch before flushing is what lets
+the core coalesce forwards into few datagrams under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+
+from gwyh_mp.config import Config
+from gwyh_mp.protocol.events import Event
+from gwyh_mp.protocol.node import NodeCore
+from gwyh_mp.runtime import udp
+
+log = logging.getLogger("gwyh_mp")
+
+Addr = tuple[str, int]
+RECV_BATCH = 64
+MAX_RECV_PER_WAKEUP = 2048  # bound one wakeup so timers and the app still get to run
+
+
+class SingleProcessRuntime:
+    def __init__(self, config: Config, on_event: Callable[[Event], None]) -> None:
+        self.config = config
+        self._on_event = on_event
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sock: socket.socket | None = None
+        self.core: NodeCore | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._flush_scheduled = False
+        self._unsent: deque[tuple[bytes, Addr]] = deque()
+        self._writer_armed = False
+        self._reading = False
+        self._receiver: udp.BatchReceiver | None = None
+        self._sender: udp.BatchSender | None = None
+        self.address: Addr | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._sock = udp.open_socket(self.config.bind, self.config.socket_buffer_bytes)
+        self.address = self._sock.getsockname()[:2]
+        self._receiver = udp.BatchReceiver(self._sock, RECV_BATCH)
+        self._sender = udp.BatchSender(self._sock)
+        now = loop.time()
+        self.core = NodeCore(self.config, now, wall_offset_s=time.time() - now)
+        self.core.set_bound_port(self.address[1])
+        self.core.start(now)
+        self.resume_reading()
+        self._flush()
+
+    async def stop(self, linger_s: float = 0.2) -> None:
+        """Leave gracefully: announce DOWN, end subscriptions, give the packets a
+        moment to leave, then close."""
+        if self.core is None or self._sock is None or self._loop is None:
+            return
+        if self.core.running:
+            self.core.leave(self._loop.time())
+            self._flush()
+            deadline = self._loop.time() + linger_s
+            while self._unsent and self._loop.time() < deadline:
+                await asyncio.sleep(0.01)
+        self.pause_reading()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._writer_armed:
+            self._loop.remove_writer(self._sock.fileno())
+            self._writer_armed = False
+        self._sock.close()
+        self._sock = None
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    def pause_reading(self) -> None:
+        if self._reading and self._sock is not None and self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._reading = False
+
+    def resume_reading(self) -> None:
+        if not self._reading and self._sock is not None and self._loop is not None:
+            self._loop.add_reader(self._sock.fileno(), self._on_readable)
+            self._reading = True
+
+    # ------------------------------------------------------------ application side
+
+    def broadcast(self, data: bytes) -> bytes:
+        assert self.core is not None and self._loop is not None
+        msg_id = self.core.broadcast(data, self._loop.time())
+        self.schedule_flush()
+        return msg_id
+
+    def schedule_flush(self) -> None:
+        # Several broadcasts in one loop iteration share one flush (and datagram).
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    # ------------------------------------------------------------ I/O
+
+    def _on_readable(self) -> None:
+        core, receiver, loop = self.core, self._receiver, self._loop
+        assert core is not None and receiver is not None and loop is not None
+        now = loop.time()
+        receive = core.receive_datagram
+        total = 0
+        while total < MAX_RECV_PER_WAKEUP:
+            try:
+                count = receiver.recv_batch()
+            except OSError as exc:
+                log.debug("recv error: %s", exc)
+                break
+            if not count:
+                break
+            for i in range(count):
+                receive(receiver.packet_bytes(i), receiver.address(i), now)
+            total += count
+            if count < receiver.batch:
+                break
+        self._flush()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self.core is None or self._loop is None:
+            return
+        self.core.handle_timer(self._loop.time())
+        self._flush()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        core, loop = self.core, self._loop
+        if core is None or loop is None or self._sock is None:
+            return
+        datagrams = core.datagrams_to_send(loop.time())
+        if datagrams:
+            if self._unsent:
+                self._unsent.extend(datagrams)
+            else:
+                self._send(datagrams)
+        while (event := core.next_event()) is not None:
+            self._on_event(event)
+        while core.warnings:
+            log.warning("%s", core.warnings.popleft())
+        self._arm_timer()
+
+    def _send(self, datagrams: list[tuple[bytes, Addr]]) -> None:
+        assert self._sender is not None
+        sent = self._sender.send_batch(datagrams)
+        if sent < len(datagrams):
+            # Kernel buffer full: keep the rest, in order, until the socket drains.
+            self._unsent.extend(datagrams[sent:])
+            self._arm_writer()
+
+    def _arm_writer(self) -> None:
+        if not self._writer_armed and self._sock is not None and self._loop is not None:
+            self._loop.add_writer(self._sock.fileno(), self._on_writable)
+            self._writer_armed = True
+
+    def _on_writable(self) -> None:
+        assert self._sender is not None and self._loop is not None and self._sock is not None
+        pending = list(self._unsent)
+        self._unsent.clear()
+        sent = self._sender.send_batch(pending)
+        if sent < len(pending):
+            self._unsent.extend(pending[sent:])
+            return
+        self._loop.remove_writer(self._sock.fileno())
+        self._writer_armed = False
+
+    def _arm_timer(self) -> None:
+        core, loop = self.core, self._loop
+        assert core is not None and loop is not None
+        when = core.get_timer()
+        if when is None:
+            return
+        if self._timer_at is not None and self._timer_at <= when:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = loop.call_at(when, self._on_timer)
+
+
+def is_address_in_use(exc: OSError) -> bool:
+    return exc.errno in (errno.EADDRINUSE, errno.EACCES)
