@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -266,13 +267,47 @@ async def run_node(config: Config, *, stdio: bool, stats_interval: float | None)
 
 
 async def _pump_stdin(node: Node, loop: asyncio.AbstractEventLoop) -> None:
-    queue: asyncio.Queue[bytes | None] = asyncio.Queue(1024)
-    threading.Thread(target=_stdin_lines, args=(loop, queue), daemon=True).start()
-    while (line := await queue.get()) is not None:
+    if stat.S_ISREG(os.fstat(sys.stdin.fileno()).st_mode):
+        # Regular files cannot be watched by epoll; a thread reads them to EOF.
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(1024)
+        threading.Thread(target=_stdin_lines, args=(loop, queue), daemon=True).start()
+        while (line := await queue.get()) is not None:
+            await _broadcast_line(node, line)
+        return
+    limit = node.max_message_bytes + 2
+    reader = asyncio.StreamReader(limit=limit)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
         try:
-            await node.broadcast(line)
-        except MessageTooLarge as exc:
-            log.error("line not sent: %s", exc)
+            line = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                await _broadcast_line(node, exc.partial)
+            return
+        except asyncio.LimitOverrunError:
+            log.error("line not sent: longer than the largest message (%d bytes)", limit - 2)
+            await _skip_line(reader)
+            continue
+        await _broadcast_line(node, line)
+
+
+async def _skip_line(reader: asyncio.StreamReader) -> None:
+    while True:
+        try:
+            await reader.readuntil(b"\n")
+            return
+        except asyncio.LimitOverrunError as exc:
+            await reader.readexactly(exc.consumed)
+        except asyncio.IncompleteReadError:
+            return
+
+
+async def _broadcast_line(node: Node, line: bytes) -> None:
+    line = line.rstrip(b"\r\n")
+    try:
+        await node.broadcast(line)
+    except MessageTooLarge as exc:
+        log.error("line not sent: %s", exc)
 
 
 async def _pump_stdout(node: Node) -> None:

@@ -1,0 +1,120 @@
+"""Helpers to run real ``gwyh-node`` processes in tests and always clean them up."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import orjson
+
+NODE_CMD = [sys.executable, "-m", "gwyh_mp.cli"]
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_key(directory: Path, name: str, key: bytes) -> str:
+    path = directory / name
+    path.write_bytes(key + b"\n")
+    return str(path)
+
+
+class NodeProcess:
+    """A ``gwyh-node`` subprocess whose stdout JSON lines and stderr lines are read
+    by background threads, so a test can wait for conditions without blocking."""
+
+    def __init__(self, args: list[str], *, stdin: bool = True) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            NODE_CMD + args,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        self.messages: list[dict[str, object]] = []
+        self.stats: list[dict[str, object]] = []
+        self.stderr_lines: list[str] = []
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._changed:
+                self.messages.append(orjson.loads(line))
+                self._changed.notify_all()
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip("\n")
+            with self._changed:
+                if line.startswith("{"):
+                    with contextlib.suppress(orjson.JSONDecodeError):
+                        self.stats.append(orjson.loads(line))
+                self.stderr_lines.append(line)
+                self._changed.notify_all()
+
+    def send_line(self, text: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text + b"\n")
+        self.proc.stdin.flush()
+
+    def wait_for(self, predicate: Callable[[NodeProcess], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not predicate(self):
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not predicate(self)):
+                    return predicate(self)
+                self._changed.wait(min(left, 0.2))
+        return True
+
+    def last_stats(self) -> dict[str, object]:
+        with self._lock:
+            return self.stats[-1] if self.stats else {}
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@contextlib.contextmanager
+def node_processes() -> Iterator[list[NodeProcess]]:
+    started: list[NodeProcess] = []
+    try:
+        yield started
+    finally:
+        for p in started:
+            p.kill()
+
+
+def wait_all(
+    items: list[NodeProcess], predicate: Callable[[NodeProcess], bool], timeout: float
+) -> bool:
+    deadline = time.monotonic() + timeout
+    return all(p.wait_for(predicate, max(0.1, deadline - time.monotonic())) for p in items)
