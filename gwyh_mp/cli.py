@@ -312,8 +312,8 @@ async def _broadcast_line(node: Node, line: bytes) -> None:
 
 async def _pump_stdout(node: Node) -> None:
     out = sys.stdout.buffer
-    async for msg in node.messages():
-        out.write(message_json(msg))
+    async for batch in node.message_batches():
+        out.write(b"".join([message_json(msg) for msg in batch]))
         out.flush()
 
 

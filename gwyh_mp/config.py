@@ -72,6 +72,8 @@ class Config:
     """A provider silent for this many intervals is declared DOWN."""
     reassign_delay_s: tuple[float, float] = (0.05, 0.5)
     """Random delay before re-selecting providers, so bursts of changes coalesce."""
+    peer_sync_interval_s: float = 30.0
+    """How often to ask a provider for its member list (anti-entropy for lost news)."""
     seed: int | None = None
     """Seed for peer selection; with a fixed node_id, selection is reproducible."""
 
@@ -108,6 +110,7 @@ class Config:
         """One machine (tests, demos): fast heartbeats, jumbo loopback datagrams."""
         base: dict[str, object] = {
             "heartbeat_interval_s": 0.5,
+            "peer_sync_interval_s": 5.0,
             "reassign_delay_s": (0.01, 0.1),
             "handshake_retry_s": 0.25,
             "max_datagram_bytes": 65_000,
@@ -160,6 +163,7 @@ class Config:
         _positive_int("subscriptions", self.subscriptions, maximum=64)
         _positive("heartbeat_interval_s", self.heartbeat_interval_s)
         _positive_int("missed_heartbeats", self.missed_heartbeats, maximum=100)
+        _positive("peer_sync_interval_s", self.peer_sync_interval_s)
         low, high = self.reassign_delay_s
         if not 0 <= low <= high:
             raise ConfigError("reassign_delay_s must be (low, high) with 0 <= low <= high")

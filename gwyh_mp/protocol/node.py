@@ -144,6 +144,7 @@ class NodeCore:
         self._peer_request_addrs: set[Addr] = set()
         self._reassign_at: float | None = None
         self._next_heartbeat = now
+        self._next_peer_sync = now + config.peer_sync_interval_s
         self._running = False
         self._left = False
         self._advertised = config.advertised
@@ -412,6 +413,9 @@ class NodeCore:
             elif not provider.confirmed:
                 provider.confirmed = True
                 provider.last_heard = now
+                # Members that joined while we had no providers were announced to
+                # nobody we listen to: one peer list from each new provider closes that gap.
+                self._queue_control(peer_id, FrameType.PEERS_REQUEST)
         elif ftype == FrameType.UNSUBSCRIBE:
             self.subscribers.pop(peer_id, None)
         elif ftype == FrameType.PEERS_REQUEST:
@@ -667,6 +671,11 @@ class NodeCore:
                 self._subscribe(provider_id, now)
         if not any(st.confirmed for st in self.providers.values()) and not self.subscribers:
             self._bootstrap(now)  # alone: (re)join through the seeds
+        elif now >= self._next_peer_sync and self.providers:
+            # Slow anti-entropy: a lost STATUS flood must not leave a member unknown forever.
+            self._next_peer_sync = now + self.config.peer_sync_interval_s
+            provider_id = self._rng.choice(sorted(self.providers))
+            self._queue_control(provider_id, FrameType.PEERS_REQUEST)
         self._retire_sessions(now)
 
     def _heard_from_a_provider(self, now: float) -> bool:

@@ -1,0 +1,318 @@
+"""`python -m bench cluster`: a cluster of real `gwyh-node` processes on this machine.
+
+Starts --nodes processes (--stdio, stdout to files), waits until every node sees the
+whole cluster and has its providers, then feeds --count broadcasts of --size bytes
+into --senders nodes' stdin, paced at --rate msg/s in 1 ms ticks. It reports:
+
+- msgs/s: count / (time the last node had every message - first send);
+- loss and duplicates per node, from the delivered JSON lines;
+- CPU per node-delivery summed over all node processes (psutil, user+sys);
+- the naive floor measured in the same run (bench.ceiling.measure_naive_floor: one
+  recv + one decrypt + one encryption and one send per subscriber), and the ratio;
+- kernel socket-buffer overflows (/proc/net/snmp RcvbufErrors) during the run.
+
+Every loop is bounded by count and time; all traffic stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import psutil
+
+from bench.ceiling import measure_naive_floor
+from bench.common import machine_description, write_json
+
+KEY = b"bench-cluster-key-0123456789abcdef"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nodes", type=int, default=10)
+    parser.add_argument("--rate", type=float, default=4500.0, help="offered msgs/s (0 = unpaced)")
+    parser.add_argument("--count", type=int, default=25_000, help="broadcasts in total")
+    parser.add_argument("--size", type=int, default=512, help="payload bytes")
+    parser.add_argument("--senders", type=int, default=1, help="how many nodes originate")
+    parser.add_argument("--subscriptions", type=int, default=5)
+    parser.add_argument("--max-datagram", type=int, default=1400)
+    parser.add_argument("--floor-seconds", type=float, default=1.0)
+    parser.add_argument("--timeout", type=float, default=120.0, help="hard cap on the run (s)")
+    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rcvbuf_errors() -> int:
+    try:
+        lines = Path("/proc/net/snmp").read_text().splitlines()
+    except OSError:
+        return -1
+    udp = [line.split() for line in lines if line.startswith("Udp:")]
+    if len(udp) < 2:
+        return -1
+    return int(dict(zip(udp[0][1:], udp[1][1:], strict=False)).get("RcvbufErrors", -1))
+
+
+@dataclass
+class ClusterNode:
+    index: int
+    port: int
+    proc: subprocess.Popen[bytes]
+    out_path: Path
+    err_path: Path
+    lines_seen: int = 0
+    out_offset: int = 0
+    done_at: float | None = None
+    stats: dict[str, object] = field(default_factory=dict)
+
+    def last_stats(self) -> dict[str, object]:
+        try:
+            with open(self.err_path, "rb") as f:
+                f.seek(max(0, os.path.getsize(self.err_path) - 8192))
+                tail = f.read().splitlines()
+        except OSError:
+            return self.stats
+        for line in reversed(tail):
+            if line.startswith(b"{"):
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    self.stats = orjson.loads(line)
+                    break
+        return self.stats
+
+    def count_new_lines(self) -> int:
+        with open(self.out_path, "rb") as f:
+            f.seek(self.out_offset)
+            chunk = f.read()
+        self.out_offset += len(chunk)
+        self.lines_seen += chunk.count(b"\n")
+        return self.lines_seen
+
+
+def start_cluster(args: argparse.Namespace, workdir: Path) -> list[ClusterNode]:
+    key_path = workdir / "cluster.key"
+    key_path.write_bytes(KEY + b"\n")
+    ports = [free_port() for _ in range(args.nodes)]
+    nodes = []
+    for i, port in enumerate(ports):
+        cmd = [
+            sys.executable,
+            "-m",
+            "gwyh_mp.cli",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--psk-file",
+            str(key_path),
+            "--stdio",
+            "--stats-interval",
+            "0.25",
+            "--subscriptions",
+            str(args.subscriptions),
+            "--max-datagram",
+            str(args.max_datagram),
+            "--heartbeat-interval",
+            "1",
+            "--log-level",
+            "warning",
+        ]
+        if i:
+            cmd += ["--bootstrap", f"127.0.0.1:{ports[0]}"]
+        out_path, err_path = workdir / f"node{i}.out", workdir / f"node{i}.err"
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=open(out_path, "wb"), stderr=open(err_path, "wb")
+        )
+        nodes.append(ClusterNode(i, port, proc, out_path, err_path))
+    return nodes
+
+
+def wait_converged(nodes: list[ClusterNode], args: argparse.Namespace, timeout: float) -> bool:
+    want_providers = min(args.subscriptions, args.nodes - 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(n.proc.poll() is not None for n in nodes):
+            return False
+        stats = [n.last_stats() for n in nodes]
+        if all(
+            s.get("members_up") == args.nodes - 1 and s.get("providers") == want_providers
+            for s in stats
+        ):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def payload(seq: int, size: int) -> bytes:
+    head = b"%010d " % seq
+    return head + b"x" * max(0, size - len(head))
+
+
+def feed(nodes: list[ClusterNode], args: argparse.Namespace) -> tuple[float, float]:
+    """Write --count lines, paced, round-robin over the sender nodes' stdin."""
+    senders = nodes[: args.senders]
+    for n in senders:
+        os.set_blocking(n.proc.stdin.fileno(), True)  # type: ignore[union-attr]
+    started = time.monotonic()
+    deadline = started + args.timeout
+    sent = 0
+    while sent < args.count and time.monotonic() < deadline:
+        due = (
+            args.count
+            if args.rate <= 0
+            else min(args.count, int((time.monotonic() - started) * args.rate) + 1)
+        )
+        batches: dict[int, list[bytes]] = {}
+        for seq in range(sent, due):
+            batches.setdefault(seq % len(senders), []).append(payload(seq, args.size) + b"\n")
+        for idx, lines in batches.items():
+            os.write(senders[idx].proc.stdin.fileno(), b"".join(lines))  # type: ignore[union-attr]
+        sent = due
+        time.sleep(0.001)
+    return started, time.monotonic()
+
+
+def expected_for(node: ClusterNode, args: argparse.Namespace) -> int:
+    own = (
+        sum(1 for seq in range(args.count) if seq % args.senders == node.index)
+        if (node.index < args.senders)
+        else 0
+    )
+    return args.count - own
+
+
+def verify(node: ClusterNode, args: argparse.Namespace) -> dict[str, int]:
+    got: dict[int, int] = {}
+    with open(node.out_path, "rb") as f:
+        for line in f:
+            record = orjson.loads(line)
+            seq = int(record["data"][:10])
+            got[seq] = got.get(seq, 0) + 1
+    own = {
+        s for s in range(args.count) if node.index < args.senders and s % args.senders == node.index
+    }
+    expected = set(range(args.count)) - own
+    return {
+        "expected": len(expected),
+        "delivered": len(set(got) & expected),
+        "missing": len(expected - set(got)),
+        "duplicates": sum(c - 1 for c in got.values() if c > 1),
+        "own_delivered": len(set(got) & own),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.nodes < 2 or args.senders < 1 or args.senders > args.nodes:
+        print("bench cluster: need --nodes >= 2 and 1 <= --senders <= --nodes", file=sys.stderr)
+        return 2
+    floor = measure_naive_floor(args.size, args.subscriptions, args.floor_seconds)
+    workdir = Path(tempfile.mkdtemp(prefix="gwyh-cluster-"))
+    nodes = start_cluster(args, workdir)
+    result: dict[str, object] = {
+        "bench": "cluster",
+        "machine": machine_description(),
+        "params": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+    }
+    try:
+        if not wait_converged(nodes, args, 60):
+            result["error"] = "cluster did not converge"
+            write_json(args.json, result)
+            return 1
+        time.sleep(1.0)  # let subscriptions settle and channel keys arrive
+        procs = [psutil.Process(n.proc.pid) for n in nodes]
+        cpu_before = [p.cpu_times() for p in procs]
+        snmp_before = rcvbuf_errors()
+        first_send, last_send = feed(nodes, args)
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            for n in nodes:
+                if n.done_at is None and n.count_new_lines() >= expected_for(n, args):
+                    n.done_at = now
+            if all(n.done_at is not None for n in nodes):
+                break
+            # Stop early if nothing moved for a while: messages are lost, not late.
+            time.sleep(0.02)
+            if now - last_send > 10 and all(n.lines_seen == n.count_new_lines() for n in nodes):
+                break
+        cpu_after = [p.cpu_times() for p in procs]
+        snmp_after = rcvbuf_errors()
+        stats = [n.last_stats() for n in nodes]
+        checks = [verify(n, args) for n in nodes]
+        deliveries = sum(c["delivered"] for c in checks)
+        cpu_s = sum(
+            (a.user - b.user) + (a.system - b.system)
+            for a, b in zip(cpu_after, cpu_before, strict=True)
+        )
+        user_s = sum(a.user - b.user for a, b in zip(cpu_after, cpu_before, strict=True))
+        complete = all(n.done_at is not None for n in nodes)
+        end = max(n.done_at for n in nodes if n.done_at is not None) if complete else None
+        lost = sum(c["missing"] for c in checks)
+        cpu_us = cpu_s * 1e6 / deliveries if deliveries else None
+        result.update(
+            {
+                "msgs_per_s": round(args.count / (end - first_send), 1) if end else None,
+                "offered_msgs_per_s": round(args.count / (last_send - first_send), 1)
+                if last_send > first_send
+                else None,
+                "complete": complete,
+                "lost_messages": lost,
+                "duplicate_deliveries": sum(c["duplicates"] for c in checks),
+                "own_deliveries": sum(c["own_delivered"] for c in checks),
+                "node_deliveries": deliveries,
+                "cpu_s": round(cpu_s, 3),
+                "cpu_user_s": round(user_s, 3),
+                "cpu_us_per_delivery": round(cpu_us, 2) if cpu_us else None,
+                "floor_cpu_us_per_msg": round(floor["cpu_us_per_msg"], 2),
+                "ratio_to_floor": round(cpu_us / floor["cpu_us_per_msg"], 3) if cpu_us else None,
+                "rcvbuf_errors": snmp_after - snmp_before if snmp_before >= 0 else None,
+                "floor": floor,
+                "per_node": [
+                    {
+                        **c,
+                        "datagrams_in": s.get("packets_in"),
+                        "datagrams_out": s.get("packets_out"),
+                        "duplicates_dropped": s.get("duplicates"),
+                        "drop_decrypt": s.get("drop_decrypt", 0),
+                    }
+                    for c, s in zip(checks, stats, strict=True)
+                ],
+            }
+        )
+        write_json(args.json, result)
+        print(
+            f"cluster: {result['msgs_per_s']} msg/s (offered {result['offered_msgs_per_s']}), "
+            f"lost {lost}, dup {result['duplicate_deliveries']}, "
+            f"{result['cpu_us_per_delivery']} us CPU/delivery vs floor "
+            f"{result['floor_cpu_us_per_msg']} us (x{result['ratio_to_floor']}), "
+            f"rcvbuf errors {result['rcvbuf_errors']}",
+            file=sys.stderr,
+        )
+        return 0 if complete and lost == 0 else 1
+    finally:
+        for n in nodes:
+            if n.proc.poll() is None:
+                n.proc.send_signal(signal.SIGTERM)
+        for n in nodes:
+            try:
+                n.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                n.proc.kill()
+        if not args.keep:
+            for path in workdir.iterdir():
+                path.unlink()
+            workdir.rmdir()
+        else:
+            print(f"work directory kept: {workdir}", file=sys.stderr)
