@@ -132,9 +132,9 @@ def start_cluster(args: argparse.Namespace, workdir: Path) -> list[ClusterNode]:
         if i:
             cmd += ["--bootstrap", f"127.0.0.1:{ports[0]}"]
         out_path, err_path = workdir / f"node{i}.out", workdir / f"node{i}.err"
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=open(out_path, "wb"), stderr=open(err_path, "wb")
-        )
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            # The child keeps its own copies of the descriptors.
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err)
         nodes.append(ClusterNode(i, port, proc, out_path, err_path))
     return nodes
 

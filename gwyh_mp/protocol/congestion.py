@@ -25,10 +25,6 @@ SEQ32_MODULUS = 1 << 32
 SEQ32_MASK = SEQ32_MODULUS - 1
 _SEQ32_HALF = 1 << 31
 
-# Slack for float rounding in the token bucket: without it, waking up exactly at
-# ``next_send_time`` can find the bucket a few ULPs short and spin on zero-length timers.
-_TOKEN_EPSILON_BYTES = 1e-6
-
 
 def seq32_diff(a: int, b: int) -> int:
     """Signed serial-number distance ``a - b`` (RFC 1982) in ``[-2**31, 2**31)``.
@@ -69,8 +65,9 @@ class PacingConfig:
       reorder_packets: ...or once this many newer data packets arrived (QUIC's packet threshold);
         the packet that reveals the gap counts as the first. A packet displaced by fewer positions
         than this is never reported.
-      max_gap_packets: a jump forward or backward larger than this is treated as a sender restart
-        (or garbage) and resets the detector instead of reporting a huge loss. Also bounds memory.
+      max_gap_packets: a jump skipping more than this many sequence numbers, or going back more
+        than this many, is treated as a sender restart (or garbage) and resets the detector instead
+        of reporting a huge loss. Also bounds memory.
       nak_interval_s: at most one NAK report per this interval, whatever the loss pattern.
       max_nak_ranges: at most this many (start, count) ranges in one report; further losses are
         still counted in ``NakReport.lost`` so the sender's loss fraction stays right.
@@ -81,15 +78,21 @@ class PacingConfig:
       burst_bytes: token-bucket depth, i.e. the most data sent back to back after an idle period.
         The default fits any UDP datagram (65,507 B), so a single datagram never needs debt.
       decrease_factor: multiplicative decrease applied on a loss event (rate *= factor).
-      loss_threshold: a report whose lost / (lost + received) exceeds this counts as congestion;
+      loss_threshold: a loss fraction lost / (lost + received) above this counts as congestion;
         below it, loss is treated as noise (e.g. a corrupted frame) and does not cut the rate.
+      loss_sample_packets: the fraction is judged over at least this many packets, pooling
+        consecutive NAK reports, so a single random loss in a small report is not mistaken for
+        congestion. Losses above loss_threshold * loss_sample_packets are congestion at once.
+        1 judges every report on its own.
       decrease_holdoff_s: at most one decrease per this period, so the several NAK reports produced
         by one queue overflow cut the rate once, not into collapse. Should exceed
         RTT + reorder_window_s + nak_interval_s.
       increase_bytes_per_s / increase_interval_s: additive increase applied each loss-free interval
         (none within decrease_holdoff_s of a decrease). Keep one step to a few percent of the
         slowest expected link: NAK feedback lags, and bigger steps overshoot into heavy loss.
-        The defaults (160 KiB/s per second) suit links of about 0.5-50 MB/s.
+        The defaults (+160 KiB/s per second) hold a 0.5-3 MB/s bottleneck at 90-100 % of its
+        capacity with ~1 % loss in simulation; on a 200 KB/s one they overshoot (~8 % loss),
+        and they take about a minute to climb from 1 MiB/s to 10 MB/s.
 
     Scheduling (sender):
       max_queued_data_bytes: data queue bound; ``push_data`` refuses beyond it (backpressure).
@@ -109,6 +112,7 @@ class PacingConfig:
     burst_bytes: int = 65_536
     decrease_factor: float = 0.7
     loss_threshold: float = 0.01
+    loss_sample_packets: int = 200
     decrease_holdoff_s: float = 0.2
     increase_bytes_per_s: float = 16_384.0
     increase_interval_s: float = 0.1
@@ -137,9 +141,10 @@ class PacingConfig:
             f"decrease_holdoff_s must be finite and >= 0, got {self.decrease_holdoff_s}",
         )
         need(self.reorder_packets >= 1, "reorder_packets must be >= 1")
+        need(self.loss_sample_packets >= 1, "loss_sample_packets must be >= 1")
         need(
-            1 <= self.max_gap_packets < _SEQ32_HALF,
-            "max_gap_packets must be in [1, 2**31) so serial arithmetic stays unambiguous",
+            1 <= self.max_gap_packets < _SEQ32_HALF - 1,
+            "max_gap_packets must be in [1, 2**31 - 1) so serial arithmetic stays unambiguous",
         )
         need(self.max_nak_ranges >= 1, "max_nak_ranges must be >= 1")
         need(
@@ -171,8 +176,10 @@ class NakReport:
       cross the wrap (start 0xFFFFFFFE, count 4 covers ...FE, ...FF, 0, 1).
     lost: total lost sequence numbers in the window; >= the sum of the range counts when the range
       list was truncated to ``max_nak_ranges``.
-    received: distinct data packets received in the same window: since the previous report, or
-      over the last one to two ``nak_interval_s`` if nothing was lost before that.
+    received: distinct data packets received since the previous report. Counting the whole span
+      makes ``loss_fraction`` a true loss rate: an isolated random loss after a quiet stretch
+      gives a tiny fraction (no rate cut), while a congestion episode, whose reports follow each
+      other every ``nak_interval_s``, shows its real fraction from the second report on.
     """
 
     ranges: tuple[tuple[int, int], ...]
@@ -198,12 +205,12 @@ class LossStats:
 class _Gap:
     """A run of missing logical sequence numbers [start, end) awaiting its reorder verdict."""
 
-    __slots__ = ("arrivals_at_open", "end", "opened_s", "start")
+    __slots__ = ("arrivals_at_open", "deadline_s", "end", "start")
 
-    def __init__(self, start: int, end: int, opened_s: float, arrivals_at_open: int) -> None:
+    def __init__(self, start: int, end: int, deadline_s: float, arrivals_at_open: int) -> None:
         self.start = start
         self.end = end
-        self.opened_s = opened_s
+        self.deadline_s = deadline_s  # declared lost at this time unless filled first
         self.arrivals_at_open = arrivals_at_open
 
 
@@ -214,19 +221,20 @@ class LinkLossDetector:
     seen, so wrap-around is invisible past ``on_packet``. Usage by the runtime: call ``on_packet``
     for every data datagram that passed header checks, ``poll_nak`` after each receive batch and
     whenever ``next_timer`` comes due, and send whatever report it returns.
+
+    The first packet seen anchors the sequence: anything older that arrives later (reordered
+    around the start, or an old duplicate) is counted as a duplicate, never as loss.
     """
 
     __slots__ = (
         "_arrivals",
         "_cfg",
         "_highest",
-        "_last_report_s",
         "_lost",
         "_lost_ranges",
+        "_next_report_s",
         "_pending",
         "_received",
-        "_received_prev",
-        "_window_start_s",
         "duplicates",
         "lost_total",
         "received_total",
@@ -242,10 +250,9 @@ class LinkLossDetector:
         self._pending: deque[_Gap] = deque()  # ordered by start == by opening order
         self._lost_ranges: list[list[int]] = []  # [logical_start, count], awaiting report
         self._lost = 0  # lost seqs awaiting report, including those beyond max_nak_ranges
-        self._received = 0  # distinct packets in the current counting window
-        self._received_prev = 0  # ...and in the one before it (see _roll_window)
-        self._window_start_s: float | None = None
-        self._last_report_s: float | None = None
+        self._received = 0  # distinct packets since the last report
+        # Deadlines are stored, not recomputed, so next_timer() and poll_nak() agree to the bit.
+        self._next_report_s = -math.inf
         self.received_total = 0
         self.duplicates = 0  # duplicates, and stragglers arriving after being declared lost
         self.lost_total = 0
@@ -257,7 +264,6 @@ class LinkLossDetector:
     def on_packet(self, seq32: int, now: float) -> None:
         """Record one received data datagram carrying link sequence number ``seq32``."""
         highest = self._highest
-        self._roll_window(now)
         if highest is None:
             self._highest = seq32
             self._arrivals += 1
@@ -268,16 +274,18 @@ class LinkLossDetector:
         if delta == 1 and not self._pending:  # in order, nothing outstanding: the common case
             self._highest = highest + 1
             self._arrivals += 1
-            self._count_received()
+            self._received += 1
+            self.received_total += 1
             return
         max_gap = self._cfg.max_gap_packets
-        if delta > max_gap or delta < -max_gap:
+        if delta > max_gap + 1 or delta < -max_gap:
             self._reset(highest + delta)
             return
         if delta > 0:
             self._arrivals += 1
             if delta > 1:
-                self._pending.append(_Gap(highest + 1, highest + delta, now, self._arrivals))
+                deadline_s = now + self._cfg.reorder_window_s
+                self._pending.append(_Gap(highest + 1, highest + delta, deadline_s, self._arrivals))
             self._highest = highest + delta
             self._count_received()
             self._expire(now)
@@ -293,22 +301,18 @@ class LinkLossDetector:
         """The aggregated NAK if one is due, else None; at most one per ``nak_interval_s``."""
         self._expire(now)
         if not self._lost:
-            self._roll_window(now)
             return None
-        last = self._last_report_s
-        if last is not None and now - last < self._cfg.nak_interval_s:
+        if now < self._next_report_s:
             return None
         report = NakReport(
             ranges=tuple((start & SEQ32_MASK, count) for start, count in self._lost_ranges),
             lost=self._lost,
-            received=self._received_prev + self._received,
+            received=self._received,
         )
         self._lost_ranges = []
         self._lost = 0
         self._received = 0
-        self._received_prev = 0
-        self._window_start_s = now
-        self._last_report_s = now
+        self._next_report_s = now + self._cfg.nak_interval_s
         self.reports += 1
         return report
 
@@ -320,12 +324,9 @@ class LinkLossDetector:
         """
         deadlines: list[float] = []
         if self._pending:
-            deadlines.append(self._pending[0].opened_s + self._cfg.reorder_window_s)
+            deadlines.append(self._pending[0].deadline_s)
         if self._lost:
-            if self._last_report_s is None:
-                deadlines.append(now)
-            else:
-                deadlines.append(self._last_report_s + self._cfg.nak_interval_s)
+            deadlines.append(max(self._next_report_s, now))
         return min(deadlines) if deadlines else None
 
     def stats(self) -> LossStats:
@@ -337,19 +338,6 @@ class LinkLossDetector:
             resets=self.resets,
             reports=self.reports,
         )
-
-    def _roll_window(self, now: float) -> None:
-        # With nothing lost to report, roll the counting window every nak_interval_s, so a later
-        # report's loss fraction reflects recent traffic, not everything since the link came up
-        # (which would dilute a fresh loss event below loss_threshold). The previous window is
-        # kept too: a gap still pending at the roll was opened among packets counted there.
-        start = self._window_start_s
-        if start is None:
-            self._window_start_s = now
-        elif not self._lost and now - start >= self._cfg.nak_interval_s:
-            self._received_prev = self._received
-            self._received = 0
-            self._window_start_s = now
 
     def _count_received(self) -> None:
         self._received += 1
@@ -377,7 +365,7 @@ class LinkLossDetector:
                 elif logical == gap.end - 1:
                     gap.end -= 1
                 else:  # split; both halves keep the original deadline
-                    tail = _Gap(logical + 1, gap.end, gap.opened_s, gap.arrivals_at_open)
+                    tail = _Gap(logical + 1, gap.end, gap.deadline_s, gap.arrivals_at_open)
                     gap.end = logical
                     self._pending.insert(i + 1, tail)
                 return True
@@ -388,12 +376,11 @@ class LinkLossDetector:
         pending = self._pending
         if not pending:
             return
-        window_s = self._cfg.reorder_window_s
         # The revealing packet is arrival number ``arrivals_at_open``; it counts as the first.
         last_ok_open = self._arrivals - self._cfg.reorder_packets + 1
         while pending:
             gap = pending[0]
-            if now - gap.opened_s < window_s and gap.arrivals_at_open > last_ok_open:
+            if now < gap.deadline_s and gap.arrivals_at_open > last_ok_open:
                 break
             pending.popleft()
             self._record_lost(gap.start, gap.end - gap.start)
@@ -433,11 +420,13 @@ class AimdPacer:
 
     __slots__ = (
         "_cfg",
-        "_interval_start_s",
-        "_last_decrease_s",
+        "_holdoff_until_s",
         "_last_refill_s",
         "_loss_in_interval",
+        "_next_increase_s",
         "_rate",
+        "_sample_lost",
+        "_sample_total",
         "_tokens",
         "decreases",
         "increases",
@@ -449,9 +438,13 @@ class AimdPacer:
         self._rate = float(self._cfg.initial_rate_bytes_per_s)
         self._tokens = float(self._cfg.burst_bytes)
         self._last_refill_s = now
-        self._interval_start_s = now
+        # Deadlines are stored, not recomputed, so next_timer() and on_tick() agree to the bit.
+        self._next_increase_s = now + self._cfg.increase_interval_s
+        self._holdoff_until_s = now  # no decrease yet: the first loss event may cut at once
         self._loss_in_interval = False
-        self._last_decrease_s: float | None = None
+        # Packets (lost, lost + received) of the loss sample still being judged; see on_nak.
+        self._sample_lost = 0
+        self._sample_total = 0
         self.sent_bytes = 0
         self.decreases = 0
         self.increases = 0
@@ -471,7 +464,7 @@ class AimdPacer:
         A datagram larger than the bucket needs a full bucket (it could never fit otherwise).
         """
         self._refill(now)
-        return self._tokens + _TOKEN_EPSILON_BYTES >= min(nbytes, self._cfg.burst_bytes)
+        return self._tokens >= min(nbytes, self._cfg.burst_bytes)
 
     def consume(self, nbytes: int, now: float) -> None:
         """Account for ``nbytes`` just sent on this link."""
@@ -482,28 +475,48 @@ class AimdPacer:
     def next_send_time(self, nbytes: int, now: float) -> float:
         """Earliest time at which ``can_send(nbytes, t)`` will hold at the current rate."""
         self._refill(now)
-        shortfall = min(nbytes, self._cfg.burst_bytes) - self._tokens
-        if shortfall <= _TOKEN_EPSILON_BYTES:
+        need = min(nbytes, self._cfg.burst_bytes)
+        tokens, rate = self._tokens, self._rate
+        if tokens >= need:
             return now
-        return now + shortfall / self._rate
+        base = self._last_refill_s  # == now, unless the caller's clock stepped back
+        t = base + (need - tokens) / rate
+        # Float rounding can leave the bucket a few ULPs short at t, and a timer that fires
+        # without effect would spin. Step to the first instant that suffices, evaluated exactly
+        # as _refill will evaluate it.
+        while tokens + (t - base) * rate < need:
+            t = math.nextafter(t, math.inf)
+        return max(t, now)
 
     def on_nak(self, report_lost: int, report_received: int, now: float) -> bool:
-        """Feed one NAK report; returns True if it caused a multiplicative decrease."""
-        total = report_lost + report_received
-        if report_lost <= 0 or total <= 0:
+        """Feed one NAK report; returns True if it caused a multiplicative decrease.
+
+        Congestion means lost / (lost + received) > ``loss_threshold`` over a sample of at least
+        ``loss_sample_packets``. A report is often smaller than that (it covers only the packets
+        since the previous report), and one random loss in 50 packets is not a 2 % loss rate;
+        so small reports are pooled until the sample is full, but judged at once as congestion
+        when their losses alone already exceed the threshold for a full sample.
+        """
+        if report_lost < 0 or report_received < 0:
+            raise ValueError("NAK report counts must be >= 0")
+        cfg = self._cfg
+        self._sample_lost += report_lost
+        self._sample_total += report_lost + report_received
+        lost, total = self._sample_lost, self._sample_total
+        if lost <= cfg.loss_threshold * max(total, cfg.loss_sample_packets):
+            if total >= cfg.loss_sample_packets:  # a full sample at or below the threshold
+                self._sample_lost = self._sample_total = 0
             return False
-        if report_lost / total <= self._cfg.loss_threshold:
-            return False
+        self._sample_lost = self._sample_total = 0
         self._loss_in_interval = True  # blocks the additive increase of the current interval
-        last = self._last_decrease_s
-        if last is not None and now - last < self._cfg.decrease_holdoff_s:
+        if now < self._holdoff_until_s:
             return False  # same loss event: its first report already cut the rate
         self._refill(now)  # tokens earned so far accrue at the old rate
-        self._rate = max(self._rate * self._cfg.decrease_factor, self._cfg.min_rate_bytes_per_s)
-        self._last_decrease_s = now
+        self._rate = max(self._rate * cfg.decrease_factor, cfg.min_rate_bytes_per_s)
+        self._holdoff_until_s = now + cfg.decrease_holdoff_s
         self.decreases += 1
         # The increase clock restarts: probing resumes only after a full loss-free interval.
-        self._interval_start_s = now
+        self._next_increase_s = now + cfg.increase_interval_s
         self._loss_in_interval = False
         return True
 
@@ -514,15 +527,14 @@ class AimdPacer:
         rate once, not once per missed interval, so a stalled loop does not spike the rate.
         """
         cfg = self._cfg
-        if now - self._interval_start_s < cfg.increase_interval_s:
+        if now < self._next_increase_s:
             return False
-        self._interval_start_s = now
+        self._next_increase_s = now + cfg.increase_interval_s
         lossy = self._loss_in_interval
         self._loss_in_interval = False
-        last = self._last_decrease_s
         # Within the holdoff the link has not yet shown the effect of the last decrease (NAKs
         # lag by reorder window + NAK interval + RTT), so probing upward then only overshoots.
-        if lossy or (last is not None and now - last < cfg.decrease_holdoff_s):
+        if lossy or now < self._holdoff_until_s:
             return False
         if self._rate >= cfg.max_rate_bytes_per_s:
             return False
@@ -533,7 +545,7 @@ class AimdPacer:
 
     def next_timer(self, now: float) -> float:
         """When ``on_tick`` next has work to do."""
-        return self._interval_start_s + self._cfg.increase_interval_s
+        return self._next_increase_s
 
     def stats(self) -> PacerStats:
         return PacerStats(
