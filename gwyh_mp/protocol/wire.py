@@ -57,6 +57,8 @@ class FrameType(enum.IntEnum):
     PEERS_REQUEST = 0x07
     PEERS = 0x08
     NAK = 0x09
+    CHANNEL_KEY = 0x0A
+    FRAGMENT_NAK = 0x0B
 
 
 class EntryKind(enum.IntEnum):
@@ -253,6 +255,50 @@ MAX_FRAME_BODY = 0xFFFF
 # The message id is not repeated: it sits in the clear header, which the nonce binds.
 ENTRY_HEADER = struct.Struct("!BB16sI")
 ENTRY_OVERHEAD = ENTRY_HEADER.size + MESSAGE_ID_BYTES
+
+# FRAGMENT entry body: message id, fragment index, fragment count, total length; then
+# the fragment's bytes. The clear id of a fragment entry is fragment_id(msg_id, index).
+FRAGMENT_HEADER = struct.Struct("!16sIII")
+
+# NAK frame: count of ranges, then (first lost link sequence u32, how many u16) each.
+NAK_COUNT = struct.Struct("!H")
+NAK_RANGE = struct.Struct("!IH")
+MAX_NAK_RANGES = 64
+
+# FRAGMENT_NAK frame: message id, count, then that many u32 fragment indexes.
+FRAGMENT_NAK_HEADER = struct.Struct("!16sH")
+MAX_FRAGMENT_NAK_INDEXES = 256
+
+
+def encode_nak(ranges: list[tuple[int, int]]) -> bytes:
+    ranges = ranges[:MAX_NAK_RANGES]
+    return NAK_COUNT.pack(len(ranges)) + b"".join(
+        NAK_RANGE.pack(start & 0xFFFFFFFF, min(count, 0xFFFF)) for start, count in ranges
+    )
+
+
+def decode_nak(body: bytes) -> list[tuple[int, int]]:
+    if len(body) < NAK_COUNT.size:
+        raise WireError("short nak")
+    (count,) = NAK_COUNT.unpack_from(body)
+    if count > MAX_NAK_RANGES or len(body) != NAK_COUNT.size + count * NAK_RANGE.size:
+        raise WireError("bad nak length")
+    return [NAK_RANGE.unpack_from(body, NAK_COUNT.size + i * NAK_RANGE.size) for i in range(count)]
+
+
+def encode_fragment_nak(msg_id: bytes, indexes: list[int]) -> bytes:
+    indexes = indexes[:MAX_FRAGMENT_NAK_INDEXES]
+    return FRAGMENT_NAK_HEADER.pack(msg_id, len(indexes)) + struct.pack(f"!{len(indexes)}I", *indexes)
+
+
+def decode_fragment_nak(body: bytes) -> tuple[bytes, list[int]]:
+    if len(body) < FRAGMENT_NAK_HEADER.size:
+        raise WireError("short fragment nak")
+    msg_id, count = FRAGMENT_NAK_HEADER.unpack_from(body)
+    if count > MAX_FRAGMENT_NAK_INDEXES or len(body) != FRAGMENT_NAK_HEADER.size + 4 * count:
+        raise WireError("bad fragment nak length")
+    return msg_id, list(struct.unpack_from(f"!{count}I", body, FRAGMENT_NAK_HEADER.size))
+
 
 # Member record (PEERS frames and STATUS entries):
 # node id, incarnation, state, port; then zone and host, length-prefixed.
