@@ -93,7 +93,12 @@ class Config:
     max_datagram_bytes: int = 1400
     """Largest UDP payload we send: fits a 1500-byte Ethernet MTU with IPv6 headers."""
     max_message_bytes: int = 16 << 20
-    """Largest broadcast accepted from the application or the network."""
+    """Largest broadcast accepted from the application or the network; larger than one
+    datagram means fragmented, sent window by window and reassembled at every hop."""
+    reassembly_memory_bytes: int = 256 << 20
+    """Bound on memory held by partly received large messages, all peers together."""
+    reassembly_timeout_s: float = 30.0
+    """An incomplete large message that makes no progress this long is dropped."""
 
     # -- runtime ---------------------------------------------------------------------
     socket_buffer_bytes: int = 8 << 20
@@ -143,6 +148,8 @@ class Config:
         """Raise ConfigError on the first invalid value; returns self for chaining."""
         if not self.psks:
             raise ConfigError("no pre-shared key configured (generate one: gwyh-node keygen)")
+        if len(self.psks) > wire.MAX_PSKS_PER_HELLO:
+            raise ConfigError(f"at most {wire.MAX_PSKS_PER_HELLO} pre-shared keys at once")
         for psk in self.psks:
             if len(psk) < 16:
                 raise ConfigError("pre-shared keys must be at least 16 bytes")
@@ -178,7 +185,9 @@ class Config:
             minimum=576,
             maximum=wire.MAX_DATAGRAM_BYTES,
         )
-        _positive_int("max_message_bytes", self.max_message_bytes, maximum=1 << 31)
+        _positive_int("max_message_bytes", self.max_message_bytes, maximum=(1 << 32) - 1)
+        _positive_int("reassembly_memory_bytes", self.reassembly_memory_bytes)
+        _positive("reassembly_timeout_s", self.reassembly_timeout_s)
         _positive_int("socket_buffer_bytes", self.socket_buffer_bytes)
         _positive_int("message_queue_size", self.message_queue_size)
         _positive_int("workers", self.workers, maximum=max(64, (os.cpu_count() or 1) * 4))
@@ -201,7 +210,7 @@ def _check_addr(name: str, addr: Addr) -> None:
     host, port = addr
     if not 0 <= port <= 65535:
         raise ConfigError(f"{name} port {port} out of range 0-65535")
-    if not host or len(host.encode()) > wire.MAX_HOST_BYTES:
+    if not host or not host.isascii() or len(host) > wire.MAX_HOST_BYTES:
         raise ConfigError(f"{name} host {host!r} is empty or too long")
     try:
         ipaddress.ip_address(host)

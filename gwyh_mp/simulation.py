@@ -3,18 +3,31 @@
 No sockets and no clocks: datagrams become events on a heap, ordered by simulated
 time. Tests use it to check protocol rules across whole clusters in milliseconds;
 ``bench sim`` uses it to run thousands of nodes. Same seed, same run, byte for byte.
+
+Hooks (all optional, all called synchronously):
+
+- ``on_datagram(src, dst, data)``: every datagram a node sends, before the link decides
+  whether it is lost (so it sees lost ones too);
+- ``on_receive(src, dst, data)``: every datagram handed to a live destination, just
+  before its core processes it;
+- ``on_event(node, event)``: every event a core emits.
+
+``warm_start`` builds a converged cluster without the O(N^2) join traffic; see there.
 """
 
 from __future__ import annotations
 
+import gc
 import heapq
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from gwyh_mp.config import Config
 from gwyh_mp.protocol.events import Event
 from gwyh_mp.protocol.node import NodeCore
+from gwyh_mp.protocol.selection import Candidate, select_providers
+from gwyh_mp.protocol.wire import MemberRecord, MemberState
 
 Addr = tuple[str, int]
 WALL_EPOCH_S = 1_800_000_000.0  # simulated wall clock at t=0, for the handshake time lock
@@ -41,20 +54,34 @@ class SimNode:
     timer_at: float | None = None
 
 
+class WarmStartError(RuntimeError):
+    """The core no longer offers what ``warm_start`` needs, or the cluster did not form."""
+
+
 class SimNetwork:
-    def __init__(self, *, seed: int = 1, link: LinkModel | None = None) -> None:
+    def __init__(
+        self, *, seed: int = 1, link: LinkModel | None = None, keep_events: bool = True
+    ) -> None:
         self.now = 0.0
         self.rng = random.Random(seed)
         self.link = link or constant_link()
         self.nodes: dict[Addr, SimNode] = {}
-        self._heap: list[tuple[float, int, int, object]] = []
+        # (when, seq, destination, datagram or None for a timer, source or None).
+        # Flat tuples: one allocation per entry; seq keeps ties in push order.
+        self._heap: list[tuple[float, int, Addr, bytes | None, Addr | None]] = []
         self._counter = 0
         self.datagrams_sent = 0
         self.datagrams_dropped = 0
+        self.datagrams_delivered = 0
+        self.timers_fired = 0
         self.bytes_sent = 0
         self._seed = seed
+        # Events are also appended to SimNode.events unless keep_events is False: a
+        # 10,000-node run does not need millions of MemberUp snapshots kept around.
+        self.keep_events = keep_events
         self.on_event: Callable[[SimNode, Event], None] | None = None
         self.on_datagram: Callable[[Addr, Addr, bytes], None] | None = None
+        self.on_receive: Callable[[Addr, Addr, bytes], None] | None = None
 
     def add_node(self, config: Config, *, start: bool = True) -> SimNode:
         addr = config.bind
@@ -79,51 +106,83 @@ class SimNetwork:
         self._after_activity(node)
         return msg_id
 
-    def _push(self, when: float, kind: int, payload: object) -> None:
+    def pending(self) -> int:
+        """Heap entries waiting (datagrams in flight and timers, stale ones included)."""
+        return len(self._heap)
+
+    def _push(self, when: float, dst: Addr, data: bytes | None, src: Addr | None) -> None:
         self._counter += 1
-        heapq.heappush(self._heap, (when, self._counter, kind, payload))
+        heapq.heappush(self._heap, (when, self._counter, dst, data, src))
 
     def _after_activity(self, node: SimNode) -> None:
+        """Collect what a core produced: datagrams onto the heap, events, its timer."""
         core = node.core
-        for data, dst in core.datagrams_to_send(self.now):
-            self.datagrams_sent += 1
-            self.bytes_sent += len(data)
-            if self.on_datagram is not None:
-                self.on_datagram(node.addr, dst, data)
-            delay = self.link(node.addr, dst, self.rng)
-            if delay is None:
-                self.datagrams_dropped += 1
-                continue
-            self._push(self.now + delay, 0, (data, node.addr, dst))
-        while (event := core.next_event()) is not None:
-            node.events.append((self.now, event))
-            if self.on_event is not None:
-                self.on_event(node, event)
+        now = self.now
+        out = core.datagrams_to_send(now)
+        if out:
+            src = node.addr
+            link, rng, hook = self.link, self.rng, self.on_datagram
+            heap, push = self._heap, heapq.heappush
+            counter = self._counter
+            nbytes = dropped = 0
+            for data, dst in out:
+                nbytes += len(data)
+                if hook is not None:
+                    hook(src, dst, data)
+                delay = link(src, dst, rng)
+                if delay is None:
+                    dropped += 1
+                    continue
+                counter += 1
+                push(heap, (now + delay, counter, dst, data, src))
+            self._counter = counter
+            self.datagrams_sent += len(out)
+            self.datagrams_dropped += dropped
+            self.bytes_sent += nbytes
+        event = core.next_event()
+        if event is not None:
+            keep, hook_event = self.keep_events, self.on_event
+            while event is not None:
+                if keep:
+                    node.events.append((now, event))
+                if hook_event is not None:
+                    hook_event(node, event)
+                event = core.next_event()
         timer = core.get_timer()
         if timer is not None and (node.timer_at is None or timer < node.timer_at):
             node.timer_at = timer
-            self._push(max(timer, self.now), 1, node.addr)
+            self._push(timer if timer > now else now, node.addr, None, None)
 
     def run_until(self, until: float) -> None:
-        heap = self._heap
-        while heap and heap[0][0] <= until:
-            when, _, kind, payload = heapq.heappop(heap)
-            self.now = when
-            if kind == 0:
-                data, src, dst = payload  # type: ignore[misc]
-                node = self.nodes.get(dst)
+        heap, nodes = self._heap, self.nodes
+        pop, after = heapq.heappop, self._after_activity
+        delivered = fired = 0
+        try:
+            while heap and heap[0][0] <= until:
+                when, _, dst, data, src = pop(heap)
+                node = nodes.get(dst)
                 if node is None or not node.alive:
                     continue
-                node.core.receive_datagram(data, src, when)
-                self._after_activity(node)
-            else:
-                node = self.nodes[payload]  # type: ignore[index]
-                if not node.alive or node.timer_at is None or node.timer_at > when:
-                    continue  # stale timer: a newer, later one is queued
-                node.timer_at = None
-                node.core.handle_timer(when)
-                self._after_activity(node)
-        self.now = max(self.now, until)
+                if data is not None:
+                    self.now = when
+                    delivered += 1
+                    if self.on_receive is not None:
+                        self.on_receive(src, dst, data)  # type: ignore[arg-type]
+                    node.core.receive_datagram(data, src, when)  # type: ignore[arg-type]
+                else:
+                    timer_at = node.timer_at
+                    if timer_at is None or timer_at > when:
+                        continue  # stale timer: a newer, later one is queued
+                    self.now = when
+                    fired += 1
+                    node.timer_at = None
+                    node.core.handle_timer(when)
+                after(node)
+        finally:
+            self.datagrams_delivered += delivered
+            self.timers_fired += fired
+        if until > self.now:
+            self.now = until
 
     def run_for(self, seconds: float) -> None:
         self.run_until(self.now + seconds)
@@ -137,3 +196,114 @@ class SimNetwork:
                 return True
             self.run_for(step_s)
         return predicate()
+
+    # ------------------------------------------------------------------ warm start
+
+    def warm_start(
+        self,
+        configs: Sequence[Config],
+        *,
+        spread_s: float,
+        select_seed: int | str = 0,
+        timeout_s: float = 60.0,
+    ) -> list[SimNode]:
+        """Add ``configs`` as an already-converged cluster: every node knows every other,
+        and each subscribes to the providers its strategy picks from the whole membership.
+
+        Joining N nodes one by one costs O(N^2) datagrams (every join is flooded, every
+        new provider answers with its whole member list) and, at 10,000 nodes, hours.
+        This shortcut keeps the parts a measurement depends on real:
+
+        1. providers are chosen by the real ``select_providers`` over the full membership
+           (RNG: ``select_seed`` and the node id, not the core's own stream);
+        2. each node is started at a random instant in ``[now, now + spread_s)`` (so
+           heartbeats are not synchronised) knowing only its providers, and picks them
+           with its own ``_reassign``; its providers already know their subscribers, so
+           no join is announced cluster-wide;
+        3. handshakes, SUBSCRIBE/SUBSCRIBED and the (small) peer lists then run over this
+           network, until every provider is confirmed;
+        4. finally every member table is filled with everyone (``MemberTable.apply``, no
+           events), sharing the record strings so 10,000 nodes fit in ~11 GB.
+
+        What differs from a real join: no MemberUp event for members filled in step 4,
+        ``bootstrap`` is ignored while wiring (nodes are started with what they need), and
+        the provider graph is the steady state of full membership (a real staggered join
+        favours early nodes as providers). Needs ``NodeCore._reassign`` (private): the
+        core has no public "adopt these members" hook yet.
+        """
+        if not configs:
+            return []
+        reassign = getattr(NodeCore, "_reassign", None)
+        if reassign is None:
+            raise WarmStartError("NodeCore._reassign is gone; warm_start needs a new hook")
+        was_enabled = gc.isenabled()
+        gc.disable()  # millions of long-lived objects: generational GC would rescan them all
+        try:
+            start = self.now
+            nodes = [self.add_node(c, start=False) for c in configs]
+            records = [_record_of(n) for n in nodes]
+            by_id = {r.node_id: i for i, r in enumerate(records)}
+            if len(by_id) != len(nodes):
+                raise WarmStartError("duplicate node ids")
+            candidates = sorted(
+                (Candidate(r.node_id, r.zone) for r in records), key=lambda c: c.node_id
+            )
+            desired: list[list[int]] = []
+            subscribers: list[list[int]] = [[] for _ in nodes]
+            for i, node in enumerate(nodes):
+                core = node.core
+                own = core.node_id
+                chosen = select_providers(
+                    own_zone=core.zone,
+                    candidates=[c for c in candidates if c.node_id != own],
+                    current=(),
+                    n=core.config.subscriptions,
+                    strategy=core.config.strategy,
+                    rng=random.Random(f"{select_seed}/{own.hex()}"),
+                )
+                desired.append([by_id[p] for p in chosen])
+                for p in desired[-1]:
+                    subscribers[p].append(i)
+            order = list(range(len(nodes)))
+            order_rng = random.Random(f"{select_seed}/order")
+            order_rng.shuffle(order)
+            starts = sorted(start + order_rng.random() * spread_s for _ in order)
+            for i, when in zip(order, starts, strict=True):
+                self.run_until(when)
+                node = nodes[i]
+                table = node.core.members
+                for p in desired[i]:
+                    table.apply(records[p])
+                node.core.start(self.now)
+                reassign(node.core, self.now)
+                # Its subscribers are known before their Hellos arrive: no JOINED flood.
+                for s in subscribers[i]:
+                    table.apply(records[s])
+                self._after_activity(node)
+            wanted = [(n, len(d)) for n, d in zip(nodes, desired, strict=True)]
+            ok = self.run_until_true(
+                lambda: all(_wired(n, k) for n, k in wanted), timeout_s=timeout_s, step_s=0.25
+            )
+            if not ok:
+                missing = sum(1 for n, k in wanted if not _wired(n, k))
+                raise WarmStartError(f"{missing} nodes did not confirm their providers")
+            for node in nodes:
+                apply = node.core.members.apply
+                own = node.core.node_id
+                for record in records:
+                    if record.node_id != own:
+                        apply(record)
+            return nodes
+        finally:
+            if was_enabled:
+                gc.enable()
+
+
+def _record_of(node: SimNode) -> MemberRecord:
+    m = node.core.local_member()
+    return MemberRecord(m.node_id, m.incarnation, MemberState.UP, m.host, m.port, m.zone)
+
+
+def _wired(node: SimNode, wanted: int) -> bool:
+    providers = node.core.providers
+    return len(providers) >= wanted and all(st.confirmed for st in providers.values())

@@ -220,7 +220,9 @@ class LinkLossDetector:
     Sequence numbers are unwrapped into an unbounded logical sequence relative to the highest one
     seen, so wrap-around is invisible past ``on_packet``. Usage by the runtime: call ``on_packet``
     for every data datagram that passed header checks, ``poll_nak`` after each receive batch and
-    whenever ``next_timer`` comes due, and send whatever report it returns.
+    whenever ``next_timer`` comes due, and send whatever report it returns. Feed it only
+    datagrams that authenticated: a spoofed sequence number could otherwise reset the detector
+    (hiding real loss) or open fake gaps (NAKs that slow the peer down).
 
     The first packet seen anchors the sequence: anything older that arrives later (reordered
     around the start, or an old duplicate) is counted as a duplicate, never as loss.
@@ -450,6 +452,10 @@ class AimdPacer:
         self.increases = 0
 
     @property
+    def config(self) -> PacingConfig:
+        return self._cfg
+
+    @property
     def rate_bytes_per_s(self) -> float:
         return self._rate
 
@@ -602,9 +608,9 @@ class SendScheduler(Generic[T]):
         "pacer",
     )
 
-    def __init__(self, pacer: AimdPacer, config: PacingConfig | None = None) -> None:
+    def __init__(self, pacer: AimdPacer) -> None:
         self.pacer = pacer
-        self._cfg = config or PacingConfig()
+        self._cfg = pacer.config  # one config per link: queue bounds live beside the rates
         self._control: deque[tuple[T, int]] = deque()
         self._data: deque[tuple[T, int]] = deque()
         self._control_bytes = 0
@@ -653,17 +659,17 @@ class SendScheduler(Generic[T]):
     def pop_ready(self, now: float, max_items: int | None = None) -> list[T]:
         """Items that may be sent now, control first; each is charged to the pacer."""
         out: list[T] = []
-        limit = max_items if max_items is not None else -1
+        limit = math.inf if max_items is None else max_items
         pacer = self.pacer
         control = self._control
-        while control and len(out) != limit:
+        while control and len(out) < limit:
             item, nbytes = control.popleft()
             self._control_bytes -= nbytes
             pacer.consume(nbytes, now)
             self.control_sent += 1
             out.append(item)
         data = self._data
-        while data and len(out) != limit:
+        while data and len(out) < limit:
             item, nbytes = data[0]
             if not pacer.can_send(nbytes, now):
                 break

@@ -142,10 +142,11 @@ class AntiReplayWindow:
     never move the window.
     """
 
-    __slots__ = ("bitmap", "highest", "size")
+    __slots__ = ("_mask", "bitmap", "highest", "size")
 
     def __init__(self, size: int = 2048) -> None:
         self.size = size
+        self._mask = (1 << size) - 1
         self.highest = 0
         self.bitmap = 0  # bit i set = (highest - i) was seen
 
@@ -162,7 +163,8 @@ class AntiReplayWindow:
     def mark(self, counter: int) -> None:
         if counter > self.highest:
             shift = counter - self.highest
-            self.bitmap = ((self.bitmap << shift) | 1) & ((1 << self.size) - 1)
+            # A jump past the window clears it; never shift by a huge amount.
+            self.bitmap = 1 if shift >= self.size else ((self.bitmap << shift) | 1) & self._mask
             self.highest = counter
         else:
             self.bitmap |= 1 << (self.highest - counter)

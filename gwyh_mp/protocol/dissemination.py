@@ -86,6 +86,8 @@ class Fanout:
     channel: BroadcastChannel
     max_datagram_bytes: int
     pending: list[PendingEntry] = field(default_factory=list)
+    max_pending_entries: int = 10_000
+    shed: int = 0
 
     @property
     def max_entry_bytes(self) -> int:
@@ -97,8 +99,16 @@ class Fanout:
     def flush(self, targets: list[FanoutTarget], out: list[tuple[bytes, Addr]]) -> None:
         """Encrypt pending entries once per distinct recipient set and append one
         datagram per subscriber to ``out``."""
+        if not targets:
+            # Nobody to send to yet (no subscribers): keep the entries for when someone
+            # subscribes, within a bound; what is shed is counted, never silent.
+            overflow = len(self.pending) - self.max_pending_entries
+            if overflow > 0:
+                del self.pending[:overflow]
+                self.shed += overflow
+            return
         pending, self.pending = self.pending, []
-        if not pending or not targets:
+        if not pending:
             return
         target_ids = {t.node_id for t in targets}
         excluded = {p.exclude for p in pending if p.exclude in target_ids}
@@ -115,6 +125,15 @@ class Fanout:
                 group = [p for p in pending if p.exclude != target.node_id]
                 if group:
                     self._send_group(group, [target], out)
+
+    def send_to(
+        self,
+        entries: list[tuple[bytes, bytes]],
+        target: FanoutTarget,
+        out: list[tuple[bytes, Addr]],
+    ) -> None:
+        """Send (id, entry) pairs to one peer only (answers to fragment NAKs)."""
+        self._send_group([PendingEntry(i, e, None) for i, e in entries], [target], out)
 
     def _send_group(
         self,

@@ -422,6 +422,10 @@ class Reassembler:
         self.stats["rejected:" + reason] += 1
         return _REJECTED[reason]
 
+    def mark_completed(self, msg_id: bytes) -> None:
+        """Treat msg_id as already delivered (e.g. our own broadcast)."""
+        self._mark_completed(msg_id)
+
     def _mark_completed(self, msg_id: bytes) -> None:
         self.stats["completed"] += 1
         self._completed[msg_id] = None

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,14 +34,20 @@ from gwyh_mp.protocol.crypto import (
 )
 from gwyh_mp.protocol.dissemination import BroadcastChannel, Fanout, FanoutTarget, SeenSet
 from gwyh_mp.protocol.events import Event, Member, MemberDown, MemberUp, Message, ProviderChanged
+from gwyh_mp.protocol.framing import AddKind, OutgoingWindow, Reassembler, split_message
 from gwyh_mp.protocol.handshake import Established, Handshaker
 from gwyh_mp.protocol.membership import Change, MemberTable
 from gwyh_mp.protocol.selection import Candidate, rng_for, select_providers
-from gwyh_mp.protocol.wire import FrameType, MemberRecord, MemberState, PacketType
+from gwyh_mp.protocol.wire import FrameType, MemberRecord, MemberState, PacketType, fragment_id
 
 Addr = tuple[str, int]
 
-SESSION_GRACE_S = 30.0  # a superseded session still decrypts for this long
+SESSION_GRACE_S = 30.0  # a superseded or orphaned session is freed after this long idle
+MAX_INCARNATION = 0xFFFFFFFF
+FRAGMENT_RETAIN_S = 10.0  # own fragments kept for FRAGMENT_NAK answers
+FRAGMENT_WINDOW_BYTES = 512 * 1024  # fragment bytes released per send round (sliding window)
+FRAGMENT_INTERVAL_S = 0.002  # pause between windows while a large message drains
+_FRAGMENT_HEADER = wire.FRAGMENT_HEADER
 _SUBSCRIBE_NEED_KEY = 0x01
 _ENTRY_HEADER = wire.ENTRY_HEADER
 _BROADCAST_HEADER = wire.BROADCAST_HEADER
@@ -66,7 +72,8 @@ class Session:
     recv_key: bytes
     send_seq: int = 0
     replay: AntiReplayWindow = field(default_factory=AntiReplayWindow)
-    retire_at: float | None = None
+    last_rx: float = 0.0
+    superseded: bool = False
 
 
 @dataclass(slots=True)
@@ -135,6 +142,25 @@ class NodeCore:
         self.subscribers: dict[bytes, float] = {}  # node id -> expiry time
         self.seen = SeenSet(config.seen_set_size)
         self.fanout = Fanout(BroadcastChannel(random_bytes(32)), config.max_datagram_bytes)
+        self.reassembler = Reassembler(
+            max_message_bytes=config.max_message_bytes,
+            max_bytes_per_peer=2 * config.max_message_bytes + 65_536,
+            max_total_bytes=max(
+                config.reassembly_memory_bytes, 2 * config.max_message_bytes + 65_536
+            ),
+            incomplete_timeout_s=config.reassembly_timeout_s,
+        )
+        self.own_fragments = OutgoingWindow(
+            max_window_bytes=max(4 * config.max_message_bytes, 64 << 20), retain_s=FRAGMENT_RETAIN_S
+        )
+        # Fragments of large broadcasts wait here and leave one window per round, so a
+        # 16 MiB message never lands in the kernel's buffers all at once.
+        self._fragment_queue: deque[tuple[bytes, bytes]] = deque()
+        self._fragment_queue_bytes = 0
+        self._next_fragment_release: float | None = None
+        # msg id -> (count, total, origin, hops) of large messages seen, to answer NAKs
+        self._large_info: OrderedDict[bytes, tuple[int, int, bytes, int]] = OrderedDict()
+        self._resend_to: list[tuple[bytes, list[tuple[bytes, bytes]]]] = []
         self.stats = Stats()
         self.warnings: deque[str] = deque(maxlen=100)
         self._outbox: list[tuple[bytes, Addr]] = []
@@ -144,11 +170,16 @@ class NodeCore:
         self._peer_request_addrs: set[Addr] = set()
         self._reassign_at: float | None = None
         self._next_heartbeat = now
+        self._last_now = now
         self._next_peer_sync = now + config.peer_sync_interval_s
         self._running = False
         self._left = False
         self._advertised = config.advertised
-        self._watchdog_s = config.heartbeat_interval_s * config.missed_heartbeats
+        # N missed heartbeats: the N-th is due N intervals after the last one heard;
+        # half an interval more absorbs latency and jitter before we call it missed.
+        self._watchdog_s = config.heartbeat_interval_s * (config.missed_heartbeats + 0.5)
+        self._probing: dict[bytes, float] = {}  # silent subscriber -> give-up time
+        self._pending_swaps: list[tuple[bytes, bytes]] = []  # (provider out, newcomer in)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -181,27 +212,72 @@ class NodeCore:
 
     @property
     def max_message_bytes(self) -> int:
-        """Largest broadcast that fits one datagram with this configuration."""
-        return min(
-            self.config.max_message_bytes,
-            self.fanout.max_entry_bytes - _ENTRY_HEADER.size,
-        )
+        """Largest broadcast accepted (config.max_message_bytes)."""
+        return self.config.max_message_bytes
+
+    @property
+    def single_datagram_bytes(self) -> int:
+        """Largest broadcast that travels as one entry in one datagram."""
+        return self.fanout.max_entry_bytes - _ENTRY_HEADER.size
+
+    @property
+    def fragment_bytes(self) -> int:
+        return self.single_datagram_bytes - _FRAGMENT_HEADER.size
+
+    @property
+    def queued_fragment_bytes(self) -> int:
+        """Bytes of large messages accepted but not yet handed to the socket."""
+        return self._fragment_queue_bytes
 
     def broadcast(self, data: bytes, now: float) -> bytes:
-        """Queue a broadcast to the whole cluster; returns its 16-byte message id."""
+        """Queue a broadcast to the whole cluster; returns its 16-byte message id.
+        Messages larger than one datagram are fragmented and sent window by window."""
         if not self._running:
             raise NotRunning("node is not running")
-        if len(data) > self.max_message_bytes:
+        size = len(data)
+        if size > self.config.max_message_bytes:
             raise MessageTooLarge(
-                f"message is {len(data)} bytes; at most {self.max_message_bytes} fit "
-                f"(max_datagram_bytes={self.config.max_datagram_bytes})"
+                f"message is {size} bytes; the maximum is {self.config.max_message_bytes} "
+                "(Config.max_message_bytes)"
             )
         msg_id = self._random_bytes(wire.MESSAGE_ID_BYTES)
-        self.seen.add(msg_id)
-        entry = _ENTRY_HEADER.pack(wire.EntryKind.APP, 1, self.node_id, len(data)) + data
-        self.fanout.add(msg_id, entry, None)
         self.stats.bump("broadcasts")
+        if size <= self.single_datagram_bytes:
+            self.seen.add(msg_id)
+            entry = _ENTRY_HEADER.pack(wire.EntryKind.APP, 1, self.node_id, size) + data
+            self.fanout.add(msg_id, entry, None)
+            return msg_id
+        fragments = split_message(data, self.fragment_bytes)
+        self.own_fragments.add_message(msg_id, fragments, now)
+        self.reassembler.mark_completed(msg_id)  # copies coming back are not ours to deliver
+        count = len(fragments)
+        for index, fragment in enumerate(fragments):
+            frag_id = fragment_id(msg_id, index)
+            self.seen.add(frag_id)
+            entry = self._fragment_entry(1, self.node_id, msg_id, index, count, size, fragment)
+            self._fragment_queue.append((frag_id, entry))
+            self._fragment_queue_bytes += len(entry)
+        self.stats.bump("fragments_sent", count)
         return msg_id
+
+    @staticmethod
+    def _fragment_entry(
+        hops: int,
+        origin: bytes,
+        msg_id: bytes,
+        index: int,
+        count: int,
+        total: int,
+        fragment: bytes | memoryview,
+    ) -> bytes:
+        body_len = _FRAGMENT_HEADER.size + len(fragment)
+        return b"".join(
+            (
+                _ENTRY_HEADER.pack(wire.EntryKind.FRAGMENT, hops, origin, body_len),
+                _FRAGMENT_HEADER.pack(msg_id, index, count, total),
+                fragment,
+            )
+        )
 
     def local_member(self) -> Member:
         host, port = self._advertised
@@ -223,10 +299,30 @@ class NodeCore:
             control, self._control = self._control, {}
             for peer_id, frames in control.items():
                 self._seal_control(peer_id, frames, out)
+        if self._fragment_queue and (
+            self._next_fragment_release is None or now >= self._next_fragment_release
+        ):
+            self._release_fragments(now)
+        if self._resend_to:
+            resend, self._resend_to = self._resend_to, []
+            for peer_id, entries in resend:
+                target = self._fanout_target(peer_id)
+                if target is not None:
+                    self.fanout.send_to(entries, target, out)
         if self.fanout.pending:
             self.fanout.flush(self._fanout_targets(), out)
         self.stats.bump("packets_out", len(out))
         return out
+
+    def _release_fragments(self, now: float) -> None:
+        budget = FRAGMENT_WINDOW_BYTES
+        queue = self._fragment_queue
+        while queue and budget > 0:
+            frag_id, entry = queue.popleft()
+            self._fragment_queue_bytes -= len(entry)
+            budget -= len(entry)
+            self.fanout.add(frag_id, entry, None)
+        self._next_fragment_release = now + FRAGMENT_INTERVAL_S if queue else None
 
     # ------------------------------------------------------------------ timers
 
@@ -241,9 +337,16 @@ class NodeCore:
             deadlines.append(hs)
         for state in self.providers.values():
             deadlines.append(state.last_heard + self._watchdog_s)
+        deadlines.extend(self._probing.values())
+        if self._next_fragment_release is not None:
+            deadlines.append(self._next_fragment_release)
+        reassembly = self.reassembler.next_timer(self._last_now)
+        if reassembly is not None:
+            deadlines.append(reassembly)
         return min(deadlines)
 
     def handle_timer(self, now: float) -> None:
+        self._last_now = now
         retransmits, failed = self.handshaker.handle_timer(now)
         self._outbox.extend(retransmits)
         for addr in failed:
@@ -254,6 +357,8 @@ class NodeCore:
             self._reassign_at = None
             self._reassign(now)
         self._check_providers(now)
+        self._check_probes(now)
+        self._fragment_naks(now)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_interval_s
             self._heartbeat_tick(now)
@@ -263,6 +368,7 @@ class NodeCore:
     def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
         """Process one datagram. Never raises: anything wrong is a counted drop."""
         self.stats["packets_in"] = self.stats.get("packets_in", 0) + 1
+        self._last_now = now
         if len(data) < 2:
             self.stats.bump("drop_short")
             return
@@ -323,10 +429,9 @@ class NodeCore:
         if link is None:
             self.stats.bump("drop_unknown_session")
             return
+        session.last_rx = now  # only keeps the session from being freed as idle
         if not fresh:
-            self.stats.bump("duplicates", count)
-            if session.addr == addr:
-                link.last_heard = now
+            self.stats.bump("duplicates")  # datagrams dropped before decryption
             return
         key = link.channel_key
         if key is None:
@@ -356,23 +461,109 @@ class NodeCore:
             if offset > end:
                 raise wire.WireError("truncated entry body")
             msg_id = ids[16 * i : 16 * i + 16]
-            if not seen.add(msg_id):
-                self.stats.bump("duplicates")
+            if msg_id in seen.ids:
+                self.stats.bump("duplicate_entries")
                 continue
             body = plaintext[body_start:offset]
-            # Forward first, so the copy leaves before any local work on it.
-            forward = _ENTRY_HEADER.pack(kind, min(hops + 1, 255), origin, length) + body
-            self.fanout.add(msg_id, forward, source)
+            # Check before forwarding: whatever we pass on must be well-formed.
             if kind == wire.EntryKind.APP:
+                if length > self.config.max_message_bytes:
+                    self.stats.bump("entries_too_large")
+                    continue
+                seen.add(msg_id)
+                self._forward(msg_id, kind, hops, origin, body, source)
                 self.stats.bump("delivered")
                 self._events.append(Message(body, msg_id, origin, hops))
             elif kind == wire.EntryKind.STATUS:
-                record, _ = wire.decode_member(body)
+                try:
+                    record, used = wire.decode_member(body)
+                    if used != length:
+                        raise wire.WireError("trailing bytes in status")
+                except (wire.WireError, struct.error):
+                    self.stats.bump("entries_bad_status")
+                    continue
+                seen.add(msg_id)
+                self._forward(msg_id, kind, hops, origin, body, source)
                 self._apply_record(record, now, announce=False)
+            elif kind == wire.EntryKind.FRAGMENT:
+                self._on_fragment(msg_id, hops, origin, body, source, now)
             else:
-                self.stats.bump("drop_unknown_entry")
+                self.stats.bump("entries_unknown_kind")  # not forwarded either
         if offset != end:
             raise wire.WireError("trailing bytes after entries")
+
+    def _forward(
+        self, msg_id: bytes, kind: int, hops: int, origin: bytes, body: bytes, source: bytes
+    ) -> None:
+        # Forward first, so the copy leaves before any local work on it.
+        header = _ENTRY_HEADER.pack(kind, min(hops + 1, 255), origin, len(body))
+        self.fanout.add(msg_id, header + body, source)
+
+    def _on_fragment(
+        self, frag_id: bytes, hops: int, origin: bytes, body: bytes, source: bytes, now: float
+    ) -> None:
+        if len(body) < _FRAGMENT_HEADER.size:
+            self.stats.bump("entries_bad_fragment")
+            return
+        msg_id, index, count, total = _FRAGMENT_HEADER.unpack_from(body)
+        if frag_id != fragment_id(msg_id, index):
+            self.stats.bump("entries_bad_fragment")
+            return
+        data = body[_FRAGMENT_HEADER.size :]
+        result = self.reassembler.add(source, msg_id, index, count, total, data, now)
+        if result.kind is not AddKind.REJECTED and msg_id not in self._large_info:
+            self._large_info[msg_id] = (count, total, origin, hops)
+            if len(self._large_info) > 4096:
+                self._large_info.popitem(last=False)
+        if result.kind is AddKind.REJECTED:
+            self.stats.bump("entries_bad_fragment")
+            return
+        self.seen.add(frag_id)
+        if result.kind is AddKind.DUPLICATE:
+            self.stats.bump("duplicate_entries")
+            return
+        # Cut-through: every new fragment moves on at once, before the message is whole.
+        self._forward(frag_id, wire.EntryKind.FRAGMENT, hops, origin, body, source)
+        self.stats.bump("fragments_received")
+        if result.kind is AddKind.COMPLETE:
+            assert result.data is not None
+            self.stats.bump("delivered")
+            self.stats.bump("delivered_large")
+            self._events.append(Message(bytes(result.data), msg_id, origin, hops))
+
+    def _fragment_naks(self, now: float) -> None:
+        for peer_id, msg_id, indexes in self.reassembler.pending_naks(now):
+            if isinstance(peer_id, bytes) and peer_id in self.links:
+                self._queue_control(
+                    peer_id, FrameType.FRAGMENT_NAK, wire.encode_fragment_nak(msg_id, indexes)
+                )
+                self.stats.bump("fragment_naks_sent")
+
+    def _on_fragment_nak(self, peer_id: bytes, body: bytes) -> None:
+        msg_id, indexes = wire.decode_fragment_nak(body)
+        shape = self.own_fragments.message_shape(msg_id)
+        if shape is not None:
+            count, total = shape
+            found = self.own_fragments.fragments_for_nak(msg_id, indexes)
+            origin, hops = self.node_id, 1
+        else:
+            found = self.reassembler.fragments_for_nak(msg_id, indexes)
+            info = self._large_info.get(msg_id)
+            if info is None:
+                return
+            count, total, origin, hops = info
+        link = self.links.get(peer_id)
+        if not found or link is None or link.session is None:
+            return
+        entries = [
+            (
+                fragment_id(msg_id, index),
+                self._fragment_entry(hops, origin, msg_id, index, count, total, data),
+            )
+            for index, data in found
+        ]
+        self._resend_to.append((peer_id, entries))
+        self.stats.bump("fragments_resent", len(entries))
 
     def _on_control(self, data: bytes, addr: Addr, now: float) -> None:
         _, _, _, sid, seq = _CONTROL_HEADER.unpack_from(data)
@@ -385,11 +576,15 @@ class NodeCore:
             return
         plaintext = open_sealed(session.recv_key, nonce(seq), data[_CONTROL_HEADER.size :])
         session.replay.mark(seq)
+        session.last_rx = now
         if session.addr != addr:
             session.addr = addr  # authenticated: the peer's address really changed
         peer_id = session.peer_id
-        link = self.links[peer_id]
+        link = self.links.get(peer_id)
+        if link is None:
+            link = self.links[peer_id] = PeerLink(peer_id, session=session)
         link.last_heard = now
+        self._probing.pop(peer_id, None)
         provider = self.providers.get(peer_id)
         if provider is not None:
             provider.last_heard = now
@@ -422,7 +617,13 @@ class NodeCore:
             self._send_peer_list(peer_id)
         elif ftype == FrameType.PEERS:
             for record in wire.decode_members(body):
-                self._apply_record(record, now, announce=False)
+                self._apply_record(record, now, announce=False, source=peer_id)
+        elif ftype == FrameType.CHANNEL_KEY:
+            if len(body) != 32:
+                raise wire.WireError("bad channel key")
+            link.channel_key = body
+        elif ftype == FrameType.FRAGMENT_NAK:
+            self._on_fragment_nak(peer_id, body)
         elif ftype == FrameType.PING:
             self._queue_control(peer_id, FrameType.PONG, body)
         else:
@@ -440,7 +641,7 @@ class NodeCore:
                 )
             return
         is_new = peer_id not in self.subscribers
-        self.subscribers[peer_id] = now + self._watchdog_s + self.config.heartbeat_interval_s
+        self.subscribers[peer_id] = now + self._watchdog_s
         need_key = bool(body) and body[0] & _SUBSCRIBE_NEED_KEY
         if is_new or need_key:
             self._queue_control(peer_id, FrameType.SUBSCRIBED, self.fanout.channel.key)
@@ -470,9 +671,15 @@ class NodeCore:
         if link is None:
             link = self.links[est.peer_id] = PeerLink(est.peer_id)
         if link.session is not None and link.session is not session:
-            link.session.retire_at = now + SESSION_GRACE_S
+            # The peer may still be sending on the old one (two handshakes crossed):
+            # it stays valid for receiving until it has been idle for SESSION_GRACE_S.
+            link.session.superseded = True
+        session.last_rx = now
         link.session = session
         link.last_heard = now
+        # Our channel key goes to every peer, so a broadcast it receives from us is
+        # accepted whether or not it subscribed (fanout still follows subscriptions).
+        self._queue_control(est.peer_id, FrameType.CHANNEL_KEY, self.fanout.channel.key)
         self.stats.bump("sessions_established")
         record = MemberRecord(
             est.peer_id,
@@ -498,10 +705,24 @@ class NodeCore:
                 self._declare_down(member.node_id, now)
 
     def _retire_sessions(self, now: float) -> None:
+        """Free sessions nobody uses: superseded ones, and those of members that are
+        DOWN or forgotten, once idle for SESSION_GRACE_S. Bounds memory under churn."""
         for sid, session in list(self.sessions.items()):
-            if session.retire_at is not None and now >= session.retire_at:
+            if now - session.last_rx < SESSION_GRACE_S:
+                continue
+            member = self.members.get(session.peer_id)
+            if session.superseded or member is None or member.state != MemberState.UP:
                 del self.sessions[sid]
                 self._sids.discard(sid)
+                link = self.links.get(session.peer_id)
+                if link is not None and link.session is session:
+                    link.session = None
+        in_use = {session.peer_id for session in self.sessions.values()}
+        for peer_id, link in list(self.links.items()):
+            if link.session is None and peer_id not in self.providers and peer_id not in in_use:
+                member = self.members.get(peer_id)
+                if member is None or member.state != MemberState.UP:
+                    del self.links[peer_id]
 
     # ------------------------------------------------------------------ membership
 
@@ -510,18 +731,35 @@ class NodeCore:
         return MemberRecord(self.node_id, self.incarnation, state, host, port, self.zone)
 
     def _apply_record(
-        self, record: MemberRecord, now: float, *, announce: bool, direct: bool = False
+        self,
+        record: MemberRecord,
+        now: float,
+        *,
+        announce: bool,
+        direct: bool = False,
+        source: bytes | None = None,
     ) -> None:
         if record.node_id == self.node_id:
-            if (
-                record.state == MemberState.DOWN
-                and record.incarnation >= self.incarnation
-                and self._running
-            ):
+            if record.state != MemberState.DOWN or not self._running:
+                return
+            if self.incarnation <= record.incarnation < MAX_INCARNATION:
                 # Refute: only we may raise our incarnation, and UP(n+1) beats DOWN(n).
                 self.incarnation = record.incarnation + 1
                 self.stats.bump("refutations")
-                self._announce(self._self_record(MemberState.UP), now)
+                own = self._self_record(MemberState.UP)
+                self._announce(own, now)
+                # Also tell our direct peers: the flood may reach nobody if the
+                # accusation already cost us our subscribers.
+                notice = wire.encode_members([own])
+                told = {*self.providers, *self.subscribers}
+                if source is not None:
+                    told.add(source)
+                for peer_id in told:
+                    self._queue_control(peer_id, FrameType.PEERS, notice)
+            elif source is not None and record.incarnation < self.incarnation:
+                # The sender still holds an old DOWN for us: correct it directly.
+                notice = wire.encode_members([self._self_record(MemberState.UP)])
+                self._queue_control(source, FrameType.PEERS, notice)
             return
         link = self.links.get(record.node_id)
         has_session = link is not None and link.session is not None
@@ -538,6 +776,7 @@ class NodeCore:
             member = self.members.get(record.node_id)
             assert member is not None
             self._events.append(MemberUp(member.snapshot()))
+            self._maybe_swap_in(record.node_id)
             if announce:
                 self._announce(member.record(), now)
             self._schedule_reassign(now)
@@ -551,7 +790,11 @@ class NodeCore:
                     record.node_id, FrameType.PEERS, wire.encode_members([member.record()])
                 )
                 del self.subscribers[record.node_id]
+            self._probing.pop(record.node_id, None)
             if self.providers.pop(record.node_id, None) is not None:
+                # If it is in fact alive, it must not keep us as a subscriber, let the
+                # subscription expire and then accuse *us*.
+                self._queue_control(record.node_id, FrameType.UNSUBSCRIBE)
                 self._events.append(ProviderChanged(tuple(sorted(self.providers))))
             if announce:
                 self._announce(member.record(), now)
@@ -576,6 +819,19 @@ class NodeCore:
         self.fanout.add(msg_id, entry, None)
         self.stats.bump("status_announced")
 
+    def _maybe_swap_in(self, newcomer: bytes) -> None:
+        """Give a newcomer its fair share of subscribers: with probability N / members,
+        trade one of our providers for it. Without this, nodes that join a settled
+        cluster (where everyone already has N providers) would have no subscribers
+        and their broadcasts would reach nobody."""
+        n = self.config.subscriptions
+        if len(self.providers) < n or newcomer in self.providers:
+            return
+        members_up = len(self.members.up_members())
+        if self._rng.random() < n / max(members_up, 1):
+            victim = self._rng.choice(sorted(self.providers))
+            self._pending_swaps.append((victim, newcomer))
+
     def _schedule_reassign(self, now: float) -> None:
         low, high = self.config.reassign_delay_s
         due = now + self._rng.uniform(low, high)
@@ -584,11 +840,17 @@ class NodeCore:
 
     def _reassign(self, now: float) -> None:
         candidates = [Candidate(m.node_id, m.zone) for m in self.members.up_members()]
+        keep = set(self.providers)
+        for victim, newcomer in self._pending_swaps:
+            if victim in keep:
+                keep.discard(victim)
+                keep.add(newcomer)
+        self._pending_swaps.clear()
         desired = set(
             select_providers(
                 own_zone=self.zone,
                 candidates=candidates,
-                current=self.providers.keys(),
+                current=keep,
                 n=self.config.subscriptions,
                 strategy=self.config.strategy,
                 rng=self._rng,
@@ -634,7 +896,7 @@ class NodeCore:
         if not self.providers:
             return
         silent = [
-            pid for pid, st in self.providers.items() if now - st.last_heard >= self._watchdog_s
+            pid for pid, st in self.providers.items() if now >= st.last_heard + self._watchdog_s
         ]
         if not silent:
             return
@@ -651,13 +913,24 @@ class NodeCore:
             self._declare_down(provider_id, now)
             self.providers.pop(provider_id, None)
 
+    def _check_probes(self, now: float) -> None:
+        for peer_id, give_up in list(self._probing.items()):
+            if now >= give_up:
+                del self._probing[peer_id]
+                if self._heard_from_a_provider(now):  # still not us who is cut off
+                    self._declare_down(peer_id, now)
+
     def _heartbeat_tick(self, now: float) -> None:
         for subscriber_id, expires in list(self.subscribers.items()):
             if now >= expires:
+                # It stopped refreshing: maybe it just moved on, maybe it died. Drop it,
+                # and only accuse it if it does not answer a direct PING either (and we
+                # are not the one cut off).
                 del self.subscribers[subscriber_id]
                 self.stats.bump("subscribers_expired")
-                if self._heard_from_a_provider(now):
-                    self._declare_down(subscriber_id, now)
+                if self._heard_from_a_provider(now) and subscriber_id not in self._probing:
+                    self._probing[subscriber_id] = now + self.config.heartbeat_interval_s
+                    self._queue_control(subscriber_id, FrameType.PING)
             else:
                 self._queue_control(subscriber_id, FrameType.HEARTBEAT)
         for provider_id, state in self.providers.items():
@@ -679,9 +952,12 @@ class NodeCore:
         self._retire_sessions(now)
 
     def _heard_from_a_provider(self, now: float) -> bool:
-        if not self.providers:
-            return True
-        return any(now - st.last_heard < self._watchdog_s for st in self.providers.values())
+        """Are we connected? Only a confirmed provider that is still talking counts: a
+        freshly chosen one proves nothing about our own reachability."""
+        return any(
+            st.confirmed and now < st.last_heard + self._watchdog_s
+            for st in self.providers.values()
+        )
 
     # ------------------------------------------------------------------ sending
 
@@ -735,16 +1011,17 @@ class NodeCore:
         if chunk:
             self._queue_control(peer_id, FrameType.PEERS, wire.encode_members(chunk))
 
+    def _fanout_target(self, peer_id: bytes) -> FanoutTarget | None:
+        link = self.links.get(peer_id)
+        if link is None or link.session is None:
+            return None
+        session = link.session
+        return FanoutTarget(peer_id, session.addr, session.remote_session_id, link.next_link_seq)
+
     def _fanout_targets(self) -> list[FanoutTarget]:
         targets = []
         for subscriber_id in self.subscribers:
-            link = self.links.get(subscriber_id)
-            if link is None or link.session is None:
-                continue
-            session = link.session
-            targets.append(
-                FanoutTarget(
-                    subscriber_id, session.addr, session.remote_session_id, link.next_link_seq
-                )
-            )
+            target = self._fanout_target(subscriber_id)
+            if target is not None:
+                targets.append(target)
         return targets

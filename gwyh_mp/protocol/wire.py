@@ -12,6 +12,7 @@ a counted, silent drop.
 from __future__ import annotations
 
 import enum
+import hashlib
 import struct
 from dataclasses import dataclass
 
@@ -231,6 +232,8 @@ def decode_confirm(data: bytes) -> Confirm:
     if len(data) != CONFIRM.size:
         raise WireError("bad confirm length")
     _, ptype, hs_id, mac = CONFIRM.unpack(data)
+    if ptype not in (PacketType.OKBOSS, PacketType.GOTEAM):
+        raise WireError("not a confirm packet")
     return Confirm(PacketType(ptype), hs_id, mac)
 
 
@@ -270,6 +273,12 @@ FRAGMENT_NAK_HEADER = struct.Struct("!16sH")
 MAX_FRAGMENT_NAK_INDEXES = 256
 
 
+def fragment_id(msg_id: bytes, index: int) -> bytes:
+    """The clear id a FRAGMENT entry travels under: distinct per fragment, so the
+    seen-set drops duplicate fragments before decryption like whole messages."""
+    return hashlib.blake2b(msg_id + index.to_bytes(4, "big"), digest_size=16).digest()
+
+
 def encode_nak(ranges: list[tuple[int, int]]) -> bytes:
     ranges = ranges[:MAX_NAK_RANGES]
     return NAK_COUNT.pack(len(ranges)) + b"".join(
@@ -288,7 +297,9 @@ def decode_nak(body: bytes) -> list[tuple[int, int]]:
 
 def encode_fragment_nak(msg_id: bytes, indexes: list[int]) -> bytes:
     indexes = indexes[:MAX_FRAGMENT_NAK_INDEXES]
-    return FRAGMENT_NAK_HEADER.pack(msg_id, len(indexes)) + struct.pack(f"!{len(indexes)}I", *indexes)
+    return FRAGMENT_NAK_HEADER.pack(msg_id, len(indexes)) + struct.pack(
+        f"!{len(indexes)}I", *indexes
+    )
 
 
 def decode_fragment_nak(body: bytes) -> tuple[bytes, list[int]]:
@@ -315,7 +326,10 @@ class MemberRecord:
     zone: str | None
 
     def encode(self) -> bytes:
-        host = self.host.encode()
+        try:
+            host = self.host.encode("ascii")
+        except UnicodeEncodeError:
+            raise ValueError(f"host {self.host!r} is not ASCII") from None
         if len(host) > MAX_HOST_BYTES:
             raise ValueError("host too long")
         return (
