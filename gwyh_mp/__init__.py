@@ -1,6 +1,6 @@
 """gwyh_mp: a fast, encrypted UDP gossip node (public names only)."""
 
-from gwyh_mp.api import MessageTooLarge, Node, NotRunning
+from gwyh_mp.api import MessageTooLarge, Node, NotRunning, SendQueueFull
 from gwyh_mp.config import Config, ConfigError
 from gwyh_mp.protocol.events import Member, MemberDown, MemberUp, Message
 from gwyh_mp.protocol.selection import Strategy
@@ -17,6 +17,7 @@ __all__ = [
     "MessageTooLarge",
     "Node",
     "NotRunning",
+    "SendQueueFull",
     "Strategy",
 ]
 __version__ = "0.1.0"

@@ -21,7 +21,11 @@ from gwyh_mp.runtime.single import SingleProcessRuntime
 
 MemberEvent = MemberUp | MemberDown
 
-__all__ = ["MessageTooLarge", "Node", "NotRunning"]
+__all__ = ["MessageTooLarge", "Node", "NotRunning", "SendQueueFull"]
+
+
+class SendQueueFull(RuntimeError):
+    """broadcast(timeout=...) gave up: the send backlog did not drain in time."""
 
 
 class Node:
@@ -43,6 +47,7 @@ class Node:
         self._stopped = False
         self._reading_paused = False
         self._changed = asyncio.Event()
+        self.stats_shed_waits = 0  # broadcasts that had to wait for the send queue
 
     # ------------------------------------------------------------ lifecycle
 
@@ -89,11 +94,29 @@ class Node:
 
     # ------------------------------------------------------------ messaging
 
-    async def broadcast(self, data: bytes) -> bytes:
+    async def broadcast(self, data: bytes, *, timeout: float | None = None) -> bytes:
         """Send ``data`` to every node in the cluster; returns the 16-byte message id.
-        Raises MessageTooLarge or NotRunning."""
+
+        Messages larger than one datagram are fragmented and reassembled transparently.
+        When more than ``Config.send_queue_bytes`` are waiting to leave, this waits until
+        the backlog drains (backpressure); with ``timeout`` it raises ``SendQueueFull``
+        instead of waiting longer. Raises MessageTooLarge or NotRunning."""
         if not self._started or self._stopped:
             raise NotRunning("node is not running")
+        core = self._core()
+        if not core.accepting:
+            self.stats_shed_waits += 1
+            try:
+                async with asyncio.timeout(timeout):
+                    while not core.accepting:
+                        if self._stopped:
+                            raise NotRunning("node stopped while waiting to send")
+                        await self._runtime.wait_drained()
+            except TimeoutError:
+                raise SendQueueFull(
+                    f"send queue still holds {core.backlog_bytes} bytes after {timeout}s "
+                    f"(limit {self.config.send_queue_bytes}); the message was not sent"
+                ) from None
         return self._runtime.broadcast(bytes(data))
 
     async def messages(self) -> AsyncIterator[Message]:
@@ -171,6 +194,9 @@ class Node:
         out["subscribers"] = len(core.subscribers)
         out["seen_ids"] = len(core.seen)
         out["message_queue"] = len(self._inbox)
+        out["send_backlog_bytes"] = core.backlog_bytes
+        out["broadcast_waits"] = self.stats_shed_waits
+        out["shed_no_subscribers"] = core.fanout.shed
         return out
 
     # ------------------------------------------------------------ internals

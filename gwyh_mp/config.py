@@ -100,6 +100,20 @@ class Config:
     reassembly_timeout_s: float = 30.0
     """An incomplete large message that makes no progress this long is dropped."""
 
+    # -- congestion control and backpressure -------------------------------------------
+    send_rate_initial_bytes_per_s: int = 32 << 20
+    """Starting pace of data to each peer; AIMD moves it between min and max."""
+    send_rate_min_bytes_per_s: int = 64 << 10
+    """Floor of the per-peer pace: loss never throttles a link below this."""
+    send_rate_max_bytes_per_s: int = 1 << 30
+    """Ceiling of the per-peer pace."""
+    send_rate_increase_bytes_per_s: int = 1 << 20
+    """Additive increase per loss-free interval (50 ms)."""
+    link_queue_bytes: int = 8 << 20
+    """Data waiting for one peer's pacer; forwarded datagrams beyond it are shed (counted)."""
+    send_queue_bytes: int = 64 << 20
+    """Above this much queued data, broadcast() waits (backpressure) instead of queueing."""
+
     # -- runtime ---------------------------------------------------------------------
     socket_buffer_bytes: int = 8 << 20
     """SO_RCVBUF/SO_SNDBUF request; bursts from many peers need deep buffers."""
@@ -188,6 +202,20 @@ class Config:
         _positive_int("max_message_bytes", self.max_message_bytes, maximum=(1 << 32) - 1)
         _positive_int("reassembly_memory_bytes", self.reassembly_memory_bytes)
         _positive("reassembly_timeout_s", self.reassembly_timeout_s)
+        _positive_int("send_rate_min_bytes_per_s", self.send_rate_min_bytes_per_s)
+        _positive_int(
+            "send_rate_initial_bytes_per_s",
+            self.send_rate_initial_bytes_per_s,
+            minimum=self.send_rate_min_bytes_per_s,
+        )
+        _positive_int(
+            "send_rate_max_bytes_per_s",
+            self.send_rate_max_bytes_per_s,
+            minimum=self.send_rate_initial_bytes_per_s,
+        )
+        _positive_int("send_rate_increase_bytes_per_s", self.send_rate_increase_bytes_per_s)
+        _positive_int("link_queue_bytes", self.link_queue_bytes, minimum=wire.MAX_DATAGRAM_BYTES)
+        _positive_int("send_queue_bytes", self.send_queue_bytes, minimum=wire.MAX_DATAGRAM_BYTES)
         _positive_int("socket_buffer_bytes", self.socket_buffer_bytes)
         _positive_int("message_queue_size", self.message_queue_size)
         _positive_int("workers", self.workers, maximum=max(64, (os.cpu_count() or 1) * 4))

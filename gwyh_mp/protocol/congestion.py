@@ -299,6 +299,20 @@ class LinkLossDetector:
             self.duplicates += 1
         self._expire(now)
 
+    def on_tail(self, seq32: int, now: float) -> None:
+        """The sender says ``seq32`` is the newest datagram it sent us (a tail probe,
+        sent once the link goes quiet). Anything between our newest and it is lost now:
+        no later data packet will ever reveal that gap."""
+        highest = self._highest
+        if highest is None:
+            return
+        delta = seq32_diff(seq32, highest & SEQ32_MASK)
+        if delta <= 0 or delta > self._cfg.max_gap_packets:
+            return
+        self._pending.append(_Gap(highest + 1, highest + delta + 1, now, self._arrivals))
+        self._highest = highest + delta
+        self._expire(now)
+
     def poll_nak(self, now: float) -> NakReport | None:
         """The aggregated NAK if one is due, else None; at most one per ``nak_interval_s``."""
         self._expire(now)

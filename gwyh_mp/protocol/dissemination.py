@@ -21,6 +21,7 @@ from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.crypto import ids_digest, nonce, seal
 
 Addr = tuple[str, int]
+Outgoing = tuple[bytes, Addr, bytes]  # datagram, destination, destination node id
 
 
 class SeenSet:
@@ -96,9 +97,9 @@ class Fanout:
     def add(self, msg_id: bytes, entry: bytes, exclude: bytes | None) -> None:
         self.pending.append(PendingEntry(msg_id, entry, exclude))
 
-    def flush(self, targets: list[FanoutTarget], out: list[tuple[bytes, Addr]]) -> None:
+    def flush(self, targets: list[FanoutTarget], out: list[Outgoing]) -> None:
         """Encrypt pending entries once per distinct recipient set and append one
-        datagram per subscriber to ``out``."""
+        (datagram, address, node id) per subscriber to ``out``."""
         if not targets:
             # Nobody to send to yet (no subscribers): keep the entries for when someone
             # subscribes, within a bound; what is shed is counted, never silent.
@@ -130,7 +131,7 @@ class Fanout:
         self,
         entries: list[tuple[bytes, bytes]],
         target: FanoutTarget,
-        out: list[tuple[bytes, Addr]],
+        out: list[Outgoing],
     ) -> None:
         """Send (id, entry) pairs to one peer only (answers to fragment NAKs)."""
         self._send_group([PendingEntry(i, e, None) for i, e in entries], [target], out)
@@ -139,7 +140,7 @@ class Fanout:
         self,
         entries: list[PendingEntry],
         targets: list[FanoutTarget],
-        out: list[tuple[bytes, Addr]],
+        out: list[Outgoing],
     ) -> None:
         budget = self.max_datagram_bytes - wire.BROADCAST_OVERHEAD
         chunk: list[PendingEntry] = []
@@ -158,7 +159,7 @@ class Fanout:
         self,
         chunk: list[PendingEntry],
         targets: list[FanoutTarget],
-        out: list[tuple[bytes, Addr]],
+        out: list[Outgoing],
     ) -> None:
         channel = self.channel
         channel.seq += 1
@@ -173,5 +174,5 @@ class Fanout:
         version, ptype = wire.VERSION, wire.PacketType.BROADCAST
         for t in targets:
             header = pack(version, ptype, count, 0, t.remote_session_id, t.next_link_seq(), seq)
-            out.append((header + body, t.addr))
+            out.append((header + body, t.addr, t.node_id))
         channel.datagrams += len(targets)

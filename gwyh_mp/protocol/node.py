@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from gwyh_mp.config import Config
 from gwyh_mp.protocol import wire
+from gwyh_mp.protocol.congestion import AimdPacer, LinkLossDetector, PacingConfig
 from gwyh_mp.protocol.crypto import (
     AntiReplayWindow,
     DecryptError,
@@ -32,7 +33,13 @@ from gwyh_mp.protocol.crypto import (
     open_sealed,
     seal,
 )
-from gwyh_mp.protocol.dissemination import BroadcastChannel, Fanout, FanoutTarget, SeenSet
+from gwyh_mp.protocol.dissemination import (
+    BroadcastChannel,
+    Fanout,
+    FanoutTarget,
+    Outgoing,
+    SeenSet,
+)
 from gwyh_mp.protocol.events import Event, Member, MemberDown, MemberUp, Message, ProviderChanged
 from gwyh_mp.protocol.framing import AddKind, OutgoingWindow, Reassembler, split_message
 from gwyh_mp.protocol.handshake import Established, Handshaker
@@ -48,6 +55,11 @@ FRAGMENT_RETAIN_S = 10.0  # own fragments kept for FRAGMENT_NAK answers
 FRAGMENT_WINDOW_BYTES = 512 * 1024  # fragment bytes released per send round (sliding window)
 FRAGMENT_INTERVAL_S = 0.002  # pause between windows while a large message drains
 _FRAGMENT_HEADER = wire.FRAGMENT_HEADER
+RETAIN_BYTES_PER_LINK = 4 << 20  # sent data datagrams kept per peer to answer NAKs
+RETAIN_DATAGRAMS_PER_LINK = 8192
+MAX_RETRANSMITS_PER_NAK = 256
+TAIL_PROBE_S = 0.1  # quiet time after the last data datagram before a tail probe
+_TAIL = struct.Struct("!I")
 _SUBSCRIBE_NEED_KEY = 0x01
 _ENTRY_HEADER = wire.ENTRY_HEADER
 _BROADCAST_HEADER = wire.BROADCAST_HEADER
@@ -86,10 +98,30 @@ class PeerLink:
     channel_replay: AntiReplayWindow = field(default_factory=AntiReplayWindow)
     link_seq_out: int = 0
     last_heard: float = 0.0
+    # Congestion control. Receiving: loss detection on the peer's link sequence.
+    # Sending: the pacer, the queue waiting for it, and what was sent (for NAKs).
+    loss: LinkLossDetector | None = None
+    pacer: AimdPacer | None = None
+    queue: deque[tuple[bytes, Addr]] = field(default_factory=deque)
+    queue_bytes: int = 0
+    sent: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
+    sent_bytes: int = 0
+    tail_due: float | None = None
 
     def next_link_seq(self) -> int:
         self.link_seq_out = (self.link_seq_out + 1) & 0xFFFFFFFF
         return self.link_seq_out
+
+    def remember(self, datagram: bytes) -> None:
+        """Keep a sent data datagram, keyed by its link sequence, until NAKs for it are
+        no longer plausible (bounded by bytes and count)."""
+        seq = int.from_bytes(datagram[8:12], "big")
+        self.sent[seq] = datagram
+        self.sent_bytes += len(datagram)
+        sent = self.sent
+        while self.sent_bytes > RETAIN_BYTES_PER_LINK or len(sent) > RETAIN_DATAGRAMS_PER_LINK:
+            _, old = sent.popitem(last=False)
+            self.sent_bytes -= len(old)
 
 
 @dataclass(slots=True)
@@ -161,6 +193,20 @@ class NodeCore:
         # msg id -> (count, total, origin, hops) of large messages seen, to answer NAKs
         self._large_info: OrderedDict[bytes, tuple[int, int, bytes, int]] = OrderedDict()
         self._resend_to: list[tuple[bytes, list[tuple[bytes, bytes]]]] = []
+        self.pacing = PacingConfig(
+            initial_rate_bytes_per_s=float(config.send_rate_initial_bytes_per_s),
+            min_rate_bytes_per_s=float(config.send_rate_min_bytes_per_s),
+            max_rate_bytes_per_s=float(config.send_rate_max_bytes_per_s),
+            increase_bytes_per_s=float(config.send_rate_increase_bytes_per_s),
+            increase_interval_s=0.05,
+            burst_bytes=max(256 << 10, 4 * config.max_datagram_bytes),
+            max_queued_data_bytes=config.link_queue_bytes,
+        )
+        self._backlogged: set[bytes] = set()  # peers with data waiting for their pacer
+        self._backlog_bytes = 0
+        self._rx_links: set[bytes] = set()  # peers whose loss detector may owe a NAK
+        self._next_nak_poll: float | None = None
+        self._tail_links: set[bytes] = set()  # peers owed a tail probe
         self.stats = Stats()
         self.warnings: deque[str] = deque(maxlen=100)
         self._outbox: list[tuple[bytes, Addr]] = []
@@ -298,23 +344,96 @@ class NodeCore:
         if self._control:
             control, self._control = self._control, {}
             for peer_id, frames in control.items():
-                self._seal_control(peer_id, frames, out)
+                self._seal_control(peer_id, frames, out, now)
         if self._fragment_queue and (
             self._next_fragment_release is None or now >= self._next_fragment_release
         ):
             self._release_fragments(now)
+        data: list[Outgoing] = []
         if self._resend_to:
             resend, self._resend_to = self._resend_to, []
             for peer_id, entries in resend:
                 target = self._fanout_target(peer_id)
                 if target is not None:
-                    self.fanout.send_to(entries, target, out)
+                    self.fanout.send_to(entries, target, data)
         if self.fanout.pending:
-            self.fanout.flush(self._fanout_targets(), out)
+            self.fanout.flush(self._fanout_targets(), data)
+        for datagram, addr, peer_id in data:
+            self._enqueue(peer_id, datagram, addr)
+        if self._backlogged:
+            self._drain_links(now, out)
         self.stats.bump("packets_out", len(out))
         return out
 
+    @property
+    def backlog_bytes(self) -> int:
+        """Data accepted but not yet handed to the socket (large-message fragments
+        waiting for their window, and datagrams waiting for a peer's pacer)."""
+        return self._backlog_bytes + self._fragment_queue_bytes
+
+    @property
+    def accepting(self) -> bool:
+        """False while the send backlog is above Config.send_queue_bytes: the runtime
+        makes broadcast() wait (backpressure) instead of queueing more."""
+        return self.backlog_bytes < self.config.send_queue_bytes
+
+    def _link(self, peer_id: bytes) -> PeerLink:
+        link = self.links.get(peer_id)
+        if link is None:
+            link = self.links[peer_id] = PeerLink(peer_id)
+        return link
+
+    def _pacer(self, link: PeerLink) -> AimdPacer:
+        if link.pacer is None:
+            link.pacer = AimdPacer(self.pacing, self._last_now)
+        return link.pacer
+
+    def _enqueue(self, peer_id: bytes, datagram: bytes, addr: Addr) -> None:
+        link = self._link(peer_id)
+        size = len(datagram)
+        # Forwarded traffic cannot be pushed back on the network: a peer that drains
+        # too slowly loses its oldest queued data, counted as shed (never silently).
+        while link.queue and link.queue_bytes + size > self.config.link_queue_bytes:
+            old, _ = link.queue.popleft()
+            link.queue_bytes -= len(old)
+            self._backlog_bytes -= len(old)
+            self.stats.bump("shed_datagrams")
+        link.queue.append((datagram, addr))
+        link.queue_bytes += size
+        self._backlog_bytes += size
+        self._backlogged.add(peer_id)
+
+    def _drain_links(self, now: float, out: list[tuple[bytes, Addr]]) -> None:
+        for peer_id in list(self._backlogged):
+            link = self.links.get(peer_id)
+            if link is None:
+                self._backlogged.discard(peer_id)
+                continue
+            pacer = self._pacer(link)
+            pacer.on_tick(now)
+            queue = link.queue
+            while queue:
+                datagram, addr = queue[0]
+                size = len(datagram)
+                if not pacer.can_send(size, now):
+                    break
+                queue.popleft()
+                link.queue_bytes -= size
+                self._backlog_bytes -= size
+                pacer.consume(size, now)
+                out.append((datagram, addr))
+                link.remember(datagram)
+                link.tail_due = now + TAIL_PROBE_S
+                self._tail_links.add(peer_id)
+            if not queue:
+                self._backlogged.discard(peer_id)
+
     def _release_fragments(self, now: float) -> None:
+        # Sliding window: more fragments only once the pacers have drained the last ones.
+        targets = max(1, len(self.subscribers))
+        if self._backlog_bytes > FRAGMENT_WINDOW_BYTES * targets // 2:
+            self._next_fragment_release = now + FRAGMENT_INTERVAL_S
+            return
         budget = FRAGMENT_WINDOW_BYTES
         queue = self._fragment_queue
         while queue and budget > 0:
@@ -343,6 +462,18 @@ class NodeCore:
         reassembly = self.reassembler.next_timer(self._last_now)
         if reassembly is not None:
             deadlines.append(reassembly)
+        if self._next_nak_poll is not None:
+            deadlines.append(self._next_nak_poll)
+        for peer_id in self._tail_links:
+            link = self.links.get(peer_id)
+            if link is not None and link.tail_due is not None:
+                deadlines.append(link.tail_due)
+        now = self._last_now
+        for peer_id in self._backlogged:
+            link = self.links.get(peer_id)
+            if link is not None and link.queue:
+                pacer = self._pacer(link)
+                deadlines.append(pacer.next_send_time(len(link.queue[0][0]), now))
         return min(deadlines)
 
     def handle_timer(self, now: float) -> None:
@@ -359,6 +490,10 @@ class NodeCore:
         self._check_providers(now)
         self._check_probes(now)
         self._fragment_naks(now)
+        if self._next_nak_poll is not None and now >= self._next_nak_poll:
+            self._poll_naks(now)
+        if self._tail_links:
+            self._send_tail_probes(now)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_interval_s
             self._heartbeat_tick(now)
@@ -430,6 +565,17 @@ class NodeCore:
             self.stats.bump("drop_unknown_session")
             return
         session.last_rx = now  # only keeps the session from being freed as idle
+        if session.addr == addr:
+            # Loss detection counts every datagram from the peer's real address,
+            # duplicates included (they are most of the traffic and prove delivery).
+            loss = link.loss
+            if loss is None:
+                loss = link.loss = LinkLossDetector(self.pacing)
+            loss.on_packet(_link_seq, now)
+            if session.peer_id not in self._rx_links:
+                self._rx_links.add(session.peer_id)
+                if self._next_nak_poll is None:
+                    self._next_nak_poll = now + self.pacing.nak_interval_s
         if not fresh:
             self.stats.bump("duplicates")  # datagrams dropped before decryption
             return
@@ -531,6 +677,72 @@ class NodeCore:
             self.stats.bump("delivered_large")
             self._events.append(Message(bytes(result.data), msg_id, origin, hops))
 
+    def _poll_naks(self, now: float) -> None:
+        """Aggregated loss reports: at most one NAK per peer per nak_interval_s, and
+        only when something was really lost (reordering inside the window is not)."""
+        for peer_id in list(self._rx_links):
+            link = self.links.get(peer_id)
+            if link is None or link.loss is None:
+                self._rx_links.discard(peer_id)
+                continue
+            report = link.loss.poll_nak(now)
+            if report is not None:
+                body = wire.encode_nak(report.received, report.lost, list(report.ranges))
+                self._queue_control(peer_id, FrameType.NAK, body)
+                self.stats.bump("naks_sent")
+            if link.loss.next_timer(now) is None:
+                self._rx_links.discard(peer_id)
+        self._next_nak_poll = now + self.pacing.nak_interval_s if self._rx_links else None
+
+    def _send_tail_probes(self, now: float) -> None:
+        for peer_id in list(self._tail_links):
+            link = self.links.get(peer_id)
+            if link is None or link.tail_due is None:
+                self._tail_links.discard(peer_id)
+            elif now >= link.tail_due:
+                link.tail_due = None
+                self._tail_links.discard(peer_id)
+                self._queue_control(peer_id, FrameType.TAIL, _TAIL.pack(link.link_seq_out))
+
+    def _on_tail(self, peer_id: bytes, link: PeerLink, body: bytes, now: float) -> None:
+        if len(body) != _TAIL.size:
+            raise wire.WireError("bad tail probe")
+        if link.loss is None:
+            return
+        link.loss.on_tail(_TAIL.unpack(body)[0], now)
+        if peer_id not in self._rx_links:
+            self._rx_links.add(peer_id)
+        if self._next_nak_poll is None or self._next_nak_poll > now:
+            self._next_nak_poll = now
+
+    def _on_nak(self, link: PeerLink, body: bytes, now: float) -> None:
+        received, lost, ranges = wire.decode_nak(body)
+        self.stats.bump("naks_received")
+        if self._pacer(link).on_nak(lost, received, now):
+            self.stats.bump("rate_decreases")
+        # Resend what we still hold, ahead of new data, in the original order.
+        resend: list[tuple[bytes, Addr]] = []
+        for start, count in ranges:
+            for k in range(count):
+                datagram = link.sent.pop((start + k) & 0xFFFFFFFF, None)
+                if datagram is not None and link.session is not None:
+                    link.sent_bytes -= len(datagram)
+                    # A fresh link sequence: if the copy is lost too, that is a new gap
+                    # and gets NAKed again, instead of being lost for good.
+                    restamped = b"".join(
+                        (datagram[:8], link.next_link_seq().to_bytes(4, "big"), datagram[12:])
+                    )
+                    resend.append((restamped, link.session.addr))
+                if len(resend) >= MAX_RETRANSMITS_PER_NAK:
+                    break
+        if resend:
+            self.stats.bump("retransmits", len(resend))
+            for datagram, addr in reversed(resend):
+                link.queue.appendleft((datagram, addr))
+                link.queue_bytes += len(datagram)
+                self._backlog_bytes += len(datagram)
+            self._backlogged.add(link.node_id)
+
     def _fragment_naks(self, now: float) -> None:
         for peer_id, msg_id, indexes in self.reassembler.pending_naks(now):
             if isinstance(peer_id, bytes) and peer_id in self.links:
@@ -624,6 +836,10 @@ class NodeCore:
             link.channel_key = body
         elif ftype == FrameType.FRAGMENT_NAK:
             self._on_fragment_nak(peer_id, body)
+        elif ftype == FrameType.NAK:
+            self._on_nak(link, body, now)
+        elif ftype == FrameType.TAIL:
+            self._on_tail(peer_id, link, body, now)
         elif ftype == FrameType.PING:
             self._queue_control(peer_id, FrameType.PONG, body)
         else:
@@ -965,12 +1181,13 @@ class NodeCore:
         self._control.setdefault(peer_id, []).append(wire.encode_frame(ftype, body))
 
     def _seal_control(
-        self, peer_id: bytes, frames: list[bytes], out: list[tuple[bytes, Addr]]
+        self, peer_id: bytes, frames: list[bytes], out: list[tuple[bytes, Addr]], now: float
     ) -> None:
         link = self.links.get(peer_id)
         if link is None or link.session is None:
             self.stats.bump("control_no_session")
             return
+        before = len(out)
         session = link.session
         budget = self.config.max_datagram_bytes - wire.CONTROL_OVERHEAD
         batch: list[bytes] = []
@@ -983,6 +1200,10 @@ class NodeCore:
             size += len(frame)
         if batch:
             self._seal_one(session, b"".join(batch), out)
+        if link.pacer is not None:
+            # Control is never held back (membership beats data, so a node under full
+            # load is not declared DOWN), but the pacer accounts for its bytes.
+            link.pacer.consume(sum(len(d) for d, _ in out[before:]), now)
 
     def _seal_one(self, session: Session, plaintext: bytes, out: list[tuple[bytes, Addr]]) -> None:
         session.send_seq += 1

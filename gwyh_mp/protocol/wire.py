@@ -60,6 +60,7 @@ class FrameType(enum.IntEnum):
     NAK = 0x09
     CHANNEL_KEY = 0x0A
     FRAGMENT_NAK = 0x0B
+    TAIL = 0x0C
 
 
 class EntryKind(enum.IntEnum):
@@ -263,8 +264,9 @@ ENTRY_OVERHEAD = ENTRY_HEADER.size + MESSAGE_ID_BYTES
 # the fragment's bytes. The clear id of a fragment entry is fragment_id(msg_id, index).
 FRAGMENT_HEADER = struct.Struct("!16sIII")
 
-# NAK frame: count of ranges, then (first lost link sequence u32, how many u16) each.
-NAK_COUNT = struct.Struct("!H")
+# NAK frame: link datagrams received and lost since the previous report (for the
+# sender's loss rate), count of ranges, then (first lost link sequence u32, count u16) each.
+NAK_HEADER = struct.Struct("!IIH")
 NAK_RANGE = struct.Struct("!IH")
 MAX_NAK_RANGES = 64
 
@@ -279,20 +281,24 @@ def fragment_id(msg_id: bytes, index: int) -> bytes:
     return hashlib.blake2b(msg_id + index.to_bytes(4, "big"), digest_size=16).digest()
 
 
-def encode_nak(ranges: list[tuple[int, int]]) -> bytes:
+def encode_nak(received: int, lost: int, ranges: list[tuple[int, int]]) -> bytes:
     ranges = ranges[:MAX_NAK_RANGES]
-    return NAK_COUNT.pack(len(ranges)) + b"".join(
-        NAK_RANGE.pack(start & 0xFFFFFFFF, min(count, 0xFFFF)) for start, count in ranges
-    )
+    return NAK_HEADER.pack(
+        min(received, 0xFFFFFFFF), min(lost, 0xFFFFFFFF), len(ranges)
+    ) + b"".join(NAK_RANGE.pack(start & 0xFFFFFFFF, min(count, 0xFFFF)) for start, count in ranges)
 
 
-def decode_nak(body: bytes) -> list[tuple[int, int]]:
-    if len(body) < NAK_COUNT.size:
+def decode_nak(body: bytes) -> tuple[int, int, list[tuple[int, int]]]:
+    """-> (received, lost, [(first lost seq, count), ...])"""
+    if len(body) < NAK_HEADER.size:
         raise WireError("short nak")
-    (count,) = NAK_COUNT.unpack_from(body)
-    if count > MAX_NAK_RANGES or len(body) != NAK_COUNT.size + count * NAK_RANGE.size:
+    received, lost, count = NAK_HEADER.unpack_from(body)
+    if count > MAX_NAK_RANGES or len(body) != NAK_HEADER.size + count * NAK_RANGE.size:
         raise WireError("bad nak length")
-    return [NAK_RANGE.unpack_from(body, NAK_COUNT.size + i * NAK_RANGE.size) for i in range(count)]
+    ranges = [
+        NAK_RANGE.unpack_from(body, NAK_HEADER.size + i * NAK_RANGE.size) for i in range(count)
+    ]
+    return received, lost, ranges
 
 
 def encode_fragment_nak(msg_id: bytes, indexes: list[int]) -> bytes:

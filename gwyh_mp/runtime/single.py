@@ -45,6 +45,7 @@ class SingleProcessRuntime:
         self._receiver: udp.BatchReceiver | None = None
         self._sender: udp.BatchSender | None = None
         self.address: Addr | None = None
+        self._drained: asyncio.Event | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -104,6 +105,13 @@ class SingleProcessRuntime:
         self.schedule_flush()
         return msg_id
 
+    async def wait_drained(self) -> None:
+        """Wait until the core accepts broadcasts again (its send backlog drained)."""
+        if self._drained is None:
+            self._drained = asyncio.Event()
+        self._drained.clear()
+        await self._drained.wait()
+
     def schedule_flush(self) -> None:
         # Several broadcasts in one loop iteration share one flush (and datagram).
         if not self._flush_scheduled and self._loop is not None:
@@ -156,6 +164,8 @@ class SingleProcessRuntime:
             self._on_event(event)
         while core.warnings:
             log.warning("%s", core.warnings.popleft())
+        if self._drained is not None and core.accepting:
+            self._drained.set()
         self._arm_timer()
 
     def _send(self, datagrams: list[tuple[bytes, Addr]]) -> None:
