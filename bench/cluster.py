@@ -44,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=512, help="payload bytes")
     parser.add_argument("--senders", type=int, default=1, help="how many nodes originate")
     parser.add_argument("--subscriptions", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=1, help="receiver processes per node")
     parser.add_argument("--max-datagram", type=int, default=1400)
     parser.add_argument("--floor-seconds", type=float, default=1.0)
     parser.add_argument("--timeout", type=float, default=120.0, help="hard cap on the run (s)")

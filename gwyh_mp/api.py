@@ -17,6 +17,7 @@ from types import TracebackType
 from gwyh_mp.config import Config
 from gwyh_mp.protocol.events import Event, Member, MemberDown, MemberUp, Message, ProviderChanged
 from gwyh_mp.protocol.node import MessageTooLarge, NotRunning
+from gwyh_mp.runtime.coordinator import MultiProcessRuntime
 from gwyh_mp.runtime.single import SingleProcessRuntime
 
 MemberEvent = MemberUp | MemberDown
@@ -35,7 +36,11 @@ class Node:
 
     def __init__(self, config: Config) -> None:
         self.config = config.validate()
-        self._runtime = SingleProcessRuntime(config, self._on_event)
+        self._runtime: SingleProcessRuntime | MultiProcessRuntime
+        if config.workers > 1:
+            self._runtime = MultiProcessRuntime(config, self._on_event)
+        else:
+            self._runtime = SingleProcessRuntime(config, self._on_event)
         # A deque, not an asyncio.Queue: a batch already read from the socket must be
         # delivered even when it overshoots the bound (reading pauses right after).
         self._inbox: deque[Message] = deque()
@@ -183,6 +188,12 @@ class Node:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.5):
                         await self._changed.wait()
+
+    def process_stats(self) -> list[dict[str, object]]:
+        """Per-process figures (multiprocess runtime: coordinator and each receiver)."""
+        if isinstance(self._runtime, MultiProcessRuntime):
+            return self._runtime.process_stats()
+        return []
 
     def stats(self) -> dict[str, int]:
         core = self._core()

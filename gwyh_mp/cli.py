@@ -153,9 +153,9 @@ def build_run_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers",
         type=_positive_int,
-        default=1,
+        default=os.cpu_count() or 1,
         metavar="N",
-        help="receiver processes (this build runs the single-process runtime: 1)",
+        help="receiver processes sharing the port (default: CPU count; 1 = one process)",
     )
     p.add_argument(
         "--stats-interval",
@@ -192,8 +192,6 @@ def read_psk_file(path: str) -> bytes:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    if args.workers != 1:
-        raise CliError("--workers > 1 needs the multiprocess runtime, not in this build")
     config = Config(
         bind=args.bind,
         advertise=args.advertise,
@@ -321,7 +319,10 @@ async def _print_stats(node: Node, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
         record = {"event": "stats", "time": time.time(), "node": node.node_id.hex(), **node.stats()}
-        sys.stderr.buffer.write(orjson.dumps(record) + b"\n")
+        lines = [orjson.dumps(record)]
+        for proc in node.process_stats():  # multiprocess: one line per process
+            lines.append(orjson.dumps({"event": "process", "time": record["time"], **proc}))
+        sys.stderr.buffer.write(b"\n".join(lines) + b"\n")
         sys.stderr.flush()
 
 

@@ -168,3 +168,40 @@ class AntiReplayWindow:
             self.highest = counter
         else:
             self.bitmap |= 1 << (self.highest - counter)
+
+
+class SealJob:
+    """Encryption work described instead of done: the multiprocess runtime ships it to a
+    worker, which seals it once however many datagrams share it. Sealing is
+    deterministic (same key, nonce and plaintext give the same bytes), so a job may be
+    sealed again for a retransmission without reusing a nonce on different data."""
+
+    __slots__ = ("key", "nonce", "plaintext")
+
+    def __init__(self, key: bytes, nonce24: bytes, plaintext: bytes) -> None:
+        self.key = key
+        self.nonce = nonce24
+        self.plaintext = plaintext
+
+    def seal(self) -> bytes:
+        return seal(self.key, self.nonce, self.plaintext)
+
+
+class DeferredDatagram:
+    """``prefix + job.seal()``, to be materialised by whoever sends it."""
+
+    __slots__ = ("job", "prefix", "size")
+
+    def __init__(self, prefix: bytes, job: SealJob) -> None:
+        self.prefix = prefix
+        self.job = job
+        self.size = len(prefix) + TAG_BYTES + len(job.plaintext)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def materialize(self) -> bytes:
+        return self.prefix + self.job.seal()
+
+
+TAG_BYTES = 16

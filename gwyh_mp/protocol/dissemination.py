@@ -18,10 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gwyh_mp.protocol import wire
-from gwyh_mp.protocol.crypto import ids_digest, nonce, seal
+from gwyh_mp.protocol.crypto import DeferredDatagram, SealJob, ids_digest, nonce, seal
 
 Addr = tuple[str, int]
-Outgoing = tuple[bytes, Addr, bytes]  # datagram, destination, destination node id
+Datagram = bytes | DeferredDatagram
+Outgoing = tuple[Datagram, Addr, bytes]  # datagram, destination, destination node id
 
 
 class SeenSet:
@@ -29,12 +30,15 @@ class SeenSet:
 
     ``ids`` is exposed for the hot path (``msg_id in seen.ids``)."""
 
-    __slots__ = ("_order", "capacity", "ids")
+    __slots__ = ("_order", "capacity", "ids", "journal")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.ids: set[bytes] = set()
         self._order: deque[bytes] = deque()
+        # When set, every added id is also appended here (the multiprocess runtime
+        # copies new ids to its receivers, so they drop duplicates before decrypting).
+        self.journal: list[bytes] | None = None
 
     def __contains__(self, msg_id: bytes) -> bool:
         return msg_id in self.ids
@@ -48,6 +52,8 @@ class SeenSet:
             return False
         self.ids.add(msg_id)
         self._order.append(msg_id)
+        if self.journal is not None:
+            self.journal.append(msg_id)
         if len(self._order) > self.capacity:
             self.ids.discard(self._order.popleft())
         return True
@@ -89,6 +95,7 @@ class Fanout:
     pending: list[PendingEntry] = field(default_factory=list)
     max_pending_entries: int = 10_000
     shed: int = 0
+    defer_sealing: bool = False
 
     @property
     def max_entry_bytes(self) -> int:
@@ -165,13 +172,20 @@ class Fanout:
         channel.seq += 1
         seq = channel.seq
         ids = b"".join([p.msg_id for p in chunk])
-        body = ids + seal(
-            channel.key, nonce(seq, ids_digest(ids)), b"".join([p.entry for p in chunk])
-        )
-        channel.encryptions += 1
+        nonce24 = nonce(seq, ids_digest(ids))
+        plaintext = b"".join([p.entry for p in chunk])
         count = len(chunk)
         pack = wire.BROADCAST_HEADER.pack
         version, ptype = wire.VERSION, wire.PacketType.BROADCAST
+        if self.defer_sealing:
+            # One job shared by every copy: a worker process seals it once.
+            job = SealJob(channel.key, nonce24, plaintext)
+            for t in targets:
+                header = pack(version, ptype, count, 0, t.remote_session_id, t.next_link_seq(), seq)
+                out.append((DeferredDatagram(header + ids, job), t.addr, t.node_id))
+            return
+        body = ids + seal(channel.key, nonce24, plaintext)
+        channel.encryptions += 1
         for t in targets:
             header = pack(version, ptype, count, 0, t.remote_session_id, t.next_link_seq(), seq)
             out.append((header + body, t.addr, t.node_id))

@@ -27,7 +27,9 @@ from gwyh_mp.protocol.congestion import AimdPacer, LinkLossDetector, PacingConfi
 from gwyh_mp.protocol.crypto import (
     AntiReplayWindow,
     DecryptError,
+    DeferredDatagram,
     PskKeyring,
+    SealJob,
     ids_digest,
     nonce,
     open_sealed,
@@ -35,6 +37,7 @@ from gwyh_mp.protocol.crypto import (
 )
 from gwyh_mp.protocol.dissemination import (
     BroadcastChannel,
+    Datagram,
     Fanout,
     FanoutTarget,
     Outgoing,
@@ -64,6 +67,21 @@ _SUBSCRIBE_NEED_KEY = 0x01
 _ENTRY_HEADER = wire.ENTRY_HEADER
 _BROADCAST_HEADER = wire.BROADCAST_HEADER
 _CONTROL_HEADER = wire.CONTROL_HEADER
+
+
+def _head(datagram: Datagram) -> bytes:
+    """The clear leading bytes of a datagram, sealed or not."""
+    return datagram.prefix if isinstance(datagram, DeferredDatagram) else datagram
+
+
+def _restamp(datagram: Datagram, link_seq: int) -> Datagram:
+    """The same BROADCAST datagram under a new link sequence (bytes 8-12 of the header,
+    outside the AEAD), for a retransmission."""
+    seq = link_seq.to_bytes(4, "big")
+    if isinstance(datagram, DeferredDatagram):
+        prefix = datagram.prefix
+        return DeferredDatagram(prefix[:8] + seq + prefix[12:], datagram.job)
+    return b"".join((datagram[:8], seq, datagram[12:]))
 
 
 class MessageTooLarge(ValueError):
@@ -102,9 +120,9 @@ class PeerLink:
     # Sending: the pacer, the queue waiting for it, and what was sent (for NAKs).
     loss: LinkLossDetector | None = None
     pacer: AimdPacer | None = None
-    queue: deque[tuple[bytes, Addr]] = field(default_factory=deque)
+    queue: deque[tuple[Datagram, Addr]] = field(default_factory=deque)
     queue_bytes: int = 0
-    sent: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
+    sent: OrderedDict[int, Datagram] = field(default_factory=OrderedDict)
     sent_bytes: int = 0
     tail_due: float | None = None
 
@@ -112,10 +130,10 @@ class PeerLink:
         self.link_seq_out = (self.link_seq_out + 1) & 0xFFFFFFFF
         return self.link_seq_out
 
-    def remember(self, datagram: bytes) -> None:
+    def remember(self, datagram: Datagram) -> None:
         """Keep a sent data datagram, keyed by its link sequence, until NAKs for it are
         no longer plausible (bounded by bytes and count)."""
-        seq = int.from_bytes(datagram[8:12], "big")
+        seq = int.from_bytes(_head(datagram)[8:12], "big")
         self.sent[seq] = datagram
         self.sent_bytes += len(datagram)
         sent = self.sent
@@ -144,8 +162,13 @@ class NodeCore:
         *,
         wall_offset_s: float = 0.0,
         random_bytes: Callable[[int], bytes] = os.urandom,
+        defer_sealing: bool = False,
     ) -> None:
+        """``defer_sealing``: outgoing encrypted datagrams come out of
+        datagrams_to_send() as DeferredDatagram (prefix + SealJob) for worker processes
+        to seal, instead of bytes. The multiprocess runtime's coordinator uses it."""
         config.validate()
+        self.defer_sealing = defer_sealing
         self.config = config
         self.node_id: bytes = config.node_id or random_bytes(wire.NODE_ID_BYTES)
         self.incarnation = 0
@@ -173,7 +196,16 @@ class NodeCore:
         self.providers: dict[bytes, ProviderState] = {}
         self.subscribers: dict[bytes, float] = {}  # node id -> expiry time
         self.seen = SeenSet(config.seen_set_size)
-        self.fanout = Fanout(BroadcastChannel(random_bytes(32)), config.max_datagram_bytes)
+        self.fanout = Fanout(
+            BroadcastChannel(random_bytes(32)),
+            config.max_datagram_bytes,
+            defer_sealing=defer_sealing,
+        )
+        # Offloaded crypto needs the receivers to know keys: every change to the key
+        # tables is journalled here for the runtime to copy (see runtime/coordinator.py).
+        self.key_journal: list[tuple[object, ...]] | None = [] if defer_sealing else None
+        if defer_sealing:
+            self.seen.journal = []
         self.reassembler = Reassembler(
             max_message_bytes=config.max_message_bytes,
             max_bytes_per_peer=2 * config.max_message_bytes + 65_536,
@@ -209,7 +241,7 @@ class NodeCore:
         self._tail_links: set[bytes] = set()  # peers owed a tail probe
         self.stats = Stats()
         self.warnings: deque[str] = deque(maxlen=100)
-        self._outbox: list[tuple[bytes, Addr]] = []
+        self._outbox: list[tuple[Datagram, Addr]] = []
         self._control: dict[bytes, list[bytes]] = {}
         self._events: deque[Event] = deque()
         self._bootstrap_addrs: set[Addr] = set(config.bootstrap)
@@ -336,7 +368,7 @@ class NodeCore:
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
-    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Addr]]:
+    def datagrams_to_send(self, now: float) -> list[tuple[Datagram, Addr]]:
         """Everything produced since the last call: control frames per peer first
         (membership beats data), then coalesced broadcast datagrams."""
         out = self._outbox
@@ -403,7 +435,7 @@ class NodeCore:
         self._backlog_bytes += size
         self._backlogged.add(peer_id)
 
-    def _drain_links(self, now: float, out: list[tuple[bytes, Addr]]) -> None:
+    def _drain_links(self, now: float, out: list[tuple[Datagram, Addr]]) -> None:
         for peer_id in list(self._backlogged):
             link = self.links.get(peer_id)
             if link is None:
@@ -544,7 +576,7 @@ class NodeCore:
 
     def _on_broadcast(self, data: bytes, addr: Addr, now: float) -> None:
         # Hot path: header, duplicate check, and only then decryption.
-        _, _, count, _, sid, _link_seq, chan_seq = _BROADCAST_HEADER.unpack_from(data)
+        _, _, count, _, sid, link_seq, chan_seq = _BROADCAST_HEADER.unpack_from(data)
         session = self.sessions.get(sid)
         if session is None:
             self.stats.bump("drop_unknown_session")
@@ -564,18 +596,7 @@ class NodeCore:
         if link is None:
             self.stats.bump("drop_unknown_session")
             return
-        session.last_rx = now  # only keeps the session from being freed as idle
-        if session.addr == addr:
-            # Loss detection counts every datagram from the peer's real address,
-            # duplicates included (they are most of the traffic and prove delivery).
-            loss = link.loss
-            if loss is None:
-                loss = link.loss = LinkLossDetector(self.pacing)
-            loss.on_packet(_link_seq, now)
-            if session.peer_id not in self._rx_links:
-                self._rx_links.add(session.peer_id)
-                if self._next_nak_poll is None:
-                    self._next_nak_poll = now + self.pacing.nak_interval_s
+        self._account_link(session, link, addr, link_seq, now)
         if not fresh:
             self.stats.bump("duplicates")  # datagrams dropped before decryption
             return
@@ -591,6 +612,84 @@ class NodeCore:
         link.channel_replay.mark(chan_seq)
         link.last_heard = now
         self._on_entries(ids, count, plaintext, session.peer_id, now)
+
+    def _account_link(
+        self, session: Session, link: PeerLink, addr: Addr, link_seq: int, now: float
+    ) -> None:
+        session.last_rx = now  # only keeps the session from being freed as idle
+        if session.addr == addr:
+            # Loss detection counts every datagram from the peer's real address,
+            # duplicates included (they are most of the traffic and prove delivery).
+            loss = link.loss
+            if loss is None:
+                loss = link.loss = LinkLossDetector(self.pacing)
+            loss.on_packet(link_seq, now)
+            if session.peer_id not in self._rx_links:
+                self._rx_links.add(session.peer_id)
+                if self._next_nak_poll is None:
+                    self._next_nak_poll = now + self.pacing.nak_interval_s
+
+    # -- entry points for a runtime that decrypts in other processes -----------------
+
+    def receive_broadcast_plaintext(
+        self,
+        sid: int,
+        addr: Addr,
+        link_seq: int,
+        chan_seq: int,
+        ids: bytes,
+        plaintext: bytes,
+        now: float,
+    ) -> None:
+        """A BROADCAST datagram a worker already authenticated and decrypted. The
+        coordinator still applies the authoritative replay window and seen-set."""
+        self._last_now = now
+        self.stats["packets_in"] = self.stats.get("packets_in", 0) + 1
+        session = self.sessions.get(sid)
+        link = self.links.get(session.peer_id) if session is not None else None
+        if session is None or link is None:
+            self.stats.bump("drop_unknown_session")
+            return
+        self._account_link(session, link, addr, link_seq, now)
+        if not link.channel_replay.check(chan_seq):
+            self.stats.bump("drop_replay")
+            return
+        link.channel_replay.mark(chan_seq)
+        link.last_heard = now
+        try:
+            self._on_entries(ids, len(ids) // 16, plaintext, session.peer_id, now)
+        except (wire.WireError, struct.error, ValueError, IndexError):
+            self.stats.bump("drop_malformed")
+
+    def receive_broadcast_duplicate(self, sid: int, addr: Addr, link_seq: int, now: float) -> None:
+        """A worker dropped a BROADCAST datagram as a duplicate before decrypting it;
+        its link sequence still counts for loss detection."""
+        self._last_now = now
+        self.stats["packets_in"] = self.stats.get("packets_in", 0) + 1
+        self.stats.bump("duplicates")
+        session = self.sessions.get(sid)
+        link = self.links.get(session.peer_id) if session is not None else None
+        if session is not None and link is not None:
+            self._account_link(session, link, addr, link_seq, now)
+
+    def receive_control_plaintext(
+        self, sid: int, seq: int, addr: Addr, plaintext: bytes, now: float
+    ) -> None:
+        """A CONTROL datagram a worker already authenticated and decrypted."""
+        self._last_now = now
+        self.stats["packets_in"] = self.stats.get("packets_in", 0) + 1
+        session = self.sessions.get(sid)
+        if session is None:
+            self.stats.bump("drop_unknown_session")
+            return
+        if not session.replay.check(seq):
+            self.stats.bump("drop_replay")
+            return
+        session.replay.mark(seq)
+        try:
+            self._on_control_plaintext(session, addr, plaintext, now)
+        except (wire.WireError, struct.error, ValueError, IndexError):
+            self.stats.bump("drop_malformed")
 
     def _on_entries(
         self, ids: bytes, count: int, plaintext: bytes, source: bytes, now: float
@@ -721,7 +820,7 @@ class NodeCore:
         if self._pacer(link).on_nak(lost, received, now):
             self.stats.bump("rate_decreases")
         # Resend what we still hold, ahead of new data, in the original order.
-        resend: list[tuple[bytes, Addr]] = []
+        resend: list[tuple[Datagram, Addr]] = []
         for start, count in ranges:
             for k in range(count):
                 datagram = link.sent.pop((start + k) & 0xFFFFFFFF, None)
@@ -729,10 +828,7 @@ class NodeCore:
                     link.sent_bytes -= len(datagram)
                     # A fresh link sequence: if the copy is lost too, that is a new gap
                     # and gets NAKed again, instead of being lost for good.
-                    restamped = b"".join(
-                        (datagram[:8], link.next_link_seq().to_bytes(4, "big"), datagram[12:])
-                    )
-                    resend.append((restamped, link.session.addr))
+                    resend.append((_restamp(datagram, link.next_link_seq()), link.session.addr))
                 if len(resend) >= MAX_RETRANSMITS_PER_NAK:
                     break
         if resend:
@@ -788,9 +884,15 @@ class NodeCore:
             return
         plaintext = open_sealed(session.recv_key, nonce(seq), data[_CONTROL_HEADER.size :])
         session.replay.mark(seq)
+        self._on_control_plaintext(session, addr, plaintext, now)
+
+    def _on_control_plaintext(
+        self, session: Session, addr: Addr, plaintext: bytes, now: float
+    ) -> None:
         session.last_rx = now
         if session.addr != addr:
             session.addr = addr  # authenticated: the peer's address really changed
+            self._journal_session(session)
         peer_id = session.peer_id
         link = self.links.get(peer_id)
         if link is None:
@@ -813,7 +915,9 @@ class NodeCore:
         elif ftype == FrameType.SUBSCRIBED:
             if len(body) != 32:
                 raise wire.WireError("bad channel key")
-            link.channel_key = body
+            if link.channel_key != body:
+                link.channel_key = body
+                self._journal_channel(peer_id, body)
             provider = self.providers.get(peer_id)
             if provider is None:
                 self._queue_control(peer_id, FrameType.UNSUBSCRIBE)
@@ -833,7 +937,9 @@ class NodeCore:
         elif ftype == FrameType.CHANNEL_KEY:
             if len(body) != 32:
                 raise wire.WireError("bad channel key")
-            link.channel_key = body
+            if link.channel_key != body:
+                link.channel_key = body
+                self._journal_channel(peer_id, body)
         elif ftype == FrameType.FRAGMENT_NAK:
             self._on_fragment_nak(peer_id, body)
         elif ftype == FrameType.NAK:
@@ -883,6 +989,7 @@ class NodeCore:
             est.recv_key,
         )
         self.sessions[est.local_session_id] = session
+        self._journal_session(session)
         link = self.links.get(est.peer_id)
         if link is None:
             link = self.links[est.peer_id] = PeerLink(est.peer_id)
@@ -913,6 +1020,30 @@ class NodeCore:
         if provider is not None and not provider.confirmed:
             self._queue_control(est.peer_id, FrameType.SUBSCRIBE, bytes((_SUBSCRIBE_NEED_KEY,)))
 
+    def _journal_session(self, session: Session) -> None:
+        if self.key_journal is not None:
+            host, port = session.addr
+            self.key_journal.append(
+                ("K", session.local_session_id, session.peer_id, session.recv_key, host, port)
+            )
+
+    def _journal_channel(self, peer_id: bytes, key: bytes | None) -> None:
+        if self.key_journal is not None:
+            self.key_journal.append(("C", peer_id, key or b""))
+
+    def key_snapshot(self) -> list[tuple[object, ...]]:
+        """Every current key-table entry, as journal records (for a new receiver)."""
+        records: list[tuple[object, ...]] = []
+        for session in self.sessions.values():
+            host, port = session.addr
+            records.append(
+                ("K", session.local_session_id, session.peer_id, session.recv_key, host, port)
+            )
+        for peer_id, link in self.links.items():
+            if link.channel_key is not None:
+                records.append(("C", peer_id, link.channel_key))
+        return records
+
     def _on_handshake_failed(self, addr: Addr, now: float) -> None:
         self.stats.bump("handshakes_failed")
         for member in self.members.up_members():
@@ -930,6 +1061,8 @@ class NodeCore:
             if session.superseded or member is None or member.state != MemberState.UP:
                 del self.sessions[sid]
                 self._sids.discard(sid)
+                if self.key_journal is not None:
+                    self.key_journal.append(("k", sid))
                 link = self.links.get(session.peer_id)
                 if link is not None and link.session is session:
                     link.session = None
@@ -939,6 +1072,7 @@ class NodeCore:
                 member = self.members.get(peer_id)
                 if member is None or member.state != MemberState.UP:
                     del self.links[peer_id]
+                    self._journal_channel(peer_id, None)
 
     # ------------------------------------------------------------------ membership
 
@@ -1181,7 +1315,7 @@ class NodeCore:
         self._control.setdefault(peer_id, []).append(wire.encode_frame(ftype, body))
 
     def _seal_control(
-        self, peer_id: bytes, frames: list[bytes], out: list[tuple[bytes, Addr]], now: float
+        self, peer_id: bytes, frames: list[bytes], out: list[tuple[Datagram, Addr]], now: float
     ) -> None:
         link = self.links.get(peer_id)
         if link is None or link.session is None:
@@ -1205,14 +1339,19 @@ class NodeCore:
             # load is not declared DOWN), but the pacer accounts for its bytes.
             link.pacer.consume(sum(len(d) for d, _ in out[before:]), now)
 
-    def _seal_one(self, session: Session, plaintext: bytes, out: list[tuple[bytes, Addr]]) -> None:
+    def _seal_one(
+        self, session: Session, plaintext: bytes, out: list[tuple[Datagram, Addr]]
+    ) -> None:
         session.send_seq += 1
         header = _CONTROL_HEADER.pack(
             wire.VERSION, PacketType.CONTROL, 0, session.remote_session_id, session.send_seq
         )
-        out.append(
-            (header + seal(session.send_key, nonce(session.send_seq), plaintext), session.addr)
-        )
+        nonce24 = nonce(session.send_seq)
+        if self.defer_sealing:
+            job = SealJob(session.send_key, nonce24, plaintext)
+            out.append((DeferredDatagram(header, job), session.addr))
+        else:
+            out.append((header + seal(session.send_key, nonce24, plaintext), session.addr))
 
     def _send_peer_list(self, peer_id: bytes) -> None:
         records = [self._self_record(MemberState.UP)]

@@ -1,0 +1,391 @@
+"""The coordinator of a multiprocess node, and the supervisor of its receivers.
+
+It runs the protocol core (membership, subscriptions, seen-set, fanout decisions,
+pacing) in the application's process and event loop, and does no per-packet
+cryptography: receivers decrypt, and they seal and send what the core decides
+(see docs/ARCHITECTURE.md). Same interface as ``SingleProcessRuntime``, so the
+library API is unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import marshal
+import multiprocessing
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+
+from gwyh_mp.config import Config
+from gwyh_mp.protocol.crypto import DeferredDatagram, SealJob
+from gwyh_mp.protocol.events import Event
+from gwyh_mp.protocol.node import NodeCore
+from gwyh_mp.runtime import udp
+from gwyh_mp.runtime.receiver import receiver_main
+from gwyh_mp.runtime.shm_ring import ShmRing
+
+log = logging.getLogger("gwyh_mp")
+
+Addr = tuple[str, int]
+RING_BYTES = 16 << 20
+RESTART_DELAY_S = 0.05
+SENDS_PER_RECORD = 64  # keeps one ring record far below the ring's record size limit
+_dumps = marshal.dumps
+_loads = marshal.loads
+
+
+class _Worker:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self.up: ShmRing | None = None
+        self.down: ShmRing | None = None
+        self.stats: dict[str, Any] = {}
+        self.restarts = 0
+
+
+class MultiProcessRuntime:
+    def __init__(self, config: Config, on_event: Callable[[Event], None]) -> None:
+        self.config = config
+        self._on_event = on_event
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.core: NodeCore | None = None
+        self.address: Addr | None = None
+        self._workers = [_Worker(i) for i in range(config.workers)]
+        # fork: the child runs only receiver_main and never touches the parent's event loop;
+        # spawn would re-import the application's __main__ (surprising for library users).
+        self._ctx = multiprocessing.get_context("fork")
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._flush_scheduled = False
+        self._drained: asyncio.Event | None = None
+        self._stopping = False
+        self._reading = True
+        self._rr = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        # Hold the port (and learn it, for port 0) while the receivers bind beside us.
+        holder = udp.open_socket(self.config.bind, 1 << 16, reuse_port=True)
+        try:
+            self.address = holder.getsockname()[:2]
+            now = loop.time()
+            self.core = NodeCore(
+                self.config, now, wall_offset_s=time.time() - now, defer_sealing=True
+            )
+            self.core.set_bound_port(self.address[1])
+            for worker in self._workers:
+                self._spawn(worker)
+            await self._wait_bound()
+        except BaseException:
+            holder.close()
+            await self._shutdown_workers()
+            raise
+        holder.close()  # the receivers own the port now
+        self.core.start(loop.time())
+        self._flush()
+
+    async def _wait_bound(self, timeout: float = 20.0) -> None:
+        """Wait until every receiver has bound the port (it reports stats once bound)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for worker in self._workers:
+                if worker.process is not None and worker.process.exitcode is not None:
+                    raise OSError(f"receiver {worker.index} failed to start")
+            if all(w.stats for w in self._workers):
+                return
+            await asyncio.sleep(0.02)
+        raise OSError("receivers did not start in time")
+
+    def _spawn(self, worker: _Worker) -> None:
+        assert self._loop is not None and self.address is not None
+        worker.up = ShmRing.create(RING_BYTES)
+        worker.down = ShmRing.create(RING_BYTES)
+        worker.stats = {}
+        process = self._ctx.Process(
+            target=receiver_main,
+            args=(
+                worker.index,
+                self.address,
+                self.config.socket_buffer_bytes,
+                worker.up.handle,
+                worker.down.handle,
+                os.getpid(),
+            ),
+            name=f"gwyh-receiver-{worker.index}",
+            daemon=True,
+        )
+        process.start()
+        worker.process = process
+        if self.core is not None:
+            # A new receiver knows nothing yet: give it every key.
+            snapshot = [_dumps(r) for r in self.core.key_snapshot()]
+            worker.down.put_all(snapshot, timeout=1.0)
+        self._loop.add_reader(worker.up.fileno(), self._on_ready, worker)
+        self._loop.add_reader(process.sentinel, self._on_exit, worker)
+        worker.up.prepare_wait()
+
+    def _on_exit(self, worker: _Worker) -> None:
+        """A receiver died. Unless we are stopping, replace it at once."""
+        assert self._loop is not None
+        process = worker.process
+        if process is None:
+            return
+        self._loop.remove_reader(process.sentinel)
+        process.join(0)
+        self._release(worker)
+        if self._stopping:
+            return
+        worker.restarts += 1
+        log.warning(
+            "receiver %d (pid %s) exited with %s; restarting",
+            worker.index,
+            process.pid,
+            process.exitcode,
+        )
+        self._loop.call_later(RESTART_DELAY_S, self._respawn, worker)
+
+    def _respawn(self, worker: _Worker) -> None:
+        if not self._stopping:
+            self._spawn(worker)
+
+    def _release(self, worker: _Worker) -> None:
+        assert self._loop is not None
+        for ring in (worker.up, worker.down):
+            if ring is not None:
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(ring.fileno())
+                with contextlib.suppress(Exception):
+                    ring.close()
+                with contextlib.suppress(Exception):
+                    ring.unlink()
+        worker.up = worker.down = None
+
+    async def stop(self, linger_s: float = 0.3) -> None:
+        if self.core is None or self._loop is None or self._stopping:
+            return
+        if self.core.running:
+            self.core.leave(self._loop.time())
+            self._flush()
+        await asyncio.sleep(linger_s)  # let the receivers put the goodbyes on the wire
+        self._stopping = True
+        if self._timer is not None:
+            self._timer.cancel()
+        await self._shutdown_workers()
+
+    async def _shutdown_workers(self) -> None:
+        self._stopping = True
+        for worker in self._workers:
+            if worker.down is not None:
+                with contextlib.suppress(Exception):
+                    worker.down.put_all([_dumps(("Q",))], timeout=0.5)
+        deadline = time.monotonic() + 3.0
+        for worker in self._workers:
+            process = worker.process
+            if process is None:
+                continue
+            while process.exitcode is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if process.exitcode is None:
+                process.terminate()
+                await asyncio.sleep(0.1)
+            if process.exitcode is None:
+                process.kill()
+            process.join(1)
+            if self._loop is not None:
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(process.sentinel)
+            self._release(worker)
+
+    @property
+    def closed(self) -> bool:
+        return self._stopping
+
+    def pause_reading(self) -> None:
+        self._reading = False
+
+    def resume_reading(self) -> None:
+        if not self._reading:
+            self._reading = True
+            for worker in self._workers:
+                if worker.up is not None:
+                    self._on_ready(worker)
+
+    # ------------------------------------------------------------ application side
+
+    def broadcast(self, data: bytes) -> bytes:
+        assert self.core is not None and self._loop is not None
+        msg_id = self.core.broadcast(data, self._loop.time())
+        self.schedule_flush()
+        return msg_id
+
+    def schedule_flush(self) -> None:
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    async def wait_drained(self) -> None:
+        if self._drained is None:
+            self._drained = asyncio.Event()
+        self._drained.clear()
+        await self._drained.wait()
+
+    def process_stats(self) -> list[dict[str, Any]]:
+        """Per process: role, pid, CPU %, RSS, and the receiver's own counters."""
+        out = []
+        procs: list[tuple[str, int | None, dict[str, Any]]] = [("coordinator", os.getpid(), {})]
+        for w in self._workers:
+            pid = w.process.pid if w.process is not None else None
+            extra = dict(w.stats, restarts=w.restarts)
+            if w.up is not None:
+                extra["up_ring_bytes"] = w.up.used_bytes()
+            procs.append((f"receiver-{w.index}", pid, extra))
+        for role, pid, extra in procs:
+            record: dict[str, Any] = {"role": role, "pid": pid, **extra}
+            with contextlib.suppress(psutil.Error, TypeError):
+                p = psutil.Process(pid)
+                times = p.cpu_times()
+                record["cpu_s"] = round(times.user + times.system, 3)
+                record["rss_bytes"] = p.memory_info().rss
+            out.append(record)
+        return out
+
+    # ------------------------------------------------------------ receivers -> core
+
+    def _on_ready(self, worker: _Worker) -> None:
+        ring = worker.up
+        core, loop = self.core, self._loop
+        if ring is None or core is None or loop is None:
+            return
+        ring.finish_wait()
+        if not self._reading:
+            return  # backpressure: records wait in the ring (and the socket) meanwhile
+        while True:
+            records = ring.get_many(4096)
+            if records:
+                self._dispatch(records, worker, loop.time())
+                self._flush()
+            if ring.prepare_wait():
+                return
+
+    def _dispatch(self, records: list[bytes], worker: _Worker, now: float) -> None:
+        core = self.core
+        assert core is not None
+        for raw in records:
+            record = _loads(raw)
+            kind = record[0]
+            if kind == "B":
+                _, sid, host, port, link_seq, chan_seq, ids, plaintext = record
+                core.receive_broadcast_plaintext(
+                    sid, (host, port), link_seq, chan_seq, ids, plaintext, now
+                )
+            elif kind == "D":
+                _, sid, host, port, link_seq = record
+                core.receive_broadcast_duplicate(sid, (host, port), link_seq, now)
+            elif kind == "c":
+                _, sid, seq, host, port, plaintext = record
+                core.receive_control_plaintext(sid, seq, (host, port), plaintext, now)
+            elif kind == "R":
+                _, host, port, data = record
+                core.receive_datagram(data, (host, port), now)
+            elif kind == "T":
+                worker.stats = record[2]
+
+    # ------------------------------------------------------------ core -> receivers
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self.core is None or self._loop is None or self._stopping:
+            return
+        self.core.handle_timer(self._loop.time())
+        self._flush()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        core, loop = self.core, self._loop
+        if core is None or loop is None:
+            return
+        datagrams = core.datagrams_to_send(loop.time())
+        live = [w for w in self._workers if w.down is not None]
+        if live:
+            self._ship_journals(live)
+            if datagrams:
+                self._ship_sends(datagrams, live)
+        while (event := core.next_event()) is not None:
+            self._on_event(event)
+        while core.warnings:
+            log.warning("%s", core.warnings.popleft())
+        if self._drained is not None and core.accepting:
+            self._drained.set()
+        self._arm_timer()
+
+    def _ship_journals(self, live: list[_Worker]) -> None:
+        core = self.core
+        assert core is not None
+        records: list[bytes] = []
+        if core.key_journal:
+            records.extend(_dumps(r) for r in core.key_journal)
+            core.key_journal.clear()
+        journal = core.seen.journal
+        if journal:
+            records.append(_dumps(("S", b"".join(journal))))
+            journal.clear()
+        if records:
+            for worker in live:
+                assert worker.down is not None
+                worker.down.put_all(records, timeout=1.0)
+
+    def _ship_sends(self, datagrams: list[tuple[Any, Addr]], live: list[_Worker]) -> None:
+        # One destination always goes through the same receiver's socket, so its
+        # datagrams keep their order; destinations spread over the receivers.
+        per_worker: dict[int, list[tuple[Any, Addr]]] = {}
+        n = len(live)
+        for item in datagrams:
+            per_worker.setdefault(hash(item[1]) % n, []).append(item)
+        for slot, items in per_worker.items():
+            ring = live[slot].down
+            assert ring is not None
+            records = []
+            for start in range(0, len(items), SENDS_PER_RECORD):
+                jobs: list[tuple[bytes, bytes, bytes]] = []
+                index: dict[int, int] = {}
+                sends: list[tuple[bytes, int, str, int]] = []
+                for datagram, (host, port) in items[start : start + SENDS_PER_RECORD]:
+                    if isinstance(datagram, DeferredDatagram):
+                        job: SealJob = datagram.job
+                        j = index.get(id(job))
+                        if j is None:
+                            j = index[id(job)] = len(jobs)
+                            jobs.append((job.key, job.nonce, job.plaintext))
+                        sends.append((datagram.prefix, j, host, port))
+                    else:
+                        sends.append((datagram, -1, host, port))
+                records.append(_dumps(("J", jobs, sends)))
+            ring.put_all(records, timeout=1.0)
+
+    def _arm_timer(self) -> None:
+        core, loop = self.core, self._loop
+        assert core is not None and loop is not None
+        when = core.get_timer()
+        if when is None or self._stopping:
+            return
+        if self._timer_at is not None and self._timer_at <= when:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = loop.call_at(when, self._on_timer)
+
+
+def reuseport_supported() -> bool:
+    return hasattr(socket, "SO_REUSEPORT")

@@ -1,0 +1,282 @@
+"""A receiver process: one of N sharing the node's UDP port with SO_REUSEPORT.
+
+It does the per-packet work in parallel with its siblings: header checks, the
+duplicate pre-filter, anti-replay, decryption. It hands the coordinator compact
+records over a shared-memory ring, in batches, and it seals and sends the
+coordinator's send jobs (one encryption per job, however many copies).
+
+Records are marshal-encoded tuples (both ends are this program; see shm_ring):
+
+    coordinator -> receiver                         receiver -> coordinator
+    ("K", sid, peer, recv_key, host, port)          ("B", sid, host, port, link_seq,
+    ("k", sid)                                           chan_seq, ids, plaintext)
+    ("C", peer, channel_key or b"")                 ("D", sid, host, port, link_seq)
+    ("S", ids)             new seen ids             ("c", sid, seq, host, port, plaintext)
+    ("J", jobs, sends)     seal and send            ("R", host, port, datagram)  raw
+    ("Q",)                 quit                     ("T", stats)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import marshal
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from typing import Any
+
+from gwyh_mp.protocol import wire
+from gwyh_mp.protocol.crypto import (
+    AntiReplayWindow,
+    DecryptError,
+    ids_digest,
+    nonce,
+    open_sealed,
+    seal,
+)
+from gwyh_mp.protocol.dissemination import SeenSet
+from gwyh_mp.runtime import udp
+from gwyh_mp.runtime.shm_ring import ShmRing, ShmRingHandle
+
+PR_SET_PDEATHSIG = 1
+RECV_BUDGET = 1024  # datagrams per loop turn before looking at the down ring again
+STATS_INTERVAL_S = 1.0
+_BROADCAST = wire.BROADCAST_HEADER
+_CONTROL = wire.CONTROL_HEADER
+_dumps = marshal.dumps
+_loads = marshal.loads
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGTERM us when the coordinator dies (Linux)."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+class Receiver:
+    def __init__(
+        self, index: int, sock: socket.socket, up: ShmRing, down: ShmRing, parent_pid: int
+    ) -> None:
+        self.index = index
+        self.sock = sock
+        self.up = up
+        self.down = down
+        self.parent_pid = parent_pid
+        self.receiver = udp.BatchReceiver(sock, 64)
+        self.sender = udp.BatchSender(sock)
+        # sid -> [peer id, receive key, address, replay window]
+        self.sessions: dict[int, list[Any]] = {}
+        # peer id -> [channel key, replay window]
+        self.channels: dict[bytes, list[Any]] = {}
+        self.seen = SeenSet(200_000)
+        self.pending: list[bytes] = []
+        self.stats: dict[str, int] = {}
+        self.running = True
+
+    def bump(self, key: str, n: int = 1) -> None:
+        self.stats[key] = self.stats.get(key, 0) + n
+
+    # ------------------------------------------------------------ coordinator -> us
+
+    def apply(self, record: tuple[Any, ...]) -> None:
+        kind = record[0]
+        if kind == "J":
+            self.send_jobs(record[1], record[2])
+        elif kind == "S":
+            ids = record[1]
+            add = self.seen.add
+            for i in range(0, len(ids), 16):
+                add(ids[i : i + 16])
+        elif kind == "K":
+            _, sid, peer, key, host, port = record
+            entry = self.sessions.get(sid)
+            if entry is None:
+                self.sessions[sid] = [peer, key, (host, port), AntiReplayWindow()]
+            else:
+                entry[2] = (host, port)
+        elif kind == "k":
+            self.sessions.pop(record[1], None)
+        elif kind == "C":
+            _, peer, key = record
+            if key:
+                entry = self.channels.get(peer)
+                if entry is None or entry[0] != key:
+                    self.channels[peer] = [key, AntiReplayWindow()]
+            else:
+                self.channels.pop(peer, None)
+        elif kind == "Q":
+            self.running = False
+
+    def send_jobs(
+        self, jobs: list[tuple[bytes, bytes, bytes]], sends: list[tuple[Any, ...]]
+    ) -> None:
+        sealed = [seal(key, nonce24, plaintext) for key, nonce24, plaintext in jobs]
+        self.bump("encryptions", len(sealed))
+        datagrams = [
+            (prefix + sealed[job] if job >= 0 else prefix, (host, port))
+            for prefix, job, host, port in sends
+        ]
+        done = 0
+        deadline = time.monotonic() + 0.05
+        while done < len(datagrams):
+            try:
+                done += self.sender.send_batch(datagrams[done:])
+            except OSError:
+                done += 1  # that one datagram cannot be sent (e.g. unreachable); go on
+                self.bump("send_errors")
+                continue
+            if done < len(datagrams):
+                if time.monotonic() > deadline:
+                    self.bump("send_dropped", len(datagrams) - done)
+                    break
+                select.select([], [self.sock], [], 0.01)
+        self.bump("packets_out", done)
+
+    # ------------------------------------------------------------ network -> coordinator
+
+    def receive(self) -> int:
+        receiver = self.receiver
+        total = 0
+        pending = self.pending
+        while total < RECV_BUDGET:
+            try:
+                count = receiver.recv_batch()
+            except OSError:
+                break
+            if not count:
+                break
+            total += count
+            for i in range(count):
+                data = receiver.packet_bytes(i)
+                host, port = receiver.address(i)
+                try:
+                    record = self.classify(data, host, port)
+                except (DecryptError, struct.error, IndexError, ValueError):
+                    self.bump("drop_decrypt")
+                    continue
+                if record is not None:
+                    pending.append(record)
+            if count < receiver.batch:
+                break
+        self.bump("packets_in", total)
+        return total
+
+    def classify(self, data: bytes, host: str, port: int) -> bytes | None:
+        if len(data) < 2 or data[0] != wire.VERSION:
+            return _dumps(("R", host, port, data))  # the coordinator counts and logs it
+        ptype = data[1]
+        if ptype == wire.PacketType.BROADCAST:
+            if len(data) < _BROADCAST.size:
+                self.bump("drop_malformed")
+                return None
+            _, _, count, _, sid, link_seq, chan_seq = _BROADCAST.unpack_from(data)
+            session = self.sessions.get(sid)
+            if session is None:
+                return _dumps(("R", host, port, data))  # keys may still be on their way
+            ids_end = _BROADCAST.size + 16 * count
+            if count == 0 or len(data) < ids_end + wire.TAG_BYTES:
+                self.bump("drop_malformed")
+                return None
+            seen = self.seen.ids
+            start = _BROADCAST.size
+            if all(data[i : i + 16] in seen for i in range(start, ids_end, 16)):
+                self.bump("duplicates")
+                return _dumps(("D", sid, host, port, link_seq))
+            channel = self.channels.get(session[0])
+            if channel is None:
+                return _dumps(("R", host, port, data))
+            window = channel[1]
+            if not window.check(chan_seq):
+                self.bump("drop_replay")
+                return None
+            ids = data[start:ids_end]
+            plaintext = open_sealed(channel[0], nonce(chan_seq, ids_digest(ids)), data[ids_end:])
+            window.mark(chan_seq)
+            add = self.seen.add
+            for i in range(0, len(ids), 16):
+                add(ids[i : i + 16])
+            self.bump("decrypted")
+            return _dumps(("B", sid, host, port, link_seq, chan_seq, ids, plaintext))
+        if ptype == wire.PacketType.CONTROL:
+            if len(data) < _CONTROL.size:
+                self.bump("drop_malformed")
+                return None
+            _, _, _, sid, seq = _CONTROL.unpack_from(data)
+            session = self.sessions.get(sid)
+            if session is None:
+                return _dumps(("R", host, port, data))
+            window = session[3]
+            if not window.check(seq):
+                self.bump("drop_replay")
+                return None
+            plaintext = open_sealed(session[1], nonce(seq), data[_CONTROL.size :])
+            window.mark(seq)
+            return _dumps(("c", sid, seq, host, port, plaintext))
+        return _dumps(("R", host, port, data))  # handshakes: rare, the coordinator's job
+
+    def flush_up(self) -> None:
+        if self.pending:
+            records, self.pending = self.pending, []
+            written = self.up.put_all(records, timeout=1.0)
+            if written < len(records):
+                self.bump("up_ring_dropped", len(records) - written)
+
+    # ------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        poller.register(self.down.fileno(), select.POLLIN)
+        next_stats = time.monotonic() + STATS_INTERVAL_S
+        while self.running:
+            busy = False
+            for record in self.down.get_many(4096):
+                self.apply(_loads(record))
+                busy = True
+            if self.receive():
+                busy = True
+            self.flush_up()
+            now = time.monotonic()
+            if now >= next_stats:
+                next_stats = now + STATS_INTERVAL_S
+                if os.getppid() != self.parent_pid:
+                    return  # the coordinator is gone: so are we
+                stats = dict(
+                    self.stats, sessions=len(self.sessions), down_ring_bytes=self.down.used_bytes()
+                )
+                self.up.put_all([_dumps(("T", self.index, stats))], timeout=0.1)
+            if not busy and self.down.prepare_wait():
+                try:
+                    poller.poll(200)
+                finally:
+                    self.down.finish_wait()
+
+
+def receiver_main(
+    index: int,
+    bind: tuple[str, int],
+    buffer_bytes: int,
+    up_handle: ShmRingHandle,
+    down_handle: ShmRingHandle,
+    parent_pid: int,
+) -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when we stop
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if os.getppid() != parent_pid:
+        return
+    up = ShmRing.attach(up_handle)
+    down = ShmRing.attach(down_handle)
+    sock = udp.open_socket(bind, buffer_bytes, reuse_port=True)
+    try:
+        Receiver(index, sock, up, down, parent_pid).run()
+    finally:
+        sock.close()
+        up.close()
+        down.close()
