@@ -89,7 +89,7 @@ class ClusterNode:
         except OSError:
             return self.stats
         for line in reversed(tail):
-            if line.startswith(b"{"):
+            if line.startswith(b'{"event":"stats"'):
                 with contextlib.suppress(orjson.JSONDecodeError):
                     self.stats = orjson.loads(line)
                     break
@@ -129,6 +129,8 @@ def start_cluster(args: argparse.Namespace, workdir: Path) -> list[ClusterNode]:
             "1",
             "--log-level",
             "warning",
+            "--workers",
+            str(args.workers),
         ]
         if i:
             cmd += ["--bootstrap", f"127.0.0.1:{ports[0]}"]

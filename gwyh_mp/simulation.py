@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import heapq
+import operator
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ WALL_EPOCH_S = 1_800_000_000.0  # simulated wall clock at t=0, for the handshake
 
 # (source, destination, rng) -> one-way delay in seconds, or None to drop the datagram
 LinkModel = Callable[[Addr, Addr, random.Random], float | None]
+_destination = operator.itemgetter(1)
 
 
 def constant_link(delay_s: float = 0.001, loss: float = 0.0) -> LinkModel:
@@ -120,6 +122,11 @@ class SimNetwork:
         now = self.now
         out = core.datagrams_to_send(now)
         if out:
+            if len(out) > 1:
+                # Canonical order (stable, by destination): the core may emit one round's
+                # datagrams in set-iteration order, which varies with PYTHONHASHSEED; all
+                # leave at the same instant, and per-destination order is kept.
+                out.sort(key=_destination)
             src = node.addr
             link, rng, hook = self.link, self.rng, self.on_datagram
             heap, push = self._heap, heapq.heappush
@@ -225,11 +232,17 @@ class SimNetwork:
         4. finally every member table is filled with everyone (``MemberTable.apply``, no
            events), sharing the record strings so 10,000 nodes fit in ~11 GB.
 
+        While wiring, the core's swap-in (a node trades a provider for a newcomer with
+        probability N / members) is switched off: with the tiny tables of that moment it
+        would fire for half the newcomers and churn the graph that step 1 already drew
+        from the whole membership, which is what swap-in converges to.
+
         What differs from a real join: no MemberUp event for members filled in step 4,
         ``bootstrap`` is ignored while wiring (nodes are started with what they need), and
         the provider graph is the steady state of full membership (a real staggered join
-        favours early nodes as providers). Needs ``NodeCore._reassign`` (private): the
-        core has no public "adopt these members" hook yet.
+        favours early nodes as providers). Needs ``NodeCore._reassign`` (private; and
+        shadows ``_maybe_swap_in`` while wiring): the core has no public "adopt these
+        members" hook yet.
         """
         if not configs:
             return []
@@ -268,6 +281,9 @@ class SimNetwork:
             order_rng = random.Random(f"{select_seed}/order")
             order_rng.shuffle(order)
             starts = sorted(start + order_rng.random() * spread_s for _ in order)
+            for node in nodes:
+                if hasattr(node.core, _SWAP_IN):
+                    setattr(node.core, _SWAP_IN, _no_swap_in)  # instance attr shadows it
             for i, when in zip(order, starts, strict=True):
                 self.run_until(when)
                 node = nodes[i]
@@ -288,6 +304,8 @@ class SimNetwork:
                 missing = sum(1 for n, k in wanted if not _wired(n, k))
                 raise WarmStartError(f"{missing} nodes did not confirm their providers")
             for node in nodes:
+                vars(node.core).pop(_SWAP_IN, None)
+            for node in nodes:
                 apply = node.core.members.apply
                 own = node.core.node_id
                 for record in records:
@@ -297,6 +315,13 @@ class SimNetwork:
         finally:
             if was_enabled:
                 gc.enable()
+
+
+_SWAP_IN = "_maybe_swap_in"
+
+
+def _no_swap_in(newcomer: bytes) -> None:
+    return None
 
 
 def _record_of(node: SimNode) -> MemberRecord:

@@ -45,6 +45,7 @@ class NodeProcess:
         )
         self.messages: list[dict[str, object]] = []
         self.stats: list[dict[str, object]] = []
+        self.process_stats: list[dict[str, object]] = []
         self.stderr_lines: list[str] = []
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -65,7 +66,11 @@ class NodeProcess:
             with self._changed:
                 if line.startswith("{"):
                     with contextlib.suppress(orjson.JSONDecodeError):
-                        self.stats.append(orjson.loads(line))
+                        record = orjson.loads(line)
+                        if record.get("event") == "process":
+                            self.process_stats.append(record)
+                        else:
+                            self.stats.append(record)
                 self.stderr_lines.append(line)
                 self._changed.notify_all()
 

@@ -67,7 +67,7 @@ class MultiProcessRuntime:
         self._drained: asyncio.Event | None = None
         self._stopping = False
         self._reading = True
-        self._rr = 0
+        self._holder_fd = -1
 
     # ------------------------------------------------------------ lifecycle
 
@@ -76,6 +76,7 @@ class MultiProcessRuntime:
         self._loop = loop
         # Hold the port (and learn it, for port 0) while the receivers bind beside us.
         holder = udp.open_socket(self.config.bind, 1 << 16, reuse_port=True)
+        self._holder_fd = holder.fileno()
         try:
             self.address = holder.getsockname()[:2]
             now = loop.time()
@@ -91,6 +92,7 @@ class MultiProcessRuntime:
             await self._shutdown_workers()
             raise
         holder.close()  # the receivers own the port now
+        self._holder_fd = -1
         self.core.start(loop.time())
         self._flush()
 
@@ -120,6 +122,7 @@ class MultiProcessRuntime:
                 worker.up.handle,
                 worker.down.handle,
                 os.getpid(),
+                (self._holder_fd,) if self._holder_fd >= 0 else (),
             ),
             name=f"gwyh-receiver-{worker.index}",
             daemon=True,

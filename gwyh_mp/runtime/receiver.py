@@ -26,7 +26,6 @@ import select
 import signal
 import socket
 import struct
-import sys
 import time
 from typing import Any
 
@@ -53,10 +52,11 @@ _loads = marshal.loads
 
 
 def _die_with_parent() -> None:
-    """Ask the kernel to SIGTERM us when the coordinator dies (Linux)."""
+    """Ask the kernel to SIGKILL us the moment the coordinator dies (Linux); the
+    once-a-second parent check in the loop covers other systems."""
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class Receiver:
@@ -265,10 +265,18 @@ def receiver_main(
     up_handle: ShmRingHandle,
     down_handle: ShmRingHandle,
     parent_pid: int,
+    inherited_fds: tuple[int, ...] = (),
 ) -> None:
+    # A forked child holds copies of the coordinator's sockets. One left open in the
+    # port's SO_REUSEPORT group would get its share of flows and never read them.
+    for fd in inherited_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when we stop
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Ctrl-C and `kill -TERM <group>` reach every process of the node at once: the
+    # coordinator alone decides when receivers stop (after its goodbyes went out).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if os.getppid() != parent_pid:
         return
     up = ShmRing.attach(up_handle)
