@@ -110,8 +110,10 @@ class MultiProcessRuntime:
 
     def _spawn(self, worker: _Worker) -> None:
         assert self._loop is not None and self.address is not None
-        worker.up = ShmRing.create(RING_BYTES)
-        worker.down = ShmRing.create(RING_BYTES)
+        # Named after the node's pid, so an operator (or a test) can tell them apart.
+        tag = f"gwyh_{os.getpid()}_{worker.index}_{worker.restarts}"
+        worker.up = ShmRing.create(RING_BYTES, name=f"{tag}_up")
+        worker.down = ShmRing.create(RING_BYTES, name=f"{tag}_down")
         worker.stats = {}
         process = self._ctx.Process(
             target=receiver_main,
