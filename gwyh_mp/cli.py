@@ -247,6 +247,11 @@ async def run_node(config: Config, *, stdio: bool, stats_interval: float | None)
         raise CliError(f"cannot bind {host}:{port}: {exc.strerror or exc}") from None
     host, port = node.address
     log.info("node %s listening on %s:%d", node.node_id.hex(), host, port)
+    if config.bind[0] in ("0.0.0.0", "::") and config.advertise is None:
+        log.warning(
+            "bound to a wildcard address without --advertise: this node describes itself as "
+            "%s:%d to others; pass --advertise HOST:PORT on a real network", *config.advertised
+        )
     tasks: list[asyncio.Task[None]] = []
     if stdio:
         tasks.append(asyncio.create_task(_pump_stdin(node, loop)))
