@@ -250,7 +250,8 @@ async def run_node(config: Config, *, stdio: bool, stats_interval: float | None)
     if config.bind[0] in ("0.0.0.0", "::") and config.advertise is None:
         log.warning(
             "bound to a wildcard address without --advertise: this node describes itself as "
-            "%s:%d to others; pass --advertise HOST:PORT on a real network", *config.advertised
+            "%s:%d to others; pass --advertise HOST:PORT on a real network",
+            *config.advertised,
         )
     tasks: list[asyncio.Task[None]] = []
     if stdio:

@@ -108,6 +108,11 @@ class SimNetwork:
         self._after_activity(node)
         return msg_id
 
+    def pump(self, node: SimNode) -> None:
+        """Send what ``node.core`` produced after a call made from outside the network
+        (e.g. ``core.broadcast`` when the caller must learn the message id first)."""
+        self._after_activity(node)
+
     def pending(self) -> int:
         """Heap entries waiting (datagrams in flight and timers, stale ones included)."""
         return len(self._heap)
@@ -232,17 +237,19 @@ class SimNetwork:
         4. finally every member table is filled with everyone (``MemberTable.apply``, no
            events), sharing the record strings so 10,000 nodes fit in ~11 GB.
 
-        While wiring, the core's swap-in (a node trades a provider for a newcomer with
-        probability N / members) is switched off: with the tiny tables of that moment it
-        would fire for half the newcomers and churn the graph that step 1 already drew
-        from the whole membership, which is what swap-in converges to.
+        While wiring, two core reactions are switched off (shadowed on each instance):
+        answering PEERS_REQUEST (step 4 does its job; answered, each list carries what
+        the provider learned from its own providers' lists, and the lists snowball to
+        O(N^2) records), and swap-in (a node trades a provider for a newcomer with
+        probability N / members: with the tiny tables of that moment it would fire for
+        half the newcomers and churn the graph step 1 drew from the whole membership).
 
         What differs from a real join: no MemberUp event for members filled in step 4,
         ``bootstrap`` is ignored while wiring (nodes are started with what they need), and
         the provider graph is the steady state of full membership (a real staggered join
         favours early nodes as providers). Needs ``NodeCore._reassign`` (private; and
-        shadows ``_maybe_swap_in`` while wiring): the core has no public "adopt these
-        members" hook yet.
+        shadows ``_send_peer_list`` and ``_maybe_swap_in`` while wiring): the core has no
+        public "adopt these members" hook yet.
         """
         if not configs:
             return []
@@ -282,8 +289,9 @@ class SimNetwork:
             order_rng.shuffle(order)
             starts = sorted(start + order_rng.random() * spread_s for _ in order)
             for node in nodes:
-                if hasattr(node.core, _SWAP_IN):
-                    setattr(node.core, _SWAP_IN, _no_swap_in)  # instance attr shadows it
+                for name in _QUIET_WHILE_WIRING:
+                    if hasattr(node.core, name):
+                        setattr(node.core, name, _ignore)  # the instance attr shadows it
             for i, when in zip(order, starts, strict=True):
                 self.run_until(when)
                 node = nodes[i]
@@ -304,7 +312,8 @@ class SimNetwork:
                 missing = sum(1 for n, k in wanted if not _wired(n, k))
                 raise WarmStartError(f"{missing} nodes did not confirm their providers")
             for node in nodes:
-                vars(node.core).pop(_SWAP_IN, None)
+                for name in _QUIET_WHILE_WIRING:
+                    vars(node.core).pop(name, None)
             for node in nodes:
                 apply = node.core.members.apply
                 own = node.core.node_id
@@ -317,10 +326,10 @@ class SimNetwork:
                 gc.enable()
 
 
-_SWAP_IN = "_maybe_swap_in"
+_QUIET_WHILE_WIRING = ("_send_peer_list", "_maybe_swap_in")
 
 
-def _no_swap_in(newcomer: bytes) -> None:
+def _ignore(*args: object) -> None:
     return None
 
 

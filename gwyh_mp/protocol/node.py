@@ -125,6 +125,7 @@ class PeerLink:
     sent: OrderedDict[int, Datagram] = field(default_factory=OrderedDict)
     sent_bytes: int = 0
     tail_due: float | None = None
+    last_sent_seq: int = 0  # newest link sequence actually handed to the socket
 
     def next_link_seq(self) -> int:
         self.link_seq_out = (self.link_seq_out + 1) & 0xFFFFFFFF
@@ -423,8 +424,9 @@ class NodeCore:
     def _enqueue(self, peer_id: bytes, datagram: bytes, addr: Addr) -> None:
         link = self._link(peer_id)
         size = len(datagram)
-        # Forwarded traffic cannot be pushed back on the network: a peer that drains
-        # too slowly loses its oldest queued data, counted as shed (never silently).
+        # Forwarded traffic cannot be pushed back on the network (our own is held back by
+        # send_queue_bytes before it gets here): a peer that drains too slowly loses its
+        # oldest queued data, counted as shed (never silently).
         while link.queue and link.queue_bytes + size > self.config.link_queue_bytes:
             old, _ = link.queue.popleft()
             link.queue_bytes -= len(old)
@@ -455,14 +457,20 @@ class NodeCore:
                 pacer.consume(size, now)
                 out.append((datagram, addr))
                 link.remember(datagram)
+                link.last_sent_seq = int.from_bytes(_head(datagram)[8:12], "big")
                 link.tail_due = now + TAIL_PROBE_S
                 self._tail_links.add(peer_id)
             if not queue:
                 self._backlogged.discard(peer_id)
 
     def _release_fragments(self, now: float) -> None:
-        # Sliding window: more fragments only once the pacers have drained the last ones.
-        targets = max(1, len(self.subscribers))
+        # Sliding window: more fragments only once the pacers have drained the last ones,
+        # and none while nobody subscribes (they wait here, under backpressure, rather
+        # than overflow the fanout's no-subscriber buffer).
+        if not self.subscribers:
+            self._next_fragment_release = now + self.config.heartbeat_interval_s / 10
+            return
+        targets = len(self.subscribers)
         if self._backlog_bytes > FRAGMENT_WINDOW_BYTES * targets // 2:
             self._next_fragment_release = now + FRAGMENT_INTERVAL_S
             return
@@ -521,6 +529,7 @@ class NodeCore:
             self._reassign(now)
         self._check_providers(now)
         self._check_probes(now)
+        self.own_fragments.expire(now)
         self._fragment_naks(now)
         if self._next_nak_poll is not None and now >= self._next_nak_poll:
             self._poll_naks(now)
@@ -801,7 +810,7 @@ class NodeCore:
             elif now >= link.tail_due:
                 link.tail_due = None
                 self._tail_links.discard(peer_id)
-                self._queue_control(peer_id, FrameType.TAIL, _TAIL.pack(link.link_seq_out))
+                self._queue_control(peer_id, FrameType.TAIL, _TAIL.pack(link.last_sent_seq))
 
     def _on_tail(self, peer_id: bytes, link: PeerLink, body: bytes, now: float) -> None:
         if len(body) != _TAIL.size:
@@ -819,32 +828,38 @@ class NodeCore:
         self.stats.bump("naks_received")
         if self._pacer(link).on_nak(lost, received, now):
             self.stats.bump("rate_decreases")
-        # Resend what we still hold, ahead of new data, in the original order.
-        resend: list[tuple[Datagram, Addr]] = []
+        # Resend what we still hold. Each copy gets a fresh link sequence (a lost copy is a
+        # new gap, NAKed again) and joins the back of the queue, so link sequences leave
+        # in increasing order and nothing queued behind looks reordered or lost.
+        if link.session is None:
+            return
+        addr = link.session.addr
+        budget = MAX_RETRANSMITS_PER_NAK
+        resent = 0
         for start, count in ranges:
-            for k in range(count):
+            for k in range(min(count, budget - resent)):
                 datagram = link.sent.pop((start + k) & 0xFFFFFFFF, None)
-                if datagram is not None and link.session is not None:
-                    link.sent_bytes -= len(datagram)
-                    # A fresh link sequence: if the copy is lost too, that is a new gap
-                    # and gets NAKed again, instead of being lost for good.
-                    resend.append((_restamp(datagram, link.next_link_seq()), link.session.addr))
-                if len(resend) >= MAX_RETRANSMITS_PER_NAK:
-                    break
-        if resend:
-            self.stats.bump("retransmits", len(resend))
-            for datagram, addr in reversed(resend):
-                link.queue.appendleft((datagram, addr))
-                link.queue_bytes += len(datagram)
-                self._backlog_bytes += len(datagram)
+                if datagram is None:
+                    continue
+                link.sent_bytes -= len(datagram)
+                copy = _restamp(datagram, link.next_link_seq())
+                link.queue.append((copy, addr))
+                link.queue_bytes += len(copy)
+                self._backlog_bytes += len(copy)
+                resent += 1
+            if resent >= budget:
+                break
+        if resent:
+            self.stats.bump("retransmits", resent)
             self._backlogged.add(link.node_id)
 
     def _fragment_naks(self, now: float) -> None:
         for peer_id, msg_id, indexes in self.reassembler.pending_naks(now):
             if isinstance(peer_id, bytes) and peer_id in self.links:
-                self._queue_control(
-                    peer_id, FrameType.FRAGMENT_NAK, wire.encode_fragment_nak(msg_id, indexes)
-                )
+                # Fit one datagram whatever max_datagram_bytes is.
+                room = (self.config.max_datagram_bytes - wire.CONTROL_OVERHEAD - 24) // 4
+                body = wire.encode_fragment_nak(msg_id, indexes[: max(1, room)])
+                self._queue_control(peer_id, FrameType.FRAGMENT_NAK, body)
                 self.stats.bump("fragment_naks_sent")
 
     def _on_fragment_nak(self, peer_id: bytes, body: bytes) -> None:
@@ -1072,6 +1087,10 @@ class NodeCore:
                 member = self.members.get(peer_id)
                 if member is None or member.state != MemberState.UP:
                     del self.links[peer_id]
+                    self._backlog_bytes -= link.queue_bytes  # its queue goes with it
+                    self._backlogged.discard(peer_id)
+                    self._tail_links.discard(peer_id)
+                    self._rx_links.discard(peer_id)
                     self._journal_channel(peer_id, None)
 
     # ------------------------------------------------------------------ membership
