@@ -374,7 +374,9 @@ class Reassembler:
         dropped = 0
         while self._partials:
             m = next(iter(self._partials.values()))
-            if now - m.last_progress < self.incomplete_timeout_s:
+            # The very expression next_timer() reports: with a different rounding the
+            # deadline could be due yet never served (a busy loop).
+            if m.last_progress + self.incomplete_timeout_s > now:
                 break
             self._drop(m)
             dropped += 1
@@ -558,7 +560,7 @@ class OutgoingWindow:
         dropped = 0
         while self._msgs:
             msg_id, entry = next(iter(self._msgs.items()))
-            if now - entry.added_at < self.retain_s:
+            if entry.added_at + self.retain_s > now:  # same expression as next_timer()
                 break
             self._discard(msg_id)
             dropped += 1

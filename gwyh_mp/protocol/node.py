@@ -218,13 +218,19 @@ class NodeCore:
         self.own_fragments = OutgoingWindow(
             max_window_bytes=max(4 * config.max_message_bytes, 64 << 20), retain_s=FRAGMENT_RETAIN_S
         )
+        # Large messages this node completed as a relay: kept briefly so it can answer
+        # FRAGMENT_NAKs from peers downstream (its reassembly buffer is gone by then).
+        self.relayed_fragments = OutgoingWindow(
+            max_window_bytes=max(2 * config.max_message_bytes, 32 << 20), retain_s=FRAGMENT_RETAIN_S
+        )
         # Fragments of large broadcasts wait here and leave one window per round, so a
         # 16 MiB message never lands in the kernel's buffers all at once.
         self._fragment_queue: deque[tuple[bytes, bytes]] = deque()
         self._fragment_queue_bytes = 0
         self._next_fragment_release: float | None = None
-        # msg id -> (count, total, origin, hops) of large messages seen, to answer NAKs
-        self._large_info: OrderedDict[bytes, tuple[int, int, bytes, int]] = OrderedDict()
+        # msg id -> (count, total, origin, hops, fragment size or 0) of large messages seen,
+        # to answer NAKs and to ask the origin for what nobody else has
+        self._large_info: OrderedDict[bytes, tuple[int, int, bytes, int, int]] = OrderedDict()
         self._resend_to: list[tuple[bytes, list[tuple[bytes, bytes]]]] = []
         self.pacing = PacingConfig(
             initial_rate_bytes_per_s=float(config.send_rate_initial_bytes_per_s),
@@ -232,6 +238,14 @@ class NodeCore:
             max_rate_bytes_per_s=float(config.send_rate_max_bytes_per_s),
             increase_bytes_per_s=float(config.send_rate_increase_bytes_per_s),
             increase_interval_s=0.05,
+            # As many loss ranges as one NAK frame can carry within a datagram.
+            max_nak_ranges=max(
+                1,
+                min(
+                    wire.MAX_NAK_RANGES,
+                    (config.max_datagram_bytes - wire.CONTROL_OVERHEAD - 13) // 6,
+                ),
+            ),
             burst_bytes=max(256 << 10, 4 * config.max_datagram_bytes),
             max_queued_data_bytes=config.link_queue_bytes,
         )
@@ -530,6 +544,7 @@ class NodeCore:
         self._check_providers(now)
         self._check_probes(now)
         self.own_fragments.expire(now)
+        self.relayed_fragments.expire(now)
         self._fragment_naks(now)
         if self._next_nak_poll is not None and now >= self._next_nak_poll:
             self._poll_naks(now)
@@ -765,10 +780,15 @@ class NodeCore:
             return
         data = body[_FRAGMENT_HEADER.size :]
         result = self.reassembler.add(source, msg_id, index, count, total, data, now)
-        if result.kind is not AddKind.REJECTED and msg_id not in self._large_info:
-            self._large_info[msg_id] = (count, total, origin, hops)
-            if len(self._large_info) > 4096:
-                self._large_info.popitem(last=False)
+        if result.kind is not AddKind.REJECTED:
+            info = self._large_info.get(msg_id)
+            fragment_size = len(data) if index < count - 1 else 0
+            if info is None:
+                self._large_info[msg_id] = (count, total, origin, hops, fragment_size)
+                if len(self._large_info) > 4096:
+                    self._large_info.popitem(last=False)
+            elif not info[4] and fragment_size:
+                self._large_info[msg_id] = (*info[:4], fragment_size)
         if result.kind is AddKind.REJECTED:
             self.stats.bump("entries_bad_fragment")
             return
@@ -781,9 +801,15 @@ class NodeCore:
         self.stats.bump("fragments_received")
         if result.kind is AddKind.COMPLETE:
             assert result.data is not None
+            whole = bytes(result.data)
             self.stats.bump("delivered")
             self.stats.bump("delivered_large")
-            self._events.append(Message(bytes(result.data), msg_id, origin, hops))
+            self._events.append(Message(whole, msg_id, origin, hops))
+            size = self._large_info.get(msg_id, (0, 0, b"", 0, 0))[4]
+            if size or count == 1:
+                self.relayed_fragments.add_message(
+                    msg_id, split_message(whole, size or total or 1), now
+                )
 
     def _poll_naks(self, now: float) -> None:
         """Aggregated loss reports: at most one NAK per peer per nak_interval_s, and
@@ -855,11 +881,19 @@ class NodeCore:
 
     def _fragment_naks(self, now: float) -> None:
         for peer_id, msg_id, indexes in self.reassembler.pending_naks(now):
+            # Fit one datagram whatever max_datagram_bytes is.
+            room = (self.config.max_datagram_bytes - wire.CONTROL_OVERHEAD - 24) // 4
+            body = wire.encode_fragment_nak(msg_id, indexes[: max(1, room)])
+            asked = set()
             if isinstance(peer_id, bytes) and peer_id in self.links:
-                # Fit one datagram whatever max_datagram_bytes is.
-                room = (self.config.max_datagram_bytes - wire.CONTROL_OVERHEAD - 24) // 4
-                body = wire.encode_fragment_nak(msg_id, indexes[: max(1, room)])
                 self._queue_control(peer_id, FrameType.FRAGMENT_NAK, body)
+                asked.add(peer_id)
+            # The last supplier may have lost the same fragments; the origin kept them all.
+            info = self._large_info.get(msg_id)
+            origin = info[2] if info is not None else None
+            link = self.links.get(origin) if origin is not None else None
+            if origin not in asked and link is not None and link.session is not None:
+                self._queue_control(origin, FrameType.FRAGMENT_NAK, body)
                 self.stats.bump("fragment_naks_sent")
 
     def _on_fragment_nak(self, peer_id: bytes, body: bytes) -> None:
@@ -870,11 +904,15 @@ class NodeCore:
             found = self.own_fragments.fragments_for_nak(msg_id, indexes)
             origin, hops = self.node_id, 1
         else:
-            found = self.reassembler.fragments_for_nak(msg_id, indexes)
             info = self._large_info.get(msg_id)
             if info is None:
                 return
-            count, total, origin, hops = info
+            count, total, origin, hops, _ = info
+            hops = min(hops + 1, 255)
+            if self.relayed_fragments.message_shape(msg_id) is not None:
+                found = self.relayed_fragments.fragments_for_nak(msg_id, indexes)
+            else:
+                found = self.reassembler.fragments_for_nak(msg_id, indexes)
         link = self.links.get(peer_id)
         if not found or link is None or link.session is None:
             return

@@ -268,7 +268,7 @@ FRAGMENT_HEADER = struct.Struct("!16sIII")
 # sender's loss rate), count of ranges, then (first lost link sequence u32, count u16) each.
 NAK_HEADER = struct.Struct("!IIH")
 NAK_RANGE = struct.Struct("!IH")
-MAX_NAK_RANGES = 64
+MAX_NAK_RANGES = 200  # 1,210 B of ranges: fits the default 1,400-byte datagram
 
 # FRAGMENT_NAK frame: message id, count, then that many u32 fragment indexes.
 FRAGMENT_NAK_HEADER = struct.Struct("!16sH")
