@@ -137,7 +137,9 @@ class MultiProcessRuntime:
             worker.down.put_all(snapshot, timeout=1.0)
         self._loop.add_reader(worker.up.fileno(), self._on_ready, worker)
         self._loop.add_reader(process.sentinel, self._on_exit, worker)
-        worker.up.prepare_wait()
+        # Drain (and arm the wakeup) soon: the child may have written before we armed it,
+        # and an unarmed ring never signals.
+        self._loop.call_soon(self._on_ready, worker)
 
     def _on_exit(self, worker: _Worker) -> None:
         """A receiver died. Unless we are stopping, replace it at once."""
