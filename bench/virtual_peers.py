@@ -1,0 +1,377 @@
+"""Many real protocol peers in one process: one NodeCore and one UDP socket each, all
+driven by a single asyncio (uvloop) loop.
+
+Every virtual peer is a full gwyh_mp node: its own node id and source port, a real
+handshake with real keys, real subscriptions and heartbeats. What is shared is only the
+driving machinery, kept O(1) per event so thousands of peers fit on one core:
+
+- one ``add_reader`` per socket; a readable socket is drained, then the core's output
+  is sent at once (the same "process a batch, then flush" rule as the real runtime);
+- one periodic tick (``tick_s``) instead of a TimerHandle per core: cores' deadlines
+  sit in one heap, re-pushed only when a core's deadline moves earlier (stale entries
+  are skipped when popped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import resource
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gwyh_mp.config import Config
+from gwyh_mp.protocol.events import Message
+from gwyh_mp.protocol.membership import Change, MemberInfo, MemberTable
+from gwyh_mp.protocol.node import NodeCore
+from gwyh_mp.protocol.selection import Strategy
+from gwyh_mp.protocol.wire import MemberRecord, MemberState
+
+Addr = tuple[str, int]
+RECV_PER_WAKEUP = 64  # bound one socket's turn so timers and other sockets still run
+SOCKET_BUFFER_BYTES = 1 << 20  # thousands of sockets: deep enough for bursts, not 8 MiB each
+MAX_DATAGRAM = 65_535
+
+
+class CountedMemberTable(MemberTable):
+    """MemberTable that keeps its UP members incrementally.
+
+    Why: NodeCore calls ``len(members.up_members())`` on every MemberUp
+    (``_maybe_swap_in``), and the stock method filters the whole table: O(N) Python
+    work per join event, so O(N^2) per node while N nodes join -- O(N^3) for a process
+    that hosts all N. Here ``up_members()`` is one C-level copy of a dict kept in step
+    with ``apply()``. The content is the same; only the order can differ (a member that
+    comes back UP moves to the end), and the core never depends on that order (it
+    sorts before selecting). The core-side hook we would rather have: an O(1)
+    ``MemberTable.up_count`` for ``_maybe_swap_in``.
+    """
+
+    def __init__(self, max_down: int = 10_000) -> None:
+        super().__init__(max_down)
+        self._up: dict[bytes, MemberInfo] = {}
+        self.members = _NotifyingDict(self._up)
+
+    def up_members(self) -> list[MemberInfo]:
+        return list(self._up.values())
+
+    def apply(self, record: MemberRecord, *, keep_address: bool = False) -> Change:
+        change = super().apply(record, keep_address=keep_address)
+        # UP <-> DOWN flips MemberInfo.state in place; REFRESHED and NONE leave the set
+        # of UP members as it was.
+        if change is Change.JOINED or change is Change.UP:
+            self._up[record.node_id] = self.members[record.node_id]
+        elif change is Change.DOWN:
+            self._up.pop(record.node_id, None)
+        return change
+
+
+class _NotifyingDict(dict):
+    """The member dict: a member removed from it leaves the UP index too."""
+
+    __slots__ = ("_up",)
+
+    def __init__(self, up: dict) -> None:
+        super().__init__()
+        self._up = up
+
+    def __delitem__(self, key: object) -> None:
+        self._up.pop(key, None)
+        super().__delitem__(key)
+
+    def pop(self, key: object, *default: object) -> object:
+        self._up.pop(key, None)
+        return super().pop(key, *default)
+
+
+class VirtualCore(NodeCore):
+    """NodeCore with one shortcut in provider re-selection.
+
+    Why: the core re-runs ``select_providers`` (O(N log N): a Candidate per member,
+    sorted) a moment after *every* membership change. With uniform selection, a full
+    set of providers that are all UP and no pending swap, the stock selection keeps
+    exactly the current providers (it is a fixed point) -- it only consumes the RNG.
+    Skipping it there changes no decision, only which random numbers later choices
+    draw. Without the shortcut, N peers in one process spend N x O(N log N) per join
+    or DOWN, which at 2,000 peers is seconds of CPU per membership event. The hook we
+    would rather have in the core: skip the reselection when nothing can change.
+    """
+
+    def _reassign(self, now: float) -> None:
+        providers = self.providers
+        if (
+            not self._pending_swaps
+            and self.config.strategy is Strategy.UNIFORM
+            and len(providers) == self.config.subscriptions
+        ):
+            get = self.members.get
+            if all((m := get(pid)) is not None and m.state is MemberState.UP for pid in providers):
+                return
+        super()._reassign(now)
+
+
+@dataclass(eq=False, slots=True)
+class VirtualPeer:
+    index: int
+    core: NodeCore
+    sock: socket.socket
+    fd: int
+    addr: Addr
+    started_at: float  # loop time
+    joined_at: float | None = None
+    left_at: float | None = None
+    first_seq: int = -1  # first broadcast sequence number sent after it joined
+    timer_at: float | None = None
+    received: bytearray = field(default_factory=bytearray)  # seq -> delivered (0/1)
+    sent_seqs: list[int] = field(default_factory=list)
+
+    @property
+    def alive(self) -> bool:
+        return self.left_at is None
+
+
+@dataclass(slots=True)
+class DriverStats:
+    datagrams_in: int = 0
+    datagrams_out: int = 0
+    send_would_block: int = 0
+    send_errors: int = 0
+    recv_refused: int = 0
+    timer_services: int = 0
+    ticks: int = 0
+    max_tick_lag_s: float = 0.0
+
+
+MessageHook = Callable[[VirtualPeer, bytes, int], None]
+
+
+class PeerDriver:
+    """Creates, drives and retires virtual peers on the running loop."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        base_config: Config,
+        *,
+        on_message: MessageHook,
+        tick_s: float = 0.005,
+        fast_core: bool = True,
+    ) -> None:
+        self.loop = loop
+        self.base_config = base_config
+        self.on_message = on_message
+        self.tick_s = tick_s
+        self.fast_core = fast_core
+        self.peers: list[VirtualPeer] = []
+        self.alive: dict[int, VirtualPeer] = {}
+        self.stats = DriverStats()
+        self._heap: list[tuple[float, int, VirtualPeer]] = []
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._next_tick = 0.0
+        self._lag_window = 0.0  # worst tick lateness since last read
+        self.last_lag = 0.0
+        self.on_tick: Callable[[float], None] | None = None
+        self._wall_offset = time.time() - loop.time()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._next_tick = self.loop.time() + self.tick_s
+        self._tick_handle = self.loop.call_at(self._next_tick, self._tick)
+
+    def stop(self) -> None:
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
+        for peer in list(self.alive.values()):
+            self.retire(peer, graceful=False)
+
+    def spawn(self) -> VirtualPeer:
+        """A fresh peer: new socket on 127.0.0.1:0, new node id, bootstrapping."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
+                except OSError:
+                    pass
+            sock.bind(("127.0.0.1", 0))
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        addr: Addr = sock.getsockname()[:2]
+        now = self.loop.time()
+        config = self.base_config.replace(bind=addr)
+        if self.fast_core:
+            core: NodeCore = VirtualCore(config, now, wall_offset_s=self._wall_offset)
+            core.members = CountedMemberTable(core.members.max_down)
+        else:
+            core = NodeCore(config, now, wall_offset_s=self._wall_offset)
+        peer = VirtualPeer(len(self.peers), core, sock, sock.fileno(), addr, now)
+        self.peers.append(peer)
+        self.alive[peer.index] = peer
+        core.start(now)
+        self.loop.add_reader(peer.fd, self._on_readable, peer)
+        self.flush(peer, now)
+        return peer
+
+    def retire(self, peer: VirtualPeer, *, graceful: bool) -> None:
+        """Take a peer out: graceful = announce DOWN and unsubscribe first, else it
+        simply goes silent (a crash)."""
+        if not peer.alive:
+            return
+        now = self.loop.time()
+        if graceful:
+            peer.core.leave(now)
+            self._send(peer, peer.core.datagrams_to_send(now))
+        peer.left_at = now
+        peer.timer_at = None
+        del self.alive[peer.index]
+        self.loop.remove_reader(peer.fd)
+        peer.sock.close()
+
+    # ------------------------------------------------------------ application side
+
+    def broadcast(self, peer: VirtualPeer, data: bytes) -> None:
+        now = self.loop.time()
+        peer.core.broadcast(data, now)
+        self.flush(peer, now)
+
+    # ------------------------------------------------------------ I/O
+
+    def _on_readable(self, peer: VirtualPeer) -> None:
+        now = self.loop.time()
+        recv = peer.sock.recvfrom
+        receive = peer.core.receive_datagram
+        n = 0
+        for _ in range(RECV_PER_WAKEUP):
+            try:
+                data, addr = recv(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionRefusedError:
+                # ICMP port unreachable from a peer that left: harmless.
+                self.stats.recv_refused += 1
+                continue
+            except OSError:
+                break
+            n += 1
+            receive(data, addr, now)
+        self.stats.datagrams_in += n
+        self.flush(peer, now)
+
+    def flush(self, peer: VirtualPeer, now: float) -> None:
+        core = peer.core
+        out = core.datagrams_to_send(now)
+        if out:
+            self._send(peer, out)
+        now_ns = 0
+        next_event = core.next_event
+        while (event := next_event()) is not None:
+            if type(event) is Message:
+                if not now_ns:  # one clock read per batch, as a runtime would deliver it
+                    now_ns = time.time_ns()
+                self.on_message(peer, event.data, now_ns)
+        if core.warnings:
+            core.warnings.clear()
+        when = core.get_timer()
+        if when is not None and (peer.timer_at is None or when < peer.timer_at):
+            peer.timer_at = when
+            heapq.heappush(self._heap, (when, peer.index, peer))
+
+    def _send(self, peer: VirtualPeer, out: list[tuple[bytes, Addr]]) -> None:
+        sendto = peer.sock.sendto
+        stats = self.stats
+        for data, addr in out:
+            try:
+                sendto(data, addr)
+            except (BlockingIOError, InterruptedError):
+                stats.send_would_block += 1
+            except OSError:
+                stats.send_errors += 1
+        stats.datagrams_out += len(out)
+
+    # ------------------------------------------------------------ timers
+
+    def _tick(self) -> None:
+        loop = self.loop
+        now = loop.time()
+        lag = now - self._next_tick
+        self.last_lag = lag
+        if lag > self._lag_window:
+            self._lag_window = lag
+        if lag > self.stats.max_tick_lag_s:
+            self.stats.max_tick_lag_s = lag
+        self.stats.ticks += 1
+        heap = self._heap
+        due: list[VirtualPeer] = []
+        while heap and heap[0][0] <= now:
+            when, _, peer = heapq.heappop(heap)
+            if peer.timer_at == when and peer.left_at is None:
+                peer.timer_at = None
+                due.append(peer)
+        # Serviced after collecting, so a core that re-arms in the past waits a tick.
+        for peer in due:
+            if peer.left_at is None:
+                peer.core.handle_timer(now)
+                self.flush(peer, now)
+        self.stats.timer_services += len(due)
+        if self.on_tick is not None:
+            self.on_tick(now)
+        # Fixed cadence, but never schedule in the past after a long stall.
+        self._next_tick = max(self._next_tick + self.tick_s, loop.time() + self.tick_s / 4)
+        self._tick_handle = loop.call_at(self._next_tick, self._tick)
+
+    def take_lag(self) -> float:
+        """Worst tick lateness (s) since the previous call: the loop's saturation."""
+        lag, self._lag_window = self._lag_window, 0.0
+        return lag
+
+
+def confirmed_providers(core: NodeCore) -> int:
+    return sum(1 for state in core.providers.values() if state.confirmed)
+
+
+def has_session_with(core: NodeCore, addr: Addr) -> bool:
+    return any(s.addr == addr for s in core.sessions.values())
+
+
+# ------------------------------------------------------------ file descriptors
+
+
+@dataclass(slots=True)
+class FdLimit:
+    needed: int
+    soft_before: int
+    hard_before: int
+    soft: int
+    hard: int
+    raised: bool
+    ok: bool
+    error: str | None = None
+
+
+def ensure_fd_limit(needed: int) -> FdLimit:
+    """Raise RLIMIT_NOFILE's soft limit (to the hard limit, or above it when we are
+    allowed to) so ``needed`` descriptors fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    infinite = resource.RLIM_INFINITY
+    if soft == infinite or soft >= needed:
+        return FdLimit(needed, soft, hard, soft, hard, False, True)
+    error = None
+    new_soft, new_hard = soft, hard
+    target_hard = hard if hard == infinite or hard >= needed else needed
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, target_hard))
+        new_soft, new_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ValueError, OSError) as exc:
+        error = str(exc)
+        try:  # at least as far as the hard limit allows
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            new_soft, new_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        except (ValueError, OSError):
+            pass
+    ok = new_soft == infinite or new_soft >= needed
+    return FdLimit(needed, soft, hard, new_soft, new_hard, new_soft != soft, ok, error)
