@@ -180,3 +180,16 @@ def test_one_mib_message_reaches_every_node_intact_at_ten_percent_loss() -> None
             assert got == []
         else:
             assert len(got) == 1 and hashlib.sha256(got[0].data).digest() == digest
+
+
+def test_a_node_nobody_subscribes_to_still_gets_its_broadcasts_out() -> None:
+    net = two_nodes(loss=0.0)
+    core_a, core_b = net.nodes[A].core, net.nodes[B].core
+    # B stops receiving from A (as if it had picked other providers): A has no subscriber.
+    core_b.providers.pop(core_a.node_id)
+    core_a.subscribers.pop(core_b.node_id)
+    assert not core_a.subscribers
+    msg_id = net.broadcast(A, b"late joiner speaking")
+    big_id = net.broadcast(A, bytes(5000))  # fragmented: released to providers too
+    net.run_for(1.0)
+    assert {msg_id, big_id} <= set(delivered(net, B))

@@ -481,10 +481,10 @@ class NodeCore:
         # Sliding window: more fragments only once the pacers have drained the last ones,
         # and none while nobody subscribes (they wait here, under backpressure, rather
         # than overflow the fanout's no-subscriber buffer).
-        if not self.subscribers:
+        targets = len(self._fanout_targets())
+        if not targets:
             self._next_fragment_release = now + self.config.heartbeat_interval_s / 10
             return
-        targets = len(self.subscribers)
         if self._backlog_bytes > FRAGMENT_WINDOW_BYTES * targets // 2:
             self._next_fragment_release = now + FRAGMENT_INTERVAL_S
             return
@@ -1436,9 +1436,13 @@ class NodeCore:
         return FanoutTarget(peer_id, session.addr, session.remote_session_id, link.next_link_seq)
 
     def _fanout_targets(self) -> list[FanoutTarget]:
+        # Nobody subscribes to us (a late joiner the swap-in passed over): push to our
+        # providers instead, who hold our channel key, so our broadcasts still get out.
+        # They drop what they already have before decrypting it.
+        peers = self.subscribers or {p: 0.0 for p, st in self.providers.items() if st.confirmed}
         targets = []
-        for subscriber_id in self.subscribers:
-            target = self._fanout_target(subscriber_id)
+        for peer_id in peers:
+            target = self._fanout_target(peer_id)
             if target is not None:
                 targets.append(target)
         return targets
