@@ -33,14 +33,18 @@ The load generator is a real cluster of --peers nodes in one process, so it does
 --peers times the node's work per broadcast and per membership change: watch
 ``loop_lag_ms`` -- when the loop is saturated, latencies include the generator's own
 queueing, and above a few seconds of lag heartbeats and handshakes start timing out.
-To fit thousands of peers on one core, the virtual peers differ from a default node
-in two knobs (both options) and the driver takes two shortcuts (``--stock-core`` turns
-them off; bench/virtual_peers.py says why each leaves the protocol unchanged):
+To fit thousands of peers on one core:
 
-- ``--peer-sync-interval`` 600 s instead of 30 s: every sync pulls the whole member
-  list, so N peers in one process would decode 2N^2 records per interval;
-- ``--reassign-delay`` is the node's default, but a reselection that cannot change
-  anything is skipped, and the UP-member count is kept incrementally.
+- the join is paced (``--join-rate``), windowed (``--join-window``) and paused while
+  the loop lags, since each join costs every peer O(N) work (STATUS floods, and a full
+  member list from the node and from each new provider);
+- the virtual peers differ from a default node in one knob, ``--peer-sync-interval``
+  600 s instead of 30 s: every sync pulls the whole member list, so N peers in one
+  process would decode 2N^2 records per interval;
+- the driver takes two shortcuts that change no protocol decision (bench/
+  virtual_peers.py says why; ``--stock-core`` turns them off): the UP-member list is
+  kept incrementally, and a provider reselection that cannot change anything is
+  skipped.
 
 A broadcast whose sender has no subscriber at that moment is held by the core until
 one subscribes: the JSON counts those (``held_at_sender``) apart from the rest.
@@ -53,7 +57,6 @@ import asyncio
 import contextlib
 import cProfile
 import io
-import itertools
 import math
 import os
 import pstats
@@ -93,6 +96,8 @@ PERCENTILES = (("p50", 500), ("p90", 900), ("p99", 990), ("p99_9", 999))  # per 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.description = "Thousands of virtual peers against one gwyh-node (see bench/load.py)."
     g = parser.add_argument_group("node under test")
     g.add_argument("--target", metavar="HOST:PORT", help="use a node started elsewhere")
     g.add_argument("--psk-file", metavar="FILE", help="its key (required with --target)")
@@ -105,18 +110,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="extra argument for the spawned gwyh-node (repeat; e.g. --node-arg=--workers=1)",
     )
     g = parser.add_argument_group("load")
-    g.add_argument("--peers", type=int, default=2000, help="virtual peers (default 2000)")
+    g.add_argument("--peers", type=int, default=2000, help="virtual peers")
     g.add_argument("--rate", type=float, default=2.0, help="broadcasts/s over all peers")
     g.add_argument("--size", type=int, default=256, help="payload bytes (>= 32)")
     g.add_argument("--duration", type=float, default=30.0, help="steady phase seconds")
     g.add_argument("--churn", type=float, default=1.0, help="peers leaving+rejoining per s")
     g.add_argument("--churn-duration", type=float, default=15.0, help="churn phase seconds")
     g.add_argument("--churn-mode", choices=["graceful", "crash"], default="graceful")
-    g.add_argument("--join-rate", type=float, default=200.0, help="peers started per second")
+    g.add_argument("--join-rate", type=float, default=50.0, help="peers started per second")
     g.add_argument(
         "--join-window",
         type=int,
-        default=100,
+        default=20,
         help="at most this many peers joining at once (and none while the loop lags)",
     )
     g.add_argument("--join-timeout", type=float, default=900.0, help="join phase bound (s)")
@@ -124,27 +129,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--drain", type=float, default=15.0, help="max wait for late deliveries")
     g = parser.add_argument_group("virtual peers")
     g.add_argument(
-        "--subscriptions", type=int, default=5, help="providers per virtual peer (node default 5)"
+        "--subscriptions", type=int, default=5, help="providers per virtual peer (node default: 5)"
     )
     g.add_argument(
         "--heartbeat-interval",
         type=float,
         default=None,
         metavar="S",
-        help="virtual peers' heartbeat, also passed to a spawned node (default: node default)",
+        help="virtual peers' heartbeat, also passed to a spawned node (None: node default 5)",
     )
     g.add_argument(
         "--peer-sync-interval",
         type=float,
         default=600.0,
         metavar="S",
-        help="virtual peers' anti-entropy peer-list pull (node default 30; see module doc)",
+        help="virtual peers' anti-entropy peer-list pull (node default: 30; see module doc)",
     )
     g.add_argument(
         "--reassign-delay",
         default="0.05,0.5",
         metavar="LOW,HIGH",
-        help="virtual peers' provider re-selection delay (node default 0.05,0.5)",
+        help="virtual peers' provider re-selection delay (same as the node's)",
     )
     g.add_argument("--tick", type=float, default=0.005, help="driver timer tick (s)")
     g.add_argument(
@@ -1090,27 +1095,36 @@ def plot(result: dict, run: LoadRun, directory: str) -> list[str]:
     samples = result["samples"]
     t = [s["t_s"] for s in samples]
 
-    def rate(key: str) -> list[float]:
-        out = [0.0]
-        for a, b in itertools.pairwise(samples):
-            dt = b["t_s"] - a["t_s"]
-            out.append((b[key] - a[key]) / dt if dt > 0 else 0.0)
-        return out
+    def rate(key: str) -> tuple[list[float], list[float]]:
+        # Per-interval rates; an interval much shorter than the sampling period (the
+        # final sample) is merged into the next, or its rate would be pure noise.
+        xs, ys = [t[0]], [0.0]
+        anchor = samples[0]
+        for s in samples[1:]:
+            dt = s["t_s"] - anchor["t_s"]
+            if dt >= SAMPLE_S / 2:
+                xs.append(s["t_s"])
+                ys.append((s[key] - anchor[key]) / dt)
+                anchor = s
+        return xs, ys
 
     # Throughput
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    ax1.plot(t, rate("sent"), label="sent /s")
+    ax1.plot(*rate("sent"), label="sent /s")
     if run.node is not None:
-        ax1.plot(t, rate("node_delivered"), label="delivered at node /s")
+        ax1.plot(*rate("node_delivered"), label="delivered at node /s")
     ax1.set_ylabel("broadcasts / s")
-    ax1.legend(loc="upper left")
-    ax2.plot(t, rate("mesh_delivered"), color="tab:green", label="deliveries at virtual peers /s")
+    ax1.legend(loc="lower left")
+    ax2.plot(*rate("mesh_delivered"), color="tab:green", label="deliveries at virtual peers /s")
     ax2.set_ylabel("deliveries / s")
     ax2.set_xlabel("time (s)")
-    ax2.legend(loc="upper left")
+    ax2.legend(loc="lower left")
+    # Nothing is sent during the join: start the time axis where sending does.
+    load_start = next((p["start_s"] for p in result["phases"] if p["name"] == "settle"), 0.0)
     for ax in (ax1, ax2):
         _phase_lines(ax, result["phases"])
         ax.grid(True, alpha=0.3)
+        ax.set_xlim(left=load_start)
     ax1.set_title(f"bench load: {peers} virtual peers, throughput")
     paths.append(_save(fig, target / "load_throughput.png", plt))
 
@@ -1129,7 +1143,7 @@ def plot(result: dict, run: LoadRun, directory: str) -> list[str]:
         for pid, (pcts, _) in procs.items():
             ax1.plot(t, pcts, linewidth=0.8, alpha=0.7, label=f"node pid {pid}")
     ax1.set_ylabel("CPU % (100 = one core)")
-    ax1.legend(loc="upper left", fontsize=8)
+    ax1.legend(loc="center left", fontsize=8)
     for key, label in (("node_rss_bytes", "node under test"), ("gen_rss_bytes", "load generator")):
         ys = [s[key] for s in samples]
         if any(y is not None for y in ys):
@@ -1139,7 +1153,7 @@ def plot(result: dict, run: LoadRun, directory: str) -> list[str]:
             ax2.plot(t, [x / 2**20 for x in rss], linewidth=0.8, alpha=0.7, label=f"node pid {pid}")
     ax2.set_ylabel("RSS (MiB)")
     ax2.set_xlabel("time (s)")
-    ax2.legend(loc="upper left")
+    ax2.legend(loc="center left", fontsize=8)
     for ax in (ax1, ax2):
         _phase_lines(ax, result["phases"])
         ax.grid(True, alpha=0.3)
@@ -1164,11 +1178,11 @@ def _per_process(samples: list[dict]) -> dict[int, tuple[list[float], list[float
 
 
 def _phase_lines(ax, phases: list[dict]) -> None:  # type: ignore[no-untyped-def]
-    for phase in phases[1:]:
+    for i, phase in enumerate(phases[1:]):
         ax.axvline(phase["start_s"], color="grey", linestyle=":", linewidth=1)
         ax.text(
             phase["start_s"],
-            1.0,
+            1.0 - 0.06 * (i % 2),  # staggered: short phases sit close together
             f" {phase['name']}",
             transform=ax.get_xaxis_transform(),
             fontsize=8,
@@ -1265,6 +1279,7 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 if profiler is not None:
                     profiler.disable()
+                    _dump_profile(profiler, args.profile)  # also when interrupted
 
         # SIGTERM (and SIGINT, even where a shell started us with it ignored) unwinds
         # through the finally blocks, so the node under test never outlives us.
@@ -1280,11 +1295,6 @@ def run(args: argparse.Namespace) -> int:
             result["error"] = load.error
         if args.plot and "steady" in result:
             result["plots"] = plot(result, load, args.plot)
-        if profiler is not None:
-            profiler.dump_stats(args.profile)
-            buf = io.StringIO()
-            pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(25)
-            sys.stderr.write(buf.getvalue())
         write_json(args.json, result)
         print_summary(result)
         return 1 if load.error else 0
@@ -1297,6 +1307,13 @@ def run(args: argparse.Namespace) -> int:
             for path in workdir.iterdir():
                 path.unlink()
             workdir.rmdir()
+
+
+def _dump_profile(profiler: cProfile.Profile, path: str) -> None:
+    profiler.dump_stats(path)
+    buf = io.StringIO()
+    pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(25)
+    sys.stderr.write(buf.getvalue())
 
 
 def _raise_exit(signum: int, frame: object) -> None:

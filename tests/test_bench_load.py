@@ -21,6 +21,7 @@ import pytest
 from bench import load
 from bench.virtual_peers import CountedMemberTable, ensure_fd_limit
 from gwyh_mp.protocol.membership import MemberTable
+from gwyh_mp.protocol.selection import Candidate, Strategy, select_providers
 from gwyh_mp.protocol.wire import MemberRecord, MemberState
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,3 +227,22 @@ def test_percentiles_are_nearest_rank() -> None:
         1000.0,
     )
     assert load.percentiles_ms([])["p50"] is None
+
+
+def test_reselection_shortcut_assumption_holds() -> None:
+    """VirtualCore skips _reassign when uniform selection has a full set of UP
+    providers: that is only sound while such a set is a fixed point of selection."""
+    rng = random.Random(3)
+    for _ in range(200):
+        pool = [Candidate(os.urandom(16), rng.choice([None, "a", "b"])) for _ in range(30)]
+        n = rng.randrange(1, 8)
+        current = {c.node_id for c in rng.sample(pool, n)}
+        chosen = select_providers(
+            own_zone=None,
+            candidates=pool,
+            current=current,
+            n=n,
+            strategy=Strategy.UNIFORM,
+            rng=random.Random(rng.random()),
+        )
+        assert set(chosen) == current
