@@ -182,7 +182,6 @@ class Recorder:
         self.dead_addrs: set[Addr] = set()
         self.fp_events = 0
         self.fp_accused: dict[bytes, int] = {}
-        self.down_events = 0
         net.on_event = self.on_event
         net.on_datagram = self.on_datagram
         net.on_receive = self.on_receive
@@ -216,7 +215,6 @@ class Recorder:
                 t.times.append(self.net.now - t.t0)
                 t.hops.append(event.hops)  # type: ignore[union-attr]
         elif kind is MemberDown:
-            self.down_events += 1
             subject = event.member.node_id  # type: ignore[union-attr]
             seen = self.watch.get(subject)
             if seen is not None:

@@ -2,7 +2,9 @@
 
 No sockets and no clocks: datagrams become events on a heap, ordered by simulated
 time. Tests use it to check protocol rules across whole clusters in milliseconds;
-``bench sim`` uses it to run thousands of nodes. Same seed, same run, byte for byte.
+``bench sim`` uses it to run thousands of nodes. Same seed, same run, byte for byte,
+in any process: the datagrams a core emits in one round are queued in destination
+order, so set iteration order (PYTHONHASHSEED) inside the core cannot leak into the run.
 
 Hooks (all optional, all called synchronously):
 
@@ -168,31 +170,26 @@ class SimNetwork:
     def run_until(self, until: float) -> None:
         heap, nodes = self._heap, self.nodes
         pop, after = heapq.heappop, self._after_activity
-        delivered = fired = 0
-        try:
-            while heap and heap[0][0] <= until:
-                when, _, dst, data, src = pop(heap)
-                node = nodes.get(dst)
-                if node is None or not node.alive:
-                    continue
-                if data is not None:
-                    self.now = when
-                    delivered += 1
-                    if self.on_receive is not None:
-                        self.on_receive(src, dst, data)  # type: ignore[arg-type]
-                    node.core.receive_datagram(data, src, when)  # type: ignore[arg-type]
-                else:
-                    timer_at = node.timer_at
-                    if timer_at is None or timer_at > when:
-                        continue  # stale timer: a newer, later one is queued
-                    self.now = when
-                    fired += 1
-                    node.timer_at = None
-                    node.core.handle_timer(when)
-                after(node)
-        finally:
-            self.datagrams_delivered += delivered
-            self.timers_fired += fired
+        while heap and heap[0][0] <= until:
+            when, _, dst, data, src = pop(heap)
+            node = nodes.get(dst)
+            if node is None or not node.alive:
+                continue
+            if data is not None:
+                self.now = when
+                self.datagrams_delivered += 1
+                if self.on_receive is not None:
+                    self.on_receive(src, dst, data)  # type: ignore[arg-type]
+                node.core.receive_datagram(data, src, when)  # type: ignore[arg-type]
+            else:
+                timer_at = node.timer_at
+                if timer_at is None or timer_at > when:
+                    continue  # stale timer: a newer, later one is queued
+                self.now = when
+                self.timers_fired += 1
+                node.timer_at = None
+                node.core.handle_timer(when)
+            after(node)
         if until > self.now:
             self.now = until
 
