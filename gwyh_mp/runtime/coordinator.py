@@ -27,6 +27,7 @@ from gwyh_mp.protocol.crypto import DeferredDatagram, SealJob
 from gwyh_mp.protocol.events import Event
 from gwyh_mp.protocol.node import NodeCore
 from gwyh_mp.runtime import udp
+from gwyh_mp.runtime.driver import CoreDriver
 from gwyh_mp.runtime.receiver import receiver_main
 from gwyh_mp.runtime.shm_ring import ShmRing
 
@@ -50,21 +51,15 @@ class _Worker:
         self.restarts = 0
 
 
-class MultiProcessRuntime:
+class MultiProcessRuntime(CoreDriver):
     def __init__(self, config: Config, on_event: Callable[[Event], None]) -> None:
+        super().__init__(on_event)
         self.config = config
-        self._on_event = on_event
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.core: NodeCore | None = None
         self.address: Addr | None = None
         self._workers = [_Worker(i) for i in range(config.workers)]
         # fork: the child runs only receiver_main and never touches the parent's event loop;
         # spawn would re-import the application's __main__ (surprising for library users).
         self._ctx = multiprocessing.get_context("fork")
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
-        self._flush_scheduled = False
-        self._drained: asyncio.Event | None = None
         self._stopping = False
         self._reading = True
         self._holder_fd = -1
@@ -185,8 +180,7 @@ class MultiProcessRuntime:
             self._flush()
         await asyncio.sleep(linger_s)  # let the receivers put the goodbyes on the wire
         self._stopping = True
-        if self._timer is not None:
-            self._timer.cancel()
+        self._cancel_timer()
         await self._shutdown_workers()
 
     async def _shutdown_workers(self) -> None:
@@ -228,23 +222,6 @@ class MultiProcessRuntime:
                     self._on_ready(worker)
 
     # ------------------------------------------------------------ application side
-
-    def broadcast(self, data: bytes) -> bytes:
-        assert self.core is not None and self._loop is not None
-        msg_id = self.core.broadcast(data, self._loop.time())
-        self.schedule_flush()
-        return msg_id
-
-    def schedule_flush(self) -> None:
-        if not self._flush_scheduled and self._loop is not None:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
-    async def wait_drained(self) -> None:
-        if self._drained is None:
-            self._drained = asyncio.Event()
-        self._drained.clear()
-        await self._drained.wait()
 
     def process_stats(self) -> list[dict[str, Any]]:
         """Per process: role, pid, CPU %, RSS, and the receiver's own counters."""
@@ -309,14 +286,6 @@ class MultiProcessRuntime:
 
     # ------------------------------------------------------------ core -> receivers
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        if self.core is None or self._loop is None or self._stopping:
-            return
-        self.core.handle_timer(self._loop.time())
-        self._flush()
-
     def _flush(self) -> None:
         self._flush_scheduled = False
         core, loop = self.core, self._loop
@@ -328,13 +297,10 @@ class MultiProcessRuntime:
             self._ship_journals(live)
             if datagrams:
                 self._ship_sends(datagrams, live)
-        while (event := core.next_event()) is not None:
-            self._on_event(event)
-        while core.warnings:
-            log.warning("%s", core.warnings.popleft())
-        if self._drained is not None and core.accepting:
-            self._drained.set()
-        self._arm_timer()
+        self._after_flush(core)
+
+    def _active(self) -> bool:
+        return not self._stopping
 
     def _ship_journals(self, live: list[_Worker]) -> None:
         core = self.core
@@ -379,19 +345,6 @@ class MultiProcessRuntime:
                         sends.append((datagram, -1, host, port))
                 records.append(_dumps(("J", jobs, sends)))
             ring.put_all(records, timeout=1.0)
-
-    def _arm_timer(self) -> None:
-        core, loop = self.core, self._loop
-        assert core is not None and loop is not None
-        when = core.get_timer()
-        if when is None or self._stopping:
-            return
-        if self._timer_at is not None and self._timer_at <= when:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = when
-        self._timer = loop.call_at(when, self._on_timer)
 
 
 def reuseport_supported() -> bool:

@@ -21,6 +21,7 @@ from gwyh_mp.config import Config
 from gwyh_mp.protocol.events import Event
 from gwyh_mp.protocol.node import NodeCore
 from gwyh_mp.runtime import udp
+from gwyh_mp.runtime.driver import CoreDriver
 
 log = logging.getLogger("gwyh_mp")
 
@@ -29,23 +30,17 @@ RECV_BATCH = 64
 MAX_RECV_PER_WAKEUP = 2048  # bound one wakeup so timers and the app still get to run
 
 
-class SingleProcessRuntime:
+class SingleProcessRuntime(CoreDriver):
     def __init__(self, config: Config, on_event: Callable[[Event], None]) -> None:
+        super().__init__(on_event)
         self.config = config
-        self._on_event = on_event
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
-        self.core: NodeCore | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
-        self._flush_scheduled = False
         self._unsent: deque[tuple[bytes, Addr]] = deque()
         self._writer_armed = False
         self._reading = False
         self._receiver: udp.BatchReceiver | None = None
         self._sender: udp.BatchSender | None = None
         self.address: Addr | None = None
-        self._drained: asyncio.Event | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -75,8 +70,7 @@ class SingleProcessRuntime:
             while self._unsent and self._loop.time() < deadline:
                 await asyncio.sleep(0.01)
         self.pause_reading()
-        if self._timer is not None:
-            self._timer.cancel()
+        self._cancel_timer()
         if self._writer_armed:
             self._loop.remove_writer(self._sock.fileno())
             self._writer_armed = False
@@ -98,25 +92,6 @@ class SingleProcessRuntime:
             self._reading = True
 
     # ------------------------------------------------------------ application side
-
-    def broadcast(self, data: bytes) -> bytes:
-        assert self.core is not None and self._loop is not None
-        msg_id = self.core.broadcast(data, self._loop.time())
-        self.schedule_flush()
-        return msg_id
-
-    async def wait_drained(self) -> None:
-        """Wait until the core accepts broadcasts again (its send backlog drained)."""
-        if self._drained is None:
-            self._drained = asyncio.Event()
-        self._drained.clear()
-        await self._drained.wait()
-
-    def schedule_flush(self) -> None:
-        # Several broadcasts in one loop iteration share one flush (and datagram).
-        if not self._flush_scheduled and self._loop is not None:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
 
     # ------------------------------------------------------------ I/O
 
@@ -141,14 +116,6 @@ class SingleProcessRuntime:
                 break
         self._flush()
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        if self.core is None or self._loop is None:
-            return
-        self.core.handle_timer(self._loop.time())
-        self._flush()
-
     def _flush(self) -> None:
         self._flush_scheduled = False
         core, loop = self.core, self._loop
@@ -160,13 +127,7 @@ class SingleProcessRuntime:
                 self._unsent.extend(datagrams)
             else:
                 self._send(datagrams)
-        while (event := core.next_event()) is not None:
-            self._on_event(event)
-        while core.warnings:
-            log.warning("%s", core.warnings.popleft())
-        if self._drained is not None and core.accepting:
-            self._drained.set()
-        self._arm_timer()
+        self._after_flush(core)
 
     def _send(self, datagrams: list[tuple[bytes, Addr]]) -> None:
         assert self._sender is not None
@@ -191,19 +152,6 @@ class SingleProcessRuntime:
             return
         self._loop.remove_writer(self._sock.fileno())
         self._writer_armed = False
-
-    def _arm_timer(self) -> None:
-        core, loop = self.core, self._loop
-        assert core is not None and loop is not None
-        when = core.get_timer()
-        if when is None:
-            return
-        if self._timer_at is not None and self._timer_at <= when:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = when
-        self._timer = loop.call_at(when, self._on_timer)
 
 
 def is_address_in_use(exc: OSError) -> bool:

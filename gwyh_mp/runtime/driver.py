@@ -1,0 +1,91 @@
+"""What every runtime does around the core, written once: timers, flush scheduling,
+handing events to the application, and backpressure wakeups."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from gwyh_mp.protocol.events import Event
+from gwyh_mp.protocol.node import NodeCore
+
+log = logging.getLogger("gwyh_mp")
+
+
+class CoreDriver:
+    """Base of the single-process and multiprocess runtimes. Subclasses set ``core``
+    and ``_loop`` in ``start()`` and implement ``_flush()``, which sends what the core
+    produced and then calls ``_after_flush()``."""
+
+    def __init__(self, on_event: Callable[[Event], None]) -> None:
+        self._on_event = on_event
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.core: NodeCore | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._flush_scheduled = False
+        self._drained: asyncio.Event | None = None
+
+    def _active(self) -> bool:
+        """False once the runtime is shutting down: no more timers."""
+        return True
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+    def broadcast(self, data: bytes) -> bytes:
+        assert self.core is not None and self._loop is not None
+        msg_id = self.core.broadcast(data, self._loop.time())
+        self.schedule_flush()
+        return msg_id
+
+    def schedule_flush(self) -> None:
+        # Several broadcasts in one loop iteration share one flush (and datagrams).
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    async def wait_drained(self) -> None:
+        """Wait until the core accepts broadcasts again (its send backlog drained)."""
+        if self._drained is None:
+            self._drained = asyncio.Event()
+        self._drained.clear()
+        await self._drained.wait()
+
+    def _after_flush(self, core: NodeCore) -> None:
+        while (event := core.next_event()) is not None:
+            self._on_event(event)
+        while core.warnings:
+            log.warning("%s", core.warnings.popleft())
+        if self._drained is not None and core.accepting:
+            self._drained.set()
+        self._arm_timer()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_at = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self.core is None or self._loop is None or not self._active():
+            return
+        self.core.handle_timer(self._loop.time())
+        self._flush()
+
+    def _arm_timer(self) -> None:
+        core, loop = self.core, self._loop
+        if core is None or loop is None or not self._active():
+            return
+        when = core.get_timer()
+        if when is None:
+            return
+        if self._timer_at is not None and self._timer_at <= when:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = loop.call_at(when, self._on_timer)
