@@ -702,12 +702,8 @@ class NodeCore:
         """A CONTROL datagram a worker already authenticated and decrypted."""
         self._last_now = now
         self.stats["packets_in"] = self.stats.get("packets_in", 0) + 1
-        session = self.sessions.get(sid)
+        session = self._control_session(sid, seq)
         if session is None:
-            self.stats.bump("drop_unknown_session")
-            return
-        if not session.replay.check(seq):
-            self.stats.bump("drop_replay")
             return
         session.replay.mark(seq)
         try:
@@ -928,16 +924,24 @@ class NodeCore:
 
     def _on_control(self, data: bytes, addr: Addr, now: float) -> None:
         _, _, _, sid, seq = _CONTROL_HEADER.unpack_from(data)
-        session = self.sessions.get(sid)
+        session = self._control_session(sid, seq)
         if session is None:
-            self.stats.bump("drop_unknown_session")
-            return
-        if not session.replay.check(seq):
-            self.stats.bump("drop_replay")
             return
         plaintext = open_sealed(session.recv_key, nonce(seq), data[_CONTROL_HEADER.size :])
         session.replay.mark(seq)
         self._on_control_plaintext(session, addr, plaintext, now)
+
+    def _control_session(self, sid: int, seq: int) -> Session | None:
+        """The session a CONTROL packet names, if it exists and ``seq`` is no replay
+        (checked before any decryption; marked only once authenticated)."""
+        session = self.sessions.get(sid)
+        if session is None:
+            self.stats.bump("drop_unknown_session")
+            return None
+        if not session.replay.check(seq):
+            self.stats.bump("drop_replay")
+            return None
+        return session
 
     def _on_control_plaintext(
         self, session: Session, addr: Addr, plaintext: bytes, now: float
