@@ -249,11 +249,13 @@ class NodeCore:
             burst_bytes=max(256 << 10, 4 * config.max_datagram_bytes),
             max_queued_data_bytes=config.link_queue_bytes,
         )
-        self._backlogged: set[bytes] = set()  # peers with data waiting for their pacer
+        # Dicts used as ordered sets: iteration order must not depend on the hash seed,
+        # or a simulation would not be reproducible across processes.
+        self._backlogged: dict[bytes, None] = {}  # peers with data waiting for their pacer
         self._backlog_bytes = 0
-        self._rx_links: set[bytes] = set()  # peers whose loss detector may owe a NAK
+        self._rx_links: dict[bytes, None] = {}  # peers whose loss detector may owe a NAK
         self._next_nak_poll: float | None = None
-        self._tail_links: set[bytes] = set()  # peers owed a tail probe
+        self._tail_links: dict[bytes, None] = {}  # peers owed a tail probe
         self.stats = Stats()
         self.warnings: deque[str] = deque(maxlen=100)
         self._outbox: list[tuple[Datagram, Addr]] = []
@@ -449,13 +451,13 @@ class NodeCore:
         link.queue.append((datagram, addr))
         link.queue_bytes += size
         self._backlog_bytes += size
-        self._backlogged.add(peer_id)
+        self._backlogged[peer_id] = None
 
     def _drain_links(self, now: float, out: list[tuple[Datagram, Addr]]) -> None:
         for peer_id in list(self._backlogged):
             link = self.links.get(peer_id)
             if link is None:
-                self._backlogged.discard(peer_id)
+                self._backlogged.pop(peer_id, None)
                 continue
             pacer = self._pacer(link)
             pacer.on_tick(now)
@@ -473,9 +475,9 @@ class NodeCore:
                 link.remember(datagram)
                 link.last_sent_seq = int.from_bytes(_head(datagram)[8:12], "big")
                 link.tail_due = now + TAIL_PROBE_S
-                self._tail_links.add(peer_id)
+                self._tail_links[peer_id] = None
             if not queue:
-                self._backlogged.discard(peer_id)
+                self._backlogged.pop(peer_id, None)
 
     def _release_fragments(self, now: float) -> None:
         # Sliding window: more fragments only once the pacers have drained the last ones,
@@ -649,7 +651,7 @@ class NodeCore:
                 loss = link.loss = LinkLossDetector(self.pacing)
             loss.on_packet(link_seq, now)
             if session.peer_id not in self._rx_links:
-                self._rx_links.add(session.peer_id)
+                self._rx_links[session.peer_id] = None
                 if self._next_nak_poll is None:
                     self._next_nak_poll = now + self.pacing.nak_interval_s
 
@@ -813,7 +815,7 @@ class NodeCore:
         for peer_id in list(self._rx_links):
             link = self.links.get(peer_id)
             if link is None or link.loss is None:
-                self._rx_links.discard(peer_id)
+                self._rx_links.pop(peer_id, None)
                 continue
             report = link.loss.poll_nak(now)
             if report is not None:
@@ -821,17 +823,17 @@ class NodeCore:
                 self._queue_control(peer_id, FrameType.NAK, body)
                 self.stats.bump("naks_sent")
             if link.loss.next_timer(now) is None:
-                self._rx_links.discard(peer_id)
+                self._rx_links.pop(peer_id, None)
         self._next_nak_poll = now + self.pacing.nak_interval_s if self._rx_links else None
 
     def _send_tail_probes(self, now: float) -> None:
         for peer_id in list(self._tail_links):
             link = self.links.get(peer_id)
             if link is None or link.tail_due is None:
-                self._tail_links.discard(peer_id)
+                self._tail_links.pop(peer_id, None)
             elif now >= link.tail_due:
                 link.tail_due = None
-                self._tail_links.discard(peer_id)
+                self._tail_links.pop(peer_id, None)
                 self._queue_control(peer_id, FrameType.TAIL, _TAIL.pack(link.last_sent_seq))
 
     def _on_tail(self, peer_id: bytes, link: PeerLink, body: bytes, now: float) -> None:
@@ -841,7 +843,7 @@ class NodeCore:
             return
         link.loss.on_tail(_TAIL.unpack(body)[0], now)
         if peer_id not in self._rx_links:
-            self._rx_links.add(peer_id)
+            self._rx_links[peer_id] = None
         if self._next_nak_poll is None or self._next_nak_poll > now:
             self._next_nak_poll = now
 
@@ -873,7 +875,7 @@ class NodeCore:
                 break
         if resent:
             self.stats.bump("retransmits", resent)
-            self._backlogged.add(link.node_id)
+            self._backlogged[link.node_id] = None
 
     def _fragment_naks(self, now: float) -> None:
         for peer_id, msg_id, indexes in self.reassembler.pending_naks(now):
@@ -1130,9 +1132,9 @@ class NodeCore:
                 if member is None or member.state != MemberState.UP:
                     del self.links[peer_id]
                     self._backlog_bytes -= link.queue_bytes  # its queue goes with it
-                    self._backlogged.discard(peer_id)
-                    self._tail_links.discard(peer_id)
-                    self._rx_links.discard(peer_id)
+                    self._backlogged.pop(peer_id, None)
+                    self._tail_links.pop(peer_id, None)
+                    self._rx_links.pop(peer_id, None)
                     self._journal_channel(peer_id, None)
 
     # ------------------------------------------------------------------ membership
