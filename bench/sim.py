@@ -40,10 +40,12 @@ import cProfile
 import gc
 import io
 import math
+import operator
 import pstats
 import random
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +68,7 @@ COVERAGE_POINTS = 101
 _BCAST = wire.PacketType.BROADCAST
 _BHDR = wire.BROADCAST_HEADER.size
 _IDLEN = wire.MESSAGE_ID_BYTES
+_state = operator.attrgetter("state")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -361,8 +364,7 @@ def topology(net: SimNetwork, nodes: Sequence[SimNode]) -> dict[str, object]:
     """Membership views and the subscription graph right after the join."""
     n = len(nodes)
     views = [
-        sum(1 for m in node.core.members.members.values() if m.state == MemberState.UP)
-        for node in nodes
+        Counter(map(_state, node.core.members.members.values()))[MemberState.UP] for node in nodes
     ]
     subs = sorted(len(node.core.subscribers) for node in nodes)
     providers = [len(node.core.providers) for node in nodes]
