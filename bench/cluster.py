@@ -32,7 +32,7 @@ import orjson
 import psutil
 
 from bench.ceiling import measure_naive_floor
-from bench.common import machine_description, write_json
+from bench.common import machine_description, node_command, write_json
 
 KEY = b"bench-cluster-key-0123456789abcdef"
 
@@ -110,15 +110,9 @@ def start_cluster(args: argparse.Namespace, workdir: Path) -> list[ClusterNode]:
     ports = [free_port() for _ in range(args.nodes)]
     nodes = []
     for i, port in enumerate(ports):
-        cmd = [
-            sys.executable,
-            "-m",
-            "gwyh_mp.cli",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--psk-file",
-            str(key_path),
-            "--stdio",
+        cmd = node_command(
+            port,
+            key_path,
             "--stats-interval",
             "0.25",
             "--subscriptions",
@@ -127,11 +121,9 @@ def start_cluster(args: argparse.Namespace, workdir: Path) -> list[ClusterNode]:
             str(args.max_datagram),
             "--heartbeat-interval",
             "1",
-            "--log-level",
-            "warning",
             "--workers",
             str(args.workers),
-        ]
+        )
         if i:
             cmd += ["--bootstrap", f"127.0.0.1:{ports[0]}"]
         out_path, err_path = workdir / f"node{i}.out", workdir / f"node{i}.err"

@@ -186,3 +186,21 @@ class ProcessCpu:
             per_pid[pid] = du + ds
         missing = sorted(pid for pid in self._start if pid not in end)
         return CpuDelta(user, system, per_pid, missing)
+
+
+def node_command(port: int, key_path: Path | str, *extra: str) -> list[str]:
+    """The ``gwyh-node`` command line every bench starts its nodes with: loopback bind,
+    one key, --stdio, warnings only; ``extra`` adds the bench's own flags."""
+    return [
+        sys.executable,
+        "-m",
+        "gwyh_mp.cli",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--psk-file",
+        str(key_path),
+        "--stdio",
+        "--log-level",
+        "warning",
+        *extra,
+    ]

@@ -33,7 +33,8 @@ from pathlib import Path
 import psutil
 
 from bench.ceiling import measure_naive_floor
-from bench.common import machine_description, set_big_buffers, write_json
+from bench.cluster import free_port
+from bench.common import machine_description, node_command, set_big_buffers, write_json
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.crypto import PskKeyring, ids_digest, nonce, seal
 from gwyh_mp.protocol.handshake import Established, Handshaker
@@ -172,31 +173,21 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="gwyh-ingest-"))
     key_path = workdir / "key"
     key_path.write_bytes(KEY + b"\n")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     target = ("127.0.0.1", port)
     out_path = workdir / "node.out"
     with open(out_path, "wb") as out, open(workdir / "node.err", "wb") as err:
         node = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gwyh_mp.cli",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--psk-file",
-                str(key_path),
-                "--stdio",
+            node_command(
+                port,
+                key_path,
                 "--workers",
                 str(args.workers),
                 "--heartbeat-interval",
                 "30",
                 "--max-datagram",
                 "65000",
-                "--log-level",
-                "warning",
-            ],
+            ),
             stdin=subprocess.PIPE,
             stdout=out,
             stderr=err,

@@ -74,7 +74,7 @@ import orjson
 import psutil
 
 from bench.cluster import free_port, rcvbuf_errors
-from bench.common import machine_description, write_json
+from bench.common import machine_description, node_command, write_json
 from bench.virtual_peers import (
     PeerDriver,
     VirtualPeer,
@@ -316,20 +316,7 @@ def spawn_node(
     args: argparse.Namespace, workdir: Path, key_path: Path
 ) -> tuple[NodeUnderTest, tuple[str, int]]:
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "gwyh_mp.cli",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--psk-file",
-        str(key_path),
-        "--stdio",
-        "--stats-interval",
-        "1",
-        "--log-level",
-        "warning",
-    ]
+    cmd = node_command(port, key_path, "--stats-interval", "1")
     if args.heartbeat_interval is not None:
         cmd += ["--heartbeat-interval", str(args.heartbeat_interval)]
     cmd += list(args.node_arg)
