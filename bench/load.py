@@ -38,13 +38,9 @@ To fit thousands of peers on one core:
 - the join is paced (``--join-rate``), windowed (``--join-window``) and paused while
   the loop lags, since each join costs every peer O(N) work (STATUS floods, and a full
   member list from the node and from each new provider);
-- the virtual peers differ from a default node in one knob, ``--peer-sync-interval``
-  600 s instead of 30 s: every sync pulls the whole member list, so N peers in one
-  process would decode 2N^2 records per interval;
-- the driver takes two shortcuts that change no protocol decision (bench/
-  virtual_peers.py says why; ``--stock-core`` turns them off): the UP-member list is
-  kept incrementally, and a provider reselection that cannot change anything is
-  skipped.
+- the virtual peers are default nodes (the core keeps its member counts incrementally,
+  skips a provider reselection that cannot change anything, and its anti-entropy sync
+  exchanges bucket digests, so a sync between agreeing peers carries no member list).
 
 A broadcast whose sender has no subscriber at that moment is held by the core until
 one subscribes: the JSON counts those (``held_at_sender``) apart from the rest.
@@ -141,9 +137,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--peer-sync-interval",
         type=float,
-        default=600.0,
+        default=30.0,
         metavar="S",
-        help="virtual peers' anti-entropy peer-list pull (node default: 30; see module doc)",
+        help="virtual peers' anti-entropy peer-list pull (node default: 30)",
     )
     g.add_argument(
         "--reassign-delay",
@@ -152,11 +148,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="virtual peers' provider re-selection delay (same as the node's)",
     )
     g.add_argument("--tick", type=float, default=0.005, help="driver timer tick (s)")
-    g.add_argument(
-        "--stock-core",
-        action="store_true",
-        help="virtual peers without the driver's two O(N) shortcuts (bench/virtual_peers.py)",
-    )
     g.add_argument("--seed", type=int, default=1, help="sender/churn choices")
     g = parser.add_argument_group("output")
     g.add_argument("--json", metavar="FILE")
@@ -749,7 +740,6 @@ class LoadRun:
             config,
             on_message=self.on_mesh_message,
             tick_s=args.tick,
-            fast_core=not args.stock_core,
         )
         driver.on_tick = self.on_tick
         self.t0 = loop.time()

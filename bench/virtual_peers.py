@@ -24,91 +24,12 @@ from dataclasses import dataclass, field
 
 from gwyh_mp.config import Config
 from gwyh_mp.protocol.events import Message
-from gwyh_mp.protocol.membership import Change, MemberInfo, MemberTable
 from gwyh_mp.protocol.node import NodeCore
-from gwyh_mp.protocol.selection import Strategy
-from gwyh_mp.protocol.wire import MemberRecord, MemberState
 
 Addr = tuple[str, int]
 RECV_PER_WAKEUP = 64  # bound one socket's turn so timers and other sockets still run
 SOCKET_BUFFER_BYTES = 1 << 20  # thousands of sockets: deep enough for bursts, not 8 MiB each
 MAX_DATAGRAM = 65_535
-
-
-class CountedMemberTable(MemberTable):
-    """MemberTable that keeps its UP members incrementally.
-
-    Why: NodeCore calls ``len(members.up_members())`` on every MemberUp
-    (``_maybe_swap_in``), and the stock method filters the whole table: O(N) Python
-    work per join event, so O(N^2) per node while N nodes join -- O(N^3) for a process
-    that hosts all N. Here ``up_members()`` is one C-level copy of a dict kept in step
-    with ``apply()``. The content is the same; only the order can differ (a member that
-    comes back UP moves to the end), and the core never depends on that order (it
-    sorts before selecting). The core-side hook we would rather have: an O(1)
-    ``MemberTable.up_count`` for ``_maybe_swap_in``.
-    """
-
-    def __init__(self, max_down: int = 10_000) -> None:
-        super().__init__(max_down)
-        self._up: dict[bytes, MemberInfo] = {}
-        self.members = _NotifyingDict(self._up)
-
-    def up_members(self) -> list[MemberInfo]:
-        return list(self._up.values())
-
-    def apply(self, record: MemberRecord, *, keep_address: bool = False) -> Change:
-        change = super().apply(record, keep_address=keep_address)
-        # UP <-> DOWN flips MemberInfo.state in place; REFRESHED and NONE leave the set
-        # of UP members as it was.
-        if change is Change.JOINED or change is Change.UP:
-            self._up[record.node_id] = self.members[record.node_id]
-        elif change is Change.DOWN:
-            self._up.pop(record.node_id, None)
-        return change
-
-
-class _NotifyingDict(dict):
-    """The member dict: a member removed from it leaves the UP index too."""
-
-    __slots__ = ("_up",)
-
-    def __init__(self, up: dict) -> None:
-        super().__init__()
-        self._up = up
-
-    def __delitem__(self, key: object) -> None:
-        self._up.pop(key, None)
-        super().__delitem__(key)
-
-    def pop(self, key: object, *default: object) -> object:
-        self._up.pop(key, None)
-        return super().pop(key, *default)
-
-
-class VirtualCore(NodeCore):
-    """NodeCore with one shortcut in provider re-selection.
-
-    Why: the core re-runs ``select_providers`` (O(N log N): a Candidate per member,
-    sorted) a moment after *every* membership change. With uniform selection, a full
-    set of providers that are all UP and no pending swap, the stock selection keeps
-    exactly the current providers (it is a fixed point) -- it only consumes the RNG.
-    Skipping it there changes no decision, only which random numbers later choices
-    draw. Without the shortcut, N peers in one process spend N x O(N log N) per join
-    or DOWN, which at 2,000 peers is seconds of CPU per membership event. The hook we
-    would rather have in the core: skip the reselection when nothing can change.
-    """
-
-    def _reassign(self, now: float) -> None:
-        providers = self.providers
-        if (
-            not self._pending_swaps
-            and self.config.strategy is Strategy.UNIFORM
-            and len(providers) == self.config.subscriptions
-        ):
-            get = self.members.get
-            if all((m := get(pid)) is not None and m.state is MemberState.UP for pid in providers):
-                return
-        super()._reassign(now)
 
 
 @dataclass(eq=False, slots=True)
@@ -156,13 +77,11 @@ class PeerDriver:
         *,
         on_message: MessageHook,
         tick_s: float = 0.005,
-        fast_core: bool = True,
     ) -> None:
         self.loop = loop
         self.base_config = base_config
         self.on_message = on_message
         self.tick_s = tick_s
-        self.fast_core = fast_core
         self.peers: list[VirtualPeer] = []
         self.alive: dict[int, VirtualPeer] = {}
         self.stats = DriverStats()
@@ -204,11 +123,7 @@ class PeerDriver:
         addr: Addr = sock.getsockname()[:2]
         now = self.loop.time()
         config = self.base_config.replace(bind=addr)
-        if self.fast_core:
-            core: NodeCore = VirtualCore(config, now, wall_offset_s=self._wall_offset)
-            core.members = CountedMemberTable(core.members.max_down)
-        else:
-            core = NodeCore(config, now, wall_offset_s=self._wall_offset)
+        core = NodeCore(config, now, wall_offset_s=self._wall_offset)
         peer = VirtualPeer(len(self.peers), core, sock, sock.fileno(), addr, now)
         self.peers.append(peer)
         self.alive[peer.index] = peer

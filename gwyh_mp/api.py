@@ -200,7 +200,7 @@ class Node:
         out = dict(core.stats)
         for key, value in core.handshaker.stats.items():
             out[f"handshake_{key}"] = value
-        out["members_up"] = len(core.members.up_members())
+        out["members_up"] = core.members.up_count
         out["providers"] = len(core.providers)
         out["subscribers"] = len(core.subscribers)
         out["seen_ids"] = len(core.seen)

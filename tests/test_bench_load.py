@@ -6,8 +6,6 @@ the figures it reports agree with each other, never performance.
 
 from __future__ import annotations
 
-import os
-import random
 import signal
 import socket
 import subprocess
@@ -19,10 +17,7 @@ import orjson
 import pytest
 
 from bench import load
-from bench.virtual_peers import CountedMemberTable, ensure_fd_limit
-from gwyh_mp.protocol.membership import MemberTable
-from gwyh_mp.protocol.selection import Candidate, Strategy, select_providers
-from gwyh_mp.protocol.wire import MemberRecord, MemberState
+from bench.virtual_peers import ensure_fd_limit
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--duration", "2", "--rate", "10", "--settle", "0.5", "--drain", "4", "--quiet"]
@@ -197,24 +192,6 @@ def test_ensure_fd_limit_keeps_enough() -> None:
     assert limit.soft >= 64 or limit.soft == -1
 
 
-def test_counted_member_table_matches_stock() -> None:
-    rng = random.Random(7)
-    ids = [os.urandom(16) for _ in range(40)]
-    stock, fast = MemberTable(max_down=5), CountedMemberTable(max_down=5)
-    incarnation = dict.fromkeys(ids, 0)
-    for _ in range(2000):
-        node_id = rng.choice(ids)
-        incarnation[node_id] += rng.random() < 0.3
-        state = MemberState.UP if rng.random() < 0.6 else MemberState.DOWN
-        record = MemberRecord(
-            node_id, incarnation[node_id], state, "127.0.0.1", rng.randrange(1, 9), None
-        )
-        assert stock.apply(record) == fast.apply(record)
-        assert {m.node_id for m in fast.up_members()} == {m.node_id for m in stock.up_members()}
-        assert len(fast.up_members()) == len(stock.up_members())
-        assert set(fast.members) == set(stock.members)
-
-
 def test_percentiles_are_nearest_rank() -> None:
     values = [i * 1_000_000 for i in range(1, 1001)]  # 1..1000 ms
     pct = load.percentiles_ms(values)
@@ -227,22 +204,3 @@ def test_percentiles_are_nearest_rank() -> None:
         1000.0,
     )
     assert load.percentiles_ms([])["p50"] is None
-
-
-def test_reselection_shortcut_assumption_holds() -> None:
-    """VirtualCore skips _reassign when uniform selection has a full set of UP
-    providers: that is only sound while such a set is a fixed point of selection."""
-    rng = random.Random(3)
-    for _ in range(200):
-        pool = [Candidate(os.urandom(16), rng.choice([None, "a", "b"])) for _ in range(30)]
-        n = rng.randrange(1, 8)
-        current = {c.node_id for c in rng.sample(pool, n)}
-        chosen = select_providers(
-            own_zone=None,
-            candidates=pool,
-            current=current,
-            n=n,
-            strategy=Strategy.UNIFORM,
-            rng=random.Random(rng.random()),
-        )
-        assert set(chosen) == current

@@ -47,6 +47,7 @@ SUBSCRIPTIONS = 5  # Config default
 HEARTBEAT_S = 0.5  # Config.local
 MISSED = 3  # Config default
 WATCHDOG_S = HEARTBEAT_S * (MISSED + 0.5)  # N missed, plus half an interval of grace
+DETECT_S = WATCHDOG_S + HEARTBEAT_S  # then PINGed for one interval before it is accused
 
 
 def ids_by_addr(net: CheckedSimNetwork) -> dict[Addr, bytes]:
@@ -255,18 +256,18 @@ def test_cluster_settles_after_a_partition_heals() -> None:
 
 
 @pytest.mark.parametrize("phase", [0.0, 0.13, 0.37])
-def test_killed_node_is_declared_down_everywhere_within_the_watchdog(phase: float) -> None:
+def test_killed_node_is_declared_down_everywhere_within_watchdog_and_probe(phase: float) -> None:
     net, addrs = make_cluster(N, seed=8, settle_s=5.0 + phase)
     dead = addrs[5]
     dead_id = net.nodes[dead].core.node_id
     t_kill = net.now
     net.kill(dead)
-    net.run_for(WATCHDOG_S + 2.0)
+    net.run_for(DETECT_S + 2.0)
     slack = 0.25
     for n in live_nodes(net):
         downs = down_events(n)
         assert [m.node_id for _, m in downs] == [dead_id], n.addr  # nobody else suspected
-        assert downs[0][0] - t_kill <= WATCHDOG_S + slack, (n.addr, downs[0][0] - t_kill)
+        assert downs[0][0] - t_kill <= DETECT_S + slack, (n.addr, downs[0][0] - t_kill)
         m = view_of(n.core, dead_id)
         assert m is not None and not m.is_up
     net.run_for(2.0)
@@ -684,13 +685,29 @@ def _provider_pair(seed: int) -> tuple[CheckedSimNetwork, _LinkRules, Addr, Addr
     return net, rules, a, b
 
 
-def test_a_provider_gone_silent_is_declared_down_within_the_watchdog() -> None:
+def test_a_provider_gone_silent_is_declared_down_after_watchdog_and_probe() -> None:
     net, rules, a, b = _provider_pair(17)
     rules.rules.append((5.01, 100.0, a, b, None))  # A -> B goes dark for good
-    net.run_for(WATCHDOG_S + 0.6)
+    net.run_for(DETECT_S + 0.6)
     (when, member), *_ = down_events(net.nodes[b])
     assert member.node_id == net.nodes[a].core.node_id
-    assert when - 5.01 <= WATCHDOG_S
+    # Suspected when the watchdog fired, accused only after the PINGs went unanswered.
+    # A's last heartbeat left at 5.0.
+    assert when - 5.0 >= DETECT_S - 0.01 and when - 5.01 <= DETECT_S
+    assert net.nodes[b].core.stats["probes_failed"] == 1
+
+
+def test_a_provider_that_answers_the_probe_is_not_accused() -> None:
+    net, rules, a, b = _provider_pair(17)
+    # A -> B loses everything just long enough for B's watchdog to fire, then heals:
+    # the first PING's PONG gets through and the suspicion is dropped.
+    rules.rules.append((5.01, 5.0 + WATCHDOG_S + 0.05, a, b, None))
+    net.run_for(DETECT_S + 2.0)
+    core_b = net.nodes[b].core
+    assert core_b.stats["probes"] >= 1
+    assert core_b.stats.get("probes_failed", 0) == 0
+    assert down_events(net.nodes[b]) == []
+    assert net.nodes[a].core.node_id in core_b.providers
 
 
 def test_two_lost_heartbeats_and_a_little_jitter_do_not_declare_a_provider_down() -> None:

@@ -332,6 +332,12 @@ class LinkLossDetector:
         self.reports += 1
         return report
 
+    @property
+    def owes_poll(self) -> bool:
+        """Is a gap waiting for its verdict, or a loss waiting to be reported? (When not,
+        ``poll_nak`` has nothing to do and ``next_timer`` is None.)"""
+        return bool(self._pending) or bool(self._lost)
+
     def next_timer(self, now: float) -> float | None:
         """When ``poll_nak`` should next be called, or None if nothing is pending.
 

@@ -316,9 +316,14 @@ class Handshaker:
     # -- timers --------------------------------------------------------------
 
     def next_timer(self) -> float | None:
-        deadlines = [s.next_retry for s in self._initiating.values()]
-        deadlines.extend(s.expires for s in self._responding.values())
-        return min(deadlines) if deadlines else None
+        t: float | None = None
+        for state in self._initiating.values():
+            if t is None or state.next_retry < t:
+                t = state.next_retry
+        for resp in self._responding.values():
+            if t is None or resp.expires < t:
+                t = resp.expires
+        return t
 
     def handle_timer(self, now: float) -> tuple[list[tuple[bytes, Addr]], list[Addr]]:
         """Retransmit and expire. Returns (datagrams to send, addresses whose

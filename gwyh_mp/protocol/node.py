@@ -46,8 +46,16 @@ from gwyh_mp.protocol.dissemination import (
 from gwyh_mp.protocol.events import Event, Member, MemberDown, MemberUp, Message, ProviderChanged
 from gwyh_mp.protocol.framing import AddKind, OutgoingWindow, Reassembler, split_message
 from gwyh_mp.protocol.handshake import Established, Handshaker
-from gwyh_mp.protocol.membership import Change, MemberTable
-from gwyh_mp.protocol.selection import Candidate, rng_for, select_providers
+from gwyh_mp.protocol.membership import (
+    DIGEST_BUCKETS,
+    Change,
+    MemberInfo,
+    MemberTable,
+    bucket_of,
+    digest_term,
+    id_hash,
+)
+from gwyh_mp.protocol.selection import Candidate, Strategy, rng_for, select_providers
 from gwyh_mp.protocol.wire import FrameType, MemberRecord, MemberState, PacketType, fragment_id
 
 Addr = tuple[str, int]
@@ -62,11 +70,20 @@ RETAIN_BYTES_PER_LINK = 4 << 20  # sent data datagrams kept per peer to answer N
 RETAIN_DATAGRAMS_PER_LINK = 8192
 MAX_RETRANSMITS_PER_NAK = 256
 TAIL_PROBE_S = 0.1  # quiet time after the last data datagram before a tail probe
+# A silent peer is PINGed this many times, evenly over one heartbeat interval, before it
+# is accused: at 20 % loss one PING/PONG round trip fails 36 % of the time, three 5 %.
+PROBE_PINGS = 3
 _TAIL = struct.Struct("!I")
 _SUBSCRIBE_NEED_KEY = 0x01
+_DIGESTS = struct.Struct(f"!{DIGEST_BUCKETS}Q")  # PEERS_REQUEST body: bucket digests
+_MASK64 = (1 << 64) - 1
 _ENTRY_HEADER = wire.ENTRY_HEADER
 _BROADCAST_HEADER = wire.BROADCAST_HEADER
 _CONTROL_HEADER = wire.CONTROL_HEADER
+
+
+def _node_id_of(member: MemberInfo) -> bytes:
+    return member.node_id
 
 
 def _head(datagram: Datagram) -> bytes:
@@ -144,6 +161,20 @@ class PeerLink:
 
 
 @dataclass(slots=True)
+class Probe:
+    """A silent peer being PINGed before it is accused (any authenticated CONTROL from
+    it ends the probe)."""
+
+    give_up: float
+    next_ping: float | None
+    pings_left: int
+
+    @property
+    def due(self) -> float:
+        return self.give_up if self.next_ping is None else self.next_ping
+
+
+@dataclass(slots=True)
 class ProviderState:
     since: float
     last_heard: float
@@ -192,6 +223,7 @@ class NodeCore:
             random_bytes=random_bytes,
         )
         self.members = MemberTable()
+        self._own_id_hash = id_hash(self.node_id)
         self.sessions: dict[int, Session] = {}
         self.links: dict[bytes, PeerLink] = {}
         self.providers: dict[bytes, ProviderState] = {}
@@ -273,7 +305,7 @@ class NodeCore:
         # N missed heartbeats: the N-th is due N intervals after the last one heard;
         # half an interval more absorbs latency and jitter before we call it missed.
         self._watchdog_s = config.heartbeat_interval_s * (config.missed_heartbeats + 0.5)
-        self._probing: dict[bytes, float] = {}  # silent subscriber -> give-up time
+        self._probing: dict[bytes, Probe] = {}  # silent provider or subscriber
         self._pending_swaps: list[tuple[bytes, bytes]] = []  # (provider out, newcomer in)
 
     # ------------------------------------------------------------------ lifecycle
@@ -502,35 +534,49 @@ class NodeCore:
     # ------------------------------------------------------------------ timers
 
     def get_timer(self) -> float | None:
-        if not self._running:
-            return self.handshaker.next_timer()
-        deadlines = [self._next_heartbeat]
-        if self._reassign_at is not None:
-            deadlines.append(self._reassign_at)
+        """The earliest deadline of any timer-driven work. Called after every datagram,
+        so it avoids building anything: one running minimum."""
         hs = self.handshaker.next_timer()
-        if hs is not None:
-            deadlines.append(hs)
-        for state in self.providers.values():
-            deadlines.append(state.last_heard + self._watchdog_s)
-        deadlines.extend(self._probing.values())
-        if self._next_fragment_release is not None:
-            deadlines.append(self._next_fragment_release)
-        reassembly = self.reassembler.next_timer(self._last_now)
-        if reassembly is not None:
-            deadlines.append(reassembly)
-        if self._next_nak_poll is not None:
-            deadlines.append(self._next_nak_poll)
+        if not self._running:
+            return hs
+        t = self._next_heartbeat
+        if hs is not None and hs < t:
+            t = hs
+        if self._reassign_at is not None and self._reassign_at < t:
+            t = self._reassign_at
+        probing = self._probing
+        if self.providers:
+            watchdog = self._watchdog_s
+            for provider_id, state in self.providers.items():
+                due = state.last_heard + watchdog
+                if due < t and provider_id not in probing:
+                    t = due
+        for probe in probing.values():
+            due = probe.due
+            if due < t:
+                t = due
+        if self._next_fragment_release is not None and self._next_fragment_release < t:
+            t = self._next_fragment_release
+        if self.reassembler._partials:
+            reassembly = self.reassembler.next_timer(self._last_now)
+            if reassembly is not None and reassembly < t:
+                t = reassembly
+        if self._next_nak_poll is not None and self._next_nak_poll < t:
+            t = self._next_nak_poll
+        links = self.links
         for peer_id in self._tail_links:
-            link = self.links.get(peer_id)
-            if link is not None and link.tail_due is not None:
-                deadlines.append(link.tail_due)
-        now = self._last_now
-        for peer_id in self._backlogged:
-            link = self.links.get(peer_id)
-            if link is not None and link.queue:
-                pacer = self._pacer(link)
-                deadlines.append(pacer.next_send_time(len(link.queue[0][0]), now))
-        return min(deadlines)
+            link = links.get(peer_id)
+            if link is not None and link.tail_due is not None and link.tail_due < t:
+                t = link.tail_due
+        if self._backlogged:
+            now = self._last_now
+            for peer_id in self._backlogged:
+                link = links.get(peer_id)
+                if link is not None and link.queue:
+                    due = self._pacer(link).next_send_time(len(link.queue[0][0]), now)
+                    if due < t:
+                        t = due
+        return t
 
     def handle_timer(self, now: float) -> None:
         self._last_now = now
@@ -650,7 +696,8 @@ class NodeCore:
             if loss is None:
                 loss = link.loss = LinkLossDetector(self.pacing)
             loss.on_packet(link_seq, now)
-            if session.peer_id not in self._rx_links:
+            # In order with nothing outstanding (the common case): no NAK poll to arm.
+            if loss.owes_poll and session.peer_id not in self._rx_links:
                 self._rx_links[session.peer_id] = None
                 if self._next_nak_poll is None:
                     self._next_nak_poll = now + self.pacing.nak_interval_s
@@ -985,11 +1032,11 @@ class NodeCore:
                 provider.last_heard = now
                 # Members that joined while we had no providers were announced to
                 # nobody we listen to: one peer list from each new provider closes that gap.
-                self._queue_control(peer_id, FrameType.PEERS_REQUEST)
+                self._request_peers(peer_id)
         elif ftype == FrameType.UNSUBSCRIBE:
             self.subscribers.pop(peer_id, None)
         elif ftype == FrameType.PEERS_REQUEST:
-            self._send_peer_list(peer_id)
+            self._send_peer_list(peer_id, body)
         elif ftype == FrameType.PEERS:
             for record in wire.decode_members(body):
                 self._apply_record(record, now, announce=False, source=peer_id)
@@ -1074,7 +1121,7 @@ class NodeCore:
         self._apply_record(record, now, announce=True, direct=True)
         if est.addr in self._bootstrap_addrs or est.addr in self._peer_request_addrs:
             self._peer_request_addrs.discard(est.addr)
-            self._queue_control(est.peer_id, FrameType.PEERS_REQUEST)
+            self._request_peers(est.peer_id)
         provider = self.providers.get(est.peer_id)
         if provider is not None and not provider.confirmed:
             self._queue_control(est.peer_id, FrameType.SUBSCRIBE, bytes((_SUBSCRIBE_NEED_KEY,)))
@@ -1240,8 +1287,7 @@ class NodeCore:
         n = self.config.subscriptions
         if len(self.providers) < n or newcomer in self.providers:
             return
-        members_up = len(self.members.up_members())
-        if self._rng.random() < n / max(members_up, 1):
+        if self._rng.random() < n / max(self.members.up_count, 1):
             victim = self._rng.choice(sorted(self.providers))
             self._pending_swaps.append((victim, newcomer))
 
@@ -1251,8 +1297,56 @@ class NodeCore:
         if self._reassign_at is None or due < self._reassign_at:
             self._reassign_at = due
 
+    def _selection_settled(self) -> bool:
+        """Would provider selection return exactly the providers we have? Selection is a
+        fixed point on its own result (see selection.py), so it is when every provider
+        is still UP, no swap is pending and the count per zone is what the strategy
+        asks for. Checked in O(providers + zones) from the table's incremental counts,
+        instead of a selection over every member after every membership change."""
+        if self._pending_swaps:
+            return False
+        members = self.members
+        zones: dict[str | None, int] = {}
+        for provider_id in self.providers:
+            member = members.get(provider_id)
+            if member is None or member.state != MemberState.UP:
+                return False
+            zones[member.zone] = zones.get(member.zone, 0) + 1
+        n = self.config.subscriptions
+        if self.config.strategy is not Strategy.HUB_AND_SPOKE:
+            return len(self.providers) == min(n, members.up_count)
+        # One provider per remote zone, then the local share of what is left.
+        up_zones = members.up_zones
+        remote = [zone for zone in up_zones if zone != self.zone]
+        local_target = min(max(0, n - len(remote)), up_zones.get(self.zone, 0))
+        if zones.pop(self.zone, 0) != local_target:
+            return False
+        return len(zones) == len(remote) and all(zones.get(zone) == 1 for zone in remote)
+
+    def reselect_providers(self, now: float) -> None:
+        """Run provider selection now over the current member table (it otherwise runs
+        a short random delay after membership changes). For embedders that seeded the
+        table with ``learn_members``."""
+        self._reassign_at = None
+        self._reassign(now)
+
+    def learn_members(self, records: list[MemberRecord]) -> int:
+        """Seed the member table with known members, silently: no events, no
+        announcements, no reselection (call ``reselect_providers`` after). Meant for
+        restoring a saved view or building a simulated cluster; records about this node
+        are skipped. Returns how many records changed the table."""
+        apply = self.members.apply
+        own = self.node_id
+        return sum(
+            1 for record in records if record.node_id != own and apply(record) is not Change.NONE
+        )
+
     def _reassign(self, now: float) -> None:
-        candidates = [Candidate(m.node_id, m.zone) for m in self.members.up_members()]
+        if self._selection_settled():
+            return
+        up = self.members.up_members()
+        up.sort(key=_node_id_of)
+        candidates = [Candidate(m.node_id, m.zone) for m in up]
         keep = set(self.providers)
         for victim, newcomer in self._pending_swaps:
             if victim in keep:
@@ -1317,21 +1411,52 @@ class NodeCore:
             # Every provider went quiet at once: far likelier that *we* are cut off
             # than that they all died. Do not accuse them; start over from the seeds.
             self.stats.bump("isolated")
+            for provider_id in silent:
+                self._probing.pop(provider_id, None)
             self.providers.clear()
             self._events.append(ProviderChanged(()))
             self._bootstrap(now)
             self._schedule_reassign(now)
             return
         for provider_id in silent:
-            self._declare_down(provider_id, now)
-            self.providers.pop(provider_id, None)
+            # Suspect, do not accuse yet: a few lost heartbeats are likelier than a death
+            # under loss. It stays our provider while the PINGs run (_check_probes).
+            if provider_id not in self._probing:
+                self._start_probe(provider_id, now)
+
+    def _start_probe(self, peer_id: bytes, now: float) -> None:
+        self.stats.bump("probes")
+        self._probing[peer_id] = Probe(now + self.config.heartbeat_interval_s, now, PROBE_PINGS)
+        self._check_probe(peer_id, self._probing[peer_id], now)
+
+    def _check_probe(self, peer_id: bytes, probe: Probe, now: float) -> None:
+        if probe.next_ping is not None and now >= probe.next_ping:
+            self._queue_control(peer_id, FrameType.PING)
+            probe.pings_left -= 1
+            if probe.pings_left > 0:
+                spacing = self.config.heartbeat_interval_s / PROBE_PINGS
+                probe.next_ping = max(now, probe.next_ping + spacing)
+            else:
+                probe.next_ping = None
 
     def _check_probes(self, now: float) -> None:
-        for peer_id, give_up in list(self._probing.items()):
-            if now >= give_up:
+        if not self._probing:
+            return
+        for peer_id, probe in list(self._probing.items()):
+            if now >= probe.give_up:
                 del self._probing[peer_id]
-                if self._heard_from_a_provider(now):  # still not us who is cut off
+                # A provider: the isolation rule in _check_providers already spared it if
+                # all of them fell silent. A subscriber: accused only while we are
+                # demonstrably connected.
+                if peer_id in self.providers or self._heard_from_a_provider(now):
+                    self.stats.bump("probes_failed")
                     self._declare_down(peer_id, now)
+                    if self.providers.pop(peer_id, None) is not None:
+                        # Already DOWN in our table, so nothing above replaced it.
+                        self._events.append(ProviderChanged(tuple(sorted(self.providers))))
+                        self._schedule_reassign(now)
+            else:
+                self._check_probe(peer_id, probe, now)
 
     def _heartbeat_tick(self, now: float) -> None:
         for subscriber_id, expires in list(self.subscribers.items()):
@@ -1342,8 +1467,7 @@ class NodeCore:
                 del self.subscribers[subscriber_id]
                 self.stats.bump("subscribers_expired")
                 if self._heard_from_a_provider(now) and subscriber_id not in self._probing:
-                    self._probing[subscriber_id] = now + self.config.heartbeat_interval_s
-                    self._queue_control(subscriber_id, FrameType.PING)
+                    self._start_probe(subscriber_id, now)
             else:
                 self._queue_control(subscriber_id, FrameType.HEARTBEAT)
         for provider_id, state in self.providers.items():
@@ -1361,7 +1485,7 @@ class NodeCore:
             # Slow anti-entropy: a lost STATUS flood must not leave a member unknown forever.
             self._next_peer_sync = now + self.config.peer_sync_interval_s
             provider_id = self._rng.choice(sorted(self.providers))
-            self._queue_control(provider_id, FrameType.PEERS_REQUEST)
+            self._request_peers(provider_id)
         self._retire_sessions(now)
 
     def _heard_from_a_provider(self, now: float) -> bool:
@@ -1416,23 +1540,55 @@ class NodeCore:
         else:
             out.append((header + seal(session.send_key, nonce24, plaintext), session.addr))
 
-    def _send_peer_list(self, peer_id: bytes) -> None:
-        records = [self._self_record(MemberState.UP)]
-        records.extend(m.record() for m in self.members.up_members() if m.node_id != peer_id)
+    def _member_digests(self) -> list[int]:
+        """Per-bucket digests of our view of the whole cluster, ourselves included (so
+        two nodes that agree have equal digests)."""
+        digests = list(self.members.digests)
+        bucket = bucket_of(self._own_id_hash)
+        own = digest_term(self._own_id_hash, self.incarnation, MemberState.UP)
+        digests[bucket] = (digests[bucket] + own) & _MASK64
+        return digests
+
+    def _request_peers(self, peer_id: bytes) -> None:
+        """Anti-entropy pull: our bucket digests go along, so the answer carries only
+        the buckets where our views differ."""
+        body = _DIGESTS.pack(*self._member_digests())
+        self._queue_control(peer_id, FrameType.PEERS_REQUEST, body)
+
+    def _send_peer_list(self, peer_id: bytes, request: bytes = b"") -> None:
+        # Empty request: everything UP (a newcomer's or an older peer's request). With
+        # digests: every member, UP and DOWN, of each bucket that differs, so a missed
+        # DOWN or refutation is repaired too; nothing but our own record if none does.
+        encoded = [self._self_record(MemberState.UP).encode()]
+        if not request:
+            members = self.members.up_members()
+        else:
+            if len(request) != _DIGESTS.size:
+                raise wire.WireError("bad peers request")
+            theirs = _DIGESTS.unpack(request)
+            ours = self._member_digests()
+            differ = {b for b in range(DIGEST_BUCKETS) if theirs[b] != ours[b]}
+            members = self.members.bucket_members(differ) if differ else []
+            self.stats.bump("peer_syncs_answered")
+        encoded.extend(m.record().encode() for m in members if m.node_id != peer_id)
+        self.stats.bump("peer_records_sent", len(encoded))
         budget = min(
             wire.MAX_FRAME_BODY, self.config.max_datagram_bytes - wire.CONTROL_OVERHEAD - 16
         )
-        chunk: list[MemberRecord] = []
+        chunk: list[bytes] = []
         size = 2
-        for record in records:
-            cost = len(record.encode())
-            if chunk and size + cost > budget:
-                self._queue_control(peer_id, FrameType.PEERS, wire.encode_members(chunk))
+        for record in encoded:
+            if chunk and size + len(record) > budget:
+                self._queue_peers(peer_id, chunk)
                 chunk, size = [], 2
             chunk.append(record)
-            size += cost
+            size += len(record)
         if chunk:
-            self._queue_control(peer_id, FrameType.PEERS, wire.encode_members(chunk))
+            self._queue_peers(peer_id, chunk)
+
+    def _queue_peers(self, peer_id: bytes, encoded: list[bytes]) -> None:
+        body = struct.pack("!H", len(encoded)) + b"".join(encoded)
+        self._queue_control(peer_id, FrameType.PEERS, body)
 
     def _fanout_target(self, peer_id: bytes) -> FanoutTarget | None:
         link = self.links.get(peer_id)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import itertools
 import random
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -122,7 +123,11 @@ def _dedupe_sorted(candidates: Iterable[Candidate]) -> list[Candidate]:
     The caller should not pass duplicates; if it does, which entry wins must not depend on
     input order, so ties are broken by zone (None first).
     """
-    ordered = sorted(candidates, key=lambda c: (c.node_id, _zone_key(c.zone)))
+    ordered = list(candidates)
+    ids = [c.node_id for c in ordered]
+    if all(a < b for a, b in itertools.pairwise(ids)):
+        return ordered  # already sorted and unique (what NodeCore passes): skip the sort
+    ordered.sort(key=lambda c: (c.node_id, _zone_key(c.zone)))
     out: list[Candidate] = []
     for c in ordered:
         if not out or out[-1].node_id != c.node_id:
