@@ -10,8 +10,8 @@ prefer-remote) a fresh cluster of ``--nodes`` runs these phases:
 
 1. join, loss-free: ``real`` (node i starts at i / ``--join-rate`` and bootstraps
    through a seed and a random earlier node: every join is flooded, so O(N^2)) or
-   ``warm`` (``SimNetwork.warm_start``: membership filled in, providers picked by the
-   real selection over everyone, handshakes and subscriptions over the network).
+   ``warm`` (``SimNetwork.warm_start``: membership filled in, providers picked by each
+   node's own selection over everyone, handshakes and subscriptions over the network).
    ``auto``: real up to 300 nodes.
 2. one broadcast phase per ``--loss`` level: ``--broadcasts`` messages from random live
    nodes, ``--interval`` apart. Per broadcast: reliability (share of the other live
@@ -391,9 +391,7 @@ def converged(nodes: Sequence[SimNode], want_view: int, want_providers: int) -> 
 def join(args: argparse.Namespace, net: SimNetwork, configs: list[Config], mode: str) -> dict:
     clock = Clock(net)
     if mode == "warm":
-        nodes = net.warm_start(
-            configs, spread_s=args.heartbeat_interval, select_seed=f"{args.seed}/select"
-        )
+        nodes = net.warm_start(configs, spread_s=args.heartbeat_interval)
     else:
         nodes = []
         for i, config in enumerate(configs):

@@ -23,14 +23,12 @@ import gc
 import heapq
 import operator
 import random
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from gwyh_mp.config import Config
 from gwyh_mp.protocol.events import Event
 from gwyh_mp.protocol.node import NodeCore
-from gwyh_mp.protocol.selection import Candidate, select_providers
 from gwyh_mp.protocol.wire import MemberRecord, MemberState
 
 Addr = tuple[str, int]
@@ -214,122 +212,71 @@ class SimNetwork:
         configs: Sequence[Config],
         *,
         spread_s: float,
-        select_seed: int | str = 0,
         timeout_s: float = 60.0,
     ) -> list[SimNode]:
         """Add ``configs`` as an already-converged cluster: every node knows every other,
-        and each subscribes to the providers its strategy picks from the whole membership.
+        and each subscribes to the providers its own selection picks from the whole
+        membership.
 
         Joining N nodes one by one costs O(N^2) datagrams (every join is flooded, every
-        new provider answers with its whole member list) and, at 10,000 nodes, hours.
-        This shortcut keeps the parts a measurement depends on real:
+        new provider answers with its member list) and, at 10,000 nodes, hours. This
+        shortcut keeps the parts a measurement depends on real, and uses only the core's
+        public API:
 
-        1. providers are chosen by the real ``select_providers`` over the full membership
-           (RNG: ``select_seed`` and the node id, not the core's own stream);
+        1. every member table is filled with everyone (``NodeCore.learn_members``: no
+           events, no announcements), the record strings shared so 10,000 nodes fit in
+           ~12 GB;
         2. each node is started at a random instant in ``[now, now + spread_s)`` (so
-           heartbeats are not synchronised) knowing only its providers, and picks them
-           with its own ``_reassign``; its providers already know their subscribers, so
-           no join is announced cluster-wide;
-        3. handshakes, SUBSCRIBE/SUBSCRIBED and the (small) peer lists then run over this
-           network, until every provider is confirmed;
-        4. finally every member table is filled with everyone (``MemberTable.apply``, no
-           events), sharing the record strings so 10,000 nodes fit in ~12 GB.
+           heartbeats are not synchronised);
+        3. once all are running, each node picks its providers at a random instant of a
+           second such spread (``NodeCore.reselect_providers``: the real selection, with
+           the node's own seeded RNG, over the full membership);
+        4. handshakes, SUBSCRIBE/SUBSCRIBED and the anti-entropy pulls then run over this
+           network until every provider is confirmed. The pulls carry bucket digests and
+           every view already agrees, so each answer is one record.
 
-        While wiring, two core reactions are switched off (shadowed on each instance):
-        answering PEERS_REQUEST (step 4 does its job; answered, each list carries what
-        the provider learned from its own providers' lists, and the lists snowball to
-        O(N^2) records), and swap-in (a node trades a provider for a newcomer with
-        probability N / members: with the tiny tables of that moment it would fire for
-        half the newcomers and churn the graph step 1 drew from the whole membership).
-
-        What differs from a real join: no MemberUp event for members filled in step 4,
-        and the provider graph is drawn at once from the full membership instead of being
-        grown join by join. Give the configs no ``bootstrap``: a bootstrap handshake would
-        announce the node cluster-wide and pull a peer list, the O(N^2) this avoids.
-        Needs ``NodeCore._reassign`` (private; and
-        shadows ``_send_peer_list`` and ``_maybe_swap_in`` while wiring): the core has no
-        public "adopt these members" hook yet.
+        What differs from a real join: no MemberUp events for the members filled in, and
+        the provider graph is drawn at once from the full membership instead of grown join
+        by join (so no newcomer swap-ins). Give the configs no ``bootstrap``: a bootstrap
+        handshake asks for a full peer list, the O(N^2) this avoids.
         """
         if not configs:
             return []
-        reassign = getattr(NodeCore, "_reassign", None)
-        if reassign is None:
-            raise WarmStartError("NodeCore._reassign is gone; warm_start needs a new hook")
         was_enabled = gc.isenabled()
         gc.disable()  # millions of long-lived objects: generational GC would rescan them all
         try:
-            start = self.now
             nodes = [self.add_node(c, start=False) for c in configs]
             records = [_record_of(n) for n in nodes]
-            by_id = {r.node_id: i for i, r in enumerate(records)}
-            if len(by_id) != len(nodes):
+            if len({r.node_id for r in records}) != len(nodes):
                 raise WarmStartError("duplicate node ids")
-            candidates = sorted(
-                (Candidate(r.node_id, r.zone) for r in records), key=lambda c: c.node_id
-            )
-            rank = {c.node_id: k for k, c in enumerate(candidates)}
-            desired: list[list[int]] = []
-            subscribers: list[list[int]] = [[] for _ in nodes]
             for i, node in enumerate(nodes):
-                core = node.core
-                own = core.node_id
-                k = rank[own]
-                chosen = select_providers(
-                    own_zone=core.zone,
-                    candidates=candidates[:k] + candidates[k + 1 :],  # everyone else
-                    current=(),
-                    n=core.config.subscriptions,
-                    strategy=core.config.strategy,
-                    rng=random.Random(f"{select_seed}/{own.hex()}"),
-                )
-                desired.append([by_id[p] for p in chosen])
-                for p in desired[-1]:
-                    subscribers[p].append(i)
-            order = list(range(len(nodes)))
-            order_rng = random.Random(f"{select_seed}/order")
-            order_rng.shuffle(order)
-            starts = sorted(start + order_rng.random() * spread_s for _ in order)
-            for node in nodes:
-                for name in _QUIET_WHILE_WIRING:
-                    if hasattr(node.core, name):
-                        setattr(node.core, name, _ignore)  # the instance attr shadows it
-            for i, when in zip(order, starts, strict=True):
-                self.run_until(when)
-                node = nodes[i]
-                table = node.core.members
-                for p in desired[i]:
-                    table.apply(records[p])
-                node.core.start(self.now)
-                reassign(node.core, self.now)
-                # Its subscribers are known before their Hellos arrive: no JOINED flood.
-                for s in subscribers[i]:
-                    table.apply(records[s])
-                self._after_activity(node)
-            wanted = [(n, len(d)) for n, d in zip(nodes, desired, strict=True)]
+                node.core.learn_members(records[:i] + records[i + 1 :])
+            order_rng = random.Random(f"{self._seed}/warm-start")
+            for phase in ("start", "select"):
+                begin = self.now
+                order = list(range(len(nodes)))
+                order_rng.shuffle(order)
+                instants = sorted(begin + order_rng.random() * spread_s for _ in order)
+                for i, when in zip(order, instants, strict=True):
+                    self.run_until(when)
+                    core = nodes[i].core
+                    if phase == "start":
+                        core.start(self.now)
+                    else:
+                        core.reselect_providers(self.now)
+                    self._after_activity(nodes[i])
+                self.run_until(begin + spread_s)
+            wanted = [(n, max(1, len(n.core.providers))) for n in nodes]
             ok = self.run_until_true(
                 lambda: all(_wired(n, k) for n, k in wanted), timeout_s=timeout_s, step_s=0.25
             )
             if not ok:
                 missing = sum(1 for n, k in wanted if not _wired(n, k))
                 raise WarmStartError(f"{missing} nodes did not confirm their providers")
-            for node in nodes:
-                for name in _QUIET_WHILE_WIRING:
-                    vars(node.core).pop(name, None)
-            for i, node in enumerate(nodes):
-                # map + a zero-length deque: the 10^8 calls of a 10,000-node fill run
-                # without a Python-level loop around them.
-                deque(map(node.core.members.apply, records[:i] + records[i + 1 :]), maxlen=0)
             return nodes
         finally:
             if was_enabled:
                 gc.enable()
-
-
-_QUIET_WHILE_WIRING = ("_send_peer_list", "_maybe_swap_in")
-
-
-def _ignore(*args: object) -> None:
-    return None
 
 
 def _record_of(node: SimNode) -> MemberRecord:

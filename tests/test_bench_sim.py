@@ -239,7 +239,7 @@ def test_warm_start_converges_with_real_sessions() -> None:
         )
         for i in range(30)
     ]
-    nodes = net.warm_start(configs, spread_s=1.0, select_seed=3)
+    nodes = net.warm_start(configs, spread_s=1.0)
     ids = {n.core.node_id for n in nodes}
     for node in nodes:
         core = node.core
@@ -253,7 +253,8 @@ def test_warm_start_converges_with_real_sessions() -> None:
             provider = core.members.get(p)
             assert provider is not None
             assert core.node_id in net.nodes[provider.host, provider.port].core.subscribers
-        assert "_send_peer_list" not in vars(core) and "_maybe_swap_in" not in vars(core)
+        # Every view agreed from the start: each anti-entropy answer was one record.
+        assert core.stats.get("peer_records_sent", 0) == core.stats.get("peer_syncs_answered", 0)
     origin = next(n for n in nodes if n.core.subscribers)
     got: list[tuple[str, int]] = []
 
