@@ -672,6 +672,17 @@ def print_table(result: dict, out: io.TextIOBase | None = None) -> None:
             f"{fmt(d['all_s']['mean'], 1, 1):>8}{fmt(d['all_s']['max'], 1, 1):>6}  "
             f"{fps:<22}{fmt(speed['sim_per_wall'], 1, 2):>9}{fmt(speed['sim_per_cpu'], 1, 2):>8}"
         )
+    # Speed per phase: a broadcast costs every node ~15 events (copies in and out, tail
+    # probes, timers), an idle second ~3, so the phases differ by an order of magnitude.
+    first = next(iter(result["strategies"].values()), None)
+    if first is not None:
+        heads = [f"bc {b['loss']:.0%}" for b in first["broadcasts"]] + ["detect"]
+        heads += [f"quiet {f['loss']:.0%}" for f in first["false_positives"]]
+        line(f"{'sim s per CPU s':<16}" + "".join(f"{h:>10}" for h in heads))
+        for name, s in result["strategies"].items():
+            phases = [*s["broadcasts"], s["detection"], *s["false_positives"]]
+            cells = "".join(f"{fmt(ph['speed']['sim_per_cpu'], 1, 2):>10}" for ph in phases)
+            line(f"{name:<16}{cells}")
     line(
         "(t99/t100: time to 99 %/100 % of the other live nodes; redund: copies received per "
         "delivery - 1; no-sub: nodes nobody subscribes to; detect: s until every live node "
