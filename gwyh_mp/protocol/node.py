@@ -557,10 +557,9 @@ class NodeCore:
                 t = due
         if self._next_fragment_release is not None and self._next_fragment_release < t:
             t = self._next_fragment_release
-        if self.reassembler._partials:
-            reassembly = self.reassembler.next_timer(self._last_now)
-            if reassembly is not None and reassembly < t:
-                t = reassembly
+        reassembly = self.reassembler.next_timer(self._last_now)
+        if reassembly is not None and reassembly < t:
+            t = reassembly
         if self._next_nak_poll is not None and self._next_nak_poll < t:
             t = self._next_nak_poll
         links = self.links
