@@ -46,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subscriptions", type=int, default=5)
     parser.add_argument("--workers", type=int, default=1, help="receiver processes per node")
     parser.add_argument("--max-datagram", type=int, default=1400)
+    parser.add_argument(
+        "--flush-interval",
+        type=float,
+        default=0.0,
+        help="the nodes' --flush-interval (coalescing window under load, seconds)",
+    )
     parser.add_argument("--floor-seconds", type=float, default=1.0)
     parser.add_argument("--timeout", type=float, default=120.0, help="hard cap on the run (s)")
     parser.add_argument("--json", metavar="FILE")
@@ -119,6 +125,8 @@ def start_cluster(args: argparse.Namespace, workdir: Path) -> list[ClusterNode]:
             str(args.subscriptions),
             "--max-datagram",
             str(args.max_datagram),
+            "--flush-interval",
+            str(args.flush_interval),
             "--heartbeat-interval",
             "1",
             "--workers",

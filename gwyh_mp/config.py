@@ -113,6 +113,12 @@ class Config:
     """Data waiting for one peer's pacer; forwarded datagrams beyond it are shed (counted)."""
     send_queue_bytes: int = 64 << 20
     """Above this much queued data, broadcast() waits (backpressure) instead of queueing."""
+    flush_interval_s: float = 0.0
+    """Coalescing window for traffic caused by received datagrams (forwards, replies): a
+    node flushes at once when idle, but at most once per this interval under load, so
+    entries that arrive meanwhile share datagrams (fewer packets to send, receive and
+    decrypt at every hop). Costs up to this much latency per hop; 0 flushes after every
+    receive batch. 0.005 halves CPU per delivery in the 10-node bench (README)."""
 
     # -- runtime ---------------------------------------------------------------------
     socket_buffer_bytes: int = 8 << 20
@@ -216,6 +222,15 @@ class Config:
         _positive_int("send_rate_increase_bytes_per_s", self.send_rate_increase_bytes_per_s)
         _positive_int("link_queue_bytes", self.link_queue_bytes, minimum=wire.MAX_DATAGRAM_BYTES)
         _positive_int("send_queue_bytes", self.send_queue_bytes, minimum=wire.MAX_DATAGRAM_BYTES)
+        interval = self.flush_interval_s
+        if (
+            isinstance(interval, bool)
+            or not isinstance(interval, int | float)
+            or not 0 <= interval <= 1
+        ):
+            raise ConfigError(
+                f"flush_interval_s must be between 0 and 1 (seconds), got {interval!r}"
+            )
         _positive_int("socket_buffer_bytes", self.socket_buffer_bytes)
         _positive_int("message_queue_size", self.message_queue_size)
         _positive_int("workers", self.workers, maximum=max(64, (os.cpu_count() or 1) * 4))

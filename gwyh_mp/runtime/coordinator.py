@@ -257,7 +257,7 @@ class MultiProcessRuntime(CoreDriver):
             records = ring.get_many(4096)
             if records:
                 self._dispatch(records, worker, loop.time())
-                self._flush()
+                self.flush_after_receive()
             if ring.prepare_wait():
                 return
 

@@ -25,6 +25,7 @@ class CoreDriver:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_scheduled = False
+        self._last_flush = float("-inf")
         self._drained: asyncio.Event | None = None
 
     def _active(self) -> bool:
@@ -46,6 +47,26 @@ class CoreDriver:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def flush_after_receive(self) -> None:
+        """Flush what a receive batch produced: at once, unless the last flush was less
+        than Config.flush_interval_s ago; then at the end of that interval, so what
+        arrives meanwhile is coalesced into the same datagrams."""
+        core, loop = self.core, self._loop
+        if core is None or loop is None:
+            return
+        interval = core.config.flush_interval_s
+        if interval <= 0:
+            self._flush()
+            return
+        if self._flush_scheduled:
+            return  # a flush is already on its way
+        due = self._last_flush + interval
+        if loop.time() >= due:
+            self._flush()
+        else:
+            self._flush_scheduled = True
+            loop.call_at(due, self._flush)
+
     async def wait_drained(self) -> None:
         """Wait until the core accepts broadcasts again (its send backlog drained)."""
         if self._drained is None:
@@ -54,6 +75,8 @@ class CoreDriver:
         await self._drained.wait()
 
     def _after_flush(self, core: NodeCore) -> None:
+        if self._loop is not None:
+            self._last_flush = self._loop.time()
         while (event := core.next_event()) is not None:
             self._on_event(event)
         while core.warnings:

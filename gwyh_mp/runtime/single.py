@@ -114,7 +114,7 @@ class SingleProcessRuntime(CoreDriver):
             total += count
             if count < receiver.batch:
                 break
-        self._flush()
+        self.flush_after_receive()
 
     def _flush(self) -> None:
         self._flush_scheduled = False
