@@ -158,8 +158,9 @@ def wait_converged(nodes: list[ClusterNode], args: argparse.Namespace, timeout: 
     return False
 
 
-def payload(seq: int, size: int) -> bytes:
-    head = b"%010d " % seq
+def payload(seq: int, size: int, sent_at: float) -> bytes:
+    """Sequence number and send time (Unix s) up front, padded to ``size`` bytes."""
+    head = b"%010d %.6f " % (seq, sent_at)
     return head + b"x" * max(0, size - len(head))
 
 
@@ -178,8 +179,10 @@ def feed(nodes: list[ClusterNode], args: argparse.Namespace) -> tuple[float, flo
             else min(args.count, int((time.monotonic() - started) * args.rate) + 1)
         )
         batches: dict[int, list[bytes]] = {}
+        now = time.time()
         for seq in range(sent, due):
-            batches.setdefault(seq % len(senders), []).append(payload(seq, args.size) + b"\n")
+            line = payload(seq, args.size, now) + b"\n"
+            batches.setdefault(seq % len(senders), []).append(line)
         for idx, lines in batches.items():
             os.write(senders[idx].proc.stdin.fileno(), b"".join(lines))  # type: ignore[union-attr]
         sent = due
@@ -196,13 +199,20 @@ def expected_for(node: ClusterNode, args: argparse.Namespace) -> int:
     return args.count - own
 
 
-def verify(node: ClusterNode, args: argparse.Namespace) -> dict[str, int]:
+def verify(
+    node: ClusterNode, args: argparse.Namespace, latencies: list[float] | None = None
+) -> dict[str, int]:
+    """Delivery counts for one node; appends each delivery's latency (s) to ``latencies``:
+    from the line written to the sender's stdin to the node printing it (one clock)."""
     got: dict[int, int] = {}
     with open(node.out_path, "rb") as f:
         for line in f:
             record = orjson.loads(line)
-            seq = int(record["data"][:10])
+            data = record["data"]
+            seq = int(data[:10])
             got[seq] = got.get(seq, 0) + 1
+            if latencies is not None and "received_at" in record:
+                latencies.append(record["received_at"] - float(data[11:28].split(" ", 1)[0]))
     own = {
         s for s in range(args.count) if node.index < args.senders and s % args.senders == node.index
     }
@@ -216,9 +226,30 @@ def verify(node: ClusterNode, args: argparse.Namespace) -> dict[str, int]:
     }
 
 
+def latency_summary(latencies: list[float]) -> dict[str, float | int | None]:
+    """Nearest-rank percentiles in ms of every node-delivery's send-to-print latency."""
+    values = sorted(latencies)
+
+    def pct(p: float) -> float | None:
+        if not values:
+            return None
+        return round(values[min(len(values) - 1, int(p * len(values)))] * 1000, 3)
+
+    return {
+        "count": len(values),
+        "p50": pct(0.5),
+        "p90": pct(0.9),
+        "p99": pct(0.99),
+        "max": round(values[-1] * 1000, 3) if values else None,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     if args.nodes < 2 or args.senders < 1 or args.senders > args.nodes:
         print("bench cluster: need --nodes >= 2 and 1 <= --senders <= --nodes", file=sys.stderr)
+        return 2
+    if args.size < 32 or not 0 <= args.flush_interval <= 1:
+        print("bench cluster: need --size >= 32 and 0 <= --flush-interval <= 1", file=sys.stderr)
         return 2
     floor = measure_naive_floor(args.size, args.subscriptions, args.floor_seconds)
     workdir = Path(tempfile.mkdtemp(prefix="gwyh-cluster-"))
@@ -253,7 +284,8 @@ def run(args: argparse.Namespace) -> int:
         cpu_after = [p.cpu_times() for p in procs]
         snmp_after = rcvbuf_errors()
         stats = [n.last_stats() for n in nodes]
-        checks = [verify(n, args) for n in nodes]
+        latencies: list[float] = []
+        checks = [verify(n, args, latencies) for n in nodes]
         deliveries = sum(c["delivered"] for c in checks)
         cpu_s = sum(
             (a.user - b.user) + (a.system - b.system)
@@ -281,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
                 "floor_cpu_us_per_msg": round(floor["cpu_us_per_msg"], 2),
                 "ratio_to_floor": round(cpu_us / floor["cpu_us_per_msg"], 3) if cpu_us else None,
                 "rcvbuf_errors": snmp_after - snmp_before if snmp_before >= 0 else None,
+                "latency_ms": latency_summary(latencies),
                 "floor": floor,
                 "per_node": [
                     {
@@ -300,7 +333,9 @@ def run(args: argparse.Namespace) -> int:
             f"lost {lost}, dup {result['duplicate_deliveries']}, "
             f"{result['cpu_us_per_delivery']} us CPU/delivery vs floor "
             f"{result['floor_cpu_us_per_msg']} us (x{result['ratio_to_floor']}), "
-            f"rcvbuf errors {result['rcvbuf_errors']}",
+            f"rcvbuf errors {result['rcvbuf_errors']}, latency ms p50 "
+            f"{result['latency_ms']['p50']} p99 {result['latency_ms']['p99']} "
+            f"max {result['latency_ms']['max']}",
             file=sys.stderr,
         )
         return 0 if complete and lost == 0 else 1

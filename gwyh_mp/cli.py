@@ -232,8 +232,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise CliError(str(exc)) from None
 
 
-def message_json(msg: Message) -> bytes:
+def message_json(msg: Message, received_at: float | None = None) -> bytes:
     record: dict[str, object] = {"id": msg.id.hex(), "origin": msg.origin.hex(), "hops": msg.hops}
+    if received_at is not None:
+        record["received_at"] = round(received_at, 6)
     try:
         record["data"] = msg.data.decode("utf-8")
     except UnicodeDecodeError:
@@ -337,7 +339,8 @@ async def _broadcast_line(node: Node, line: bytes) -> None:
 async def _pump_stdout(node: Node) -> None:
     out = sys.stdout.buffer
     async for batch in node.message_batches():
-        out.write(b"".join([message_json(msg) for msg in batch]))
+        now = time.time()  # one wall-clock stamp per batch: when the node handed it out
+        out.write(b"".join([message_json(msg, now) for msg in batch]))
         out.flush()
 
 

@@ -1,0 +1,73 @@
+"""`python -m bench cluster` on a tiny cluster: the figures it reports are consistent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from gwyh_mp.cli import message_json
+from gwyh_mp.protocol.events import Message
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_tiny_cluster_run_reports_consistent_figures(tmp_path: Path) -> None:
+    out = tmp_path / "cluster.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "cluster",
+            "--nodes",
+            "3",
+            "--subscriptions",
+            "2",
+            "--count",
+            "300",
+            "--rate",
+            "600",
+            "--max-datagram",
+            "65000",
+            "--flush-interval",
+            "0.005",
+            "--floor-seconds",
+            "0.2",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    result = json.loads(out.read_text())
+    assert result["complete"] and result["lost_messages"] == 0
+    assert result["duplicate_deliveries"] == 0
+    assert result["node_deliveries"] == 2 * 300  # two receivers, the sender excluded
+    latency = result["latency_ms"]
+    assert latency["count"] == result["node_deliveries"]
+    assert 0 < latency["p50"] <= latency["p99"] <= latency["max"] < 30_000
+    assert result["params"]["flush_interval"] == 0.005
+    assert result["cpu_us_per_delivery"] > 0 and result["floor_cpu_us_per_msg"] > 0
+
+
+def test_bad_arguments_are_refused() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "cluster", "--flush-interval", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and b"--flush-interval" in proc.stderr
+
+
+def test_stdio_lines_carry_the_delivery_time() -> None:
+    msg = Message(b"hi", b"\x01" * 16, b"\x02" * 16, 3)
+    record = orjson.loads(message_json(msg, 1795772664.7498441))
+    assert record["received_at"] == 1795772664.749844 and record["data"] == "hi"
+    assert "received_at" not in orjson.loads(message_json(msg))
