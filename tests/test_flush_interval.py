@@ -4,7 +4,6 @@ The driver logic runs against a hand-driven clock; real clusters check nothing i
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -14,6 +13,7 @@ from gwyh_mp import Config, Node
 from gwyh_mp.cli import build_run_parser
 from gwyh_mp.config import ConfigError
 from gwyh_mp.runtime.driver import CoreDriver
+from tests.helpers_nodes import start_hub_and_spokes
 
 KEY = b"flush-interval-test-key-0123456789"
 
@@ -98,15 +98,8 @@ def test_cli_rejects_bad_flush_interval(bad: str, capsys: pytest.CaptureFixture[
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_cluster_with_a_flush_interval_delivers_exactly_once(workers: int) -> None:
     base = Config.local(bind=("127.0.0.1", 0), psks=[KEY], flush_interval_s=0.005)
-    hub = await Node(base.replace(workers=workers)).start()
-    others = [await Node(base.replace(bootstrap=[hub.address])).start() for _ in range(3)]
-    nodes = [hub, *others]
+    nodes = await start_hub_and_spokes(base, hub_workers=workers)
     try:
-        await asyncio.gather(*(n.wait_for_members(3, timeout=30) for n in nodes))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not all(len(n.providers) == 3 for n in nodes):
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)
         sent = {}
         for node in nodes:
             for k in range(20):

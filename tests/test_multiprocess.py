@@ -16,6 +16,7 @@ import psutil
 from gwyh_mp import Config, Node
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.crypto import LABEL_HELLO, PskKeyring
+from tests.helpers_nodes import start_hub_and_spokes
 from tests.procs import NodeProcess, free_udp_port, node_processes, wait_all, write_key
 
 KEY = b"multiprocess-test-key-0123456789abcdef"
@@ -45,15 +46,9 @@ def hello_from(sock: socket.socket, target: tuple[str, int]) -> None:
 
 async def test_library_node_with_two_workers_delivers_exactly_once() -> None:
     base = Config.local(bind=("127.0.0.1", 0), psks=[KEY])
-    hub = await Node(base.replace(workers=2)).start()
-    others = [await Node(base.replace(bootstrap=[hub.address])).start() for _ in range(3)]
-    nodes = [hub, *others]
+    nodes = await start_hub_and_spokes(base, hub_workers=2)
+    hub, others = nodes[0], nodes[1:]
     try:
-        await asyncio.gather(*(n.wait_for_members(3, timeout=30) for n in nodes))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not all(len(n.providers) == 3 for n in nodes):
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)
         sent = {}
         for node in nodes:
             for k in range(5):
