@@ -58,7 +58,7 @@ class SimNode:
 
 
 class WarmStartError(RuntimeError):
-    """The core no longer offers what ``warm_start`` needs, or the cluster did not form."""
+    """``warm_start`` got duplicate node ids, or the cluster did not form in time."""
 
 
 class SimNetwork:
