@@ -570,11 +570,7 @@ class ShmRing:
     def prepare_wait_space(self, length: int = 0) -> bool:
         """Producer: announce it will sleep on :meth:`space_fileno` until a record
         of ``length`` bytes fits.  Returns False (not armed) if it already fits."""
-        hdr = self._hdr
-        epoch = hdr[_W_SPACE_WAIT]
-        if not epoch & 1:
-            hdr[_W_SPACE_WAIT] = epoch + 1
-        self._full_fence()
+        self._arm(_W_SPACE_WAIT)
         if self.can_put(length):
             self.finish_wait_space()
             return False
@@ -582,11 +578,7 @@ class ShmRing:
 
     def finish_wait_space(self) -> None:
         """Producer: end a sleep started by :meth:`prepare_wait_space`."""
-        _drain(self._space_fd)
-        hdr = self._hdr
-        epoch = hdr[_W_SPACE_WAIT]
-        if epoch & 1:
-            hdr[_W_SPACE_WAIT] = epoch + 1
+        self._disarm(_W_SPACE_WAIT, self._space_fd)
 
     def wait_space(self, timeout: float | None = None, length: int = 0) -> bool:
         """Producer: block until a record of ``length`` bytes fits; False on timeout."""
@@ -738,23 +730,15 @@ class ShmRing:
                     if ring.prepare_wait():
                         return  # armed: on_ready runs again when data arrives
         """
-        hdr = self._hdr
-        epoch = hdr[_W_DATA_WAIT]
-        if not epoch & 1:
-            hdr[_W_DATA_WAIT] = epoch + 1
-        self._full_fence()
-        if hdr[_W_EOF] or hdr[_W_HEAD] != hdr[_W_TAIL]:
+        self._arm(_W_DATA_WAIT)
+        if self._data_or_eof():
             self.finish_wait()
             return False
         return True
 
     def finish_wait(self) -> None:
         """Consumer: end a sleep started by :meth:`prepare_wait` (drains the eventfd)."""
-        _drain(self._data_fd)
-        hdr = self._hdr
-        epoch = hdr[_W_DATA_WAIT]
-        if epoch & 1:
-            hdr[_W_DATA_WAIT] = epoch + 1
+        self._disarm(_W_DATA_WAIT, self._data_fd)
 
     def _data_or_eof(self) -> bool:
         hdr = self._hdr
@@ -780,6 +764,23 @@ class ShmRing:
         )
 
     # ------------------------------------------------------------------ helpers
+
+    def _arm(self, word: int) -> None:
+        """Make a wait word's epoch odd (= "sleeping, wake me"), then a full fence so the
+        caller's re-check of the ring cannot be ordered before that store."""
+        hdr = self._hdr
+        epoch = hdr[word]
+        if not epoch & 1:
+            hdr[word] = epoch + 1
+        self._full_fence()
+
+    def _disarm(self, word: int, fd: int) -> None:
+        """Drain the wakeup eventfd and make the epoch even again (awake)."""
+        _drain(fd)
+        hdr = self._hdr
+        epoch = hdr[word]
+        if epoch & 1:
+            hdr[word] = epoch + 1
 
     @staticmethod
     def _block(
