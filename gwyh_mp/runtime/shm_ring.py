@@ -614,13 +614,9 @@ class ShmRing:
 
         One tail store per call; wakes a producer sleeping in :meth:`wait_space`.
         """
-        hdr = self._hdr
         data = self._data
         size = self._size
-        start_tail = tail = hdr[_W_TAIL]
-        start_skip = skip = hdr[_W_SKIP]
-        skip_off = hdr[_W_SKIP_OFF] if skip else 0
-        head = hdr[_W_HEAD]
+        tail, skip, skip_off, head = before = self._read_cursor()
         out: list[bytes] = []
         want = max_records
         while want > 0 and tail != head:
@@ -649,11 +645,7 @@ class ShmRing:
             if skip == count:
                 tail += (8 + blob + 7) & ~7
                 skip = skip_off = 0
-        if skip or start_skip:  # (skip, skip_off) can change even when skip ends equal
-            hdr[_W_SKIP_OFF] = skip_off
-            hdr[_W_SKIP] = skip
-        if tail != start_tail:
-            self._publish_tail(tail)
+        self._save_cursor(before, tail, skip, skip_off)
         return out
 
     def consume(self, callback: Callable[[memoryview], object], max_records: int = 1024) -> int:
@@ -666,13 +658,9 @@ class ShmRing:
         and the failing one stays in the ring.  A Python loop per record: use it
         when the copy is the expensive part (large records).
         """
-        hdr = self._hdr
         data = self._data
         size = self._size
-        start_tail = tail = hdr[_W_TAIL]
-        start_skip = skip = hdr[_W_SKIP]
-        skip_off = hdr[_W_SKIP_OFF] if skip else 0
-        head = hdr[_W_HEAD]
+        tail, skip, skip_off, head = before = self._read_cursor()
         rec_unpack = _REC.unpack_from
         done = 0
         try:
@@ -698,12 +686,25 @@ class ShmRing:
                     tail += (8 + blob + 7) & ~7
                     skip = skip_off = 0
         finally:
-            if skip or start_skip:  # (skip, skip_off) can change even when skip ends equal
-                hdr[_W_SKIP_OFF] = skip_off
-                hdr[_W_SKIP] = skip
-            if tail != start_tail:
-                self._publish_tail(tail)
+            self._save_cursor(before, tail, skip, skip_off)
         return done
+
+    def _read_cursor(self) -> tuple[int, int, int, int]:
+        """The consumer's position: (tail, records of the tail frame already taken, their
+        byte offset in it, the producer's head)."""
+        hdr = self._hdr
+        skip = hdr[_W_SKIP]
+        return hdr[_W_TAIL], skip, hdr[_W_SKIP_OFF] if skip else 0, hdr[_W_HEAD]
+
+    def _save_cursor(
+        self, before: tuple[int, int, int, int], tail: int, skip: int, skip_off: int
+    ) -> None:
+        hdr = self._hdr
+        if skip or before[1]:  # (skip, skip_off) can change even when skip ends equal
+            hdr[_W_SKIP_OFF] = skip_off
+            hdr[_W_SKIP] = skip
+        if tail != before[0]:
+            self._publish_tail(tail)
 
     def _publish_tail(self, tail: int) -> None:
         hdr = self._hdr
