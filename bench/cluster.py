@@ -17,7 +17,6 @@ Every loop is bounded by count and time; all traffic stays on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import socket
@@ -32,7 +31,7 @@ import orjson
 import psutil
 
 from bench.ceiling import measure_naive_floor
-from bench.common import machine_description, node_command, write_json
+from bench.common import last_stats_line, machine_description, node_command, write_json
 
 KEY = b"bench-cluster-key-0123456789abcdef"
 
@@ -88,17 +87,9 @@ class ClusterNode:
     stats: dict[str, object] = field(default_factory=dict)
 
     def last_stats(self) -> dict[str, object]:
-        try:
-            with open(self.err_path, "rb") as f:
-                f.seek(max(0, os.path.getsize(self.err_path) - 8192))
-                tail = f.read().splitlines()
-        except OSError:
-            return self.stats
-        for line in reversed(tail):
-            if line.startswith(b'{"event":"stats"'):
-                with contextlib.suppress(orjson.JSONDecodeError):
-                    self.stats = orjson.loads(line)
-                    break
+        latest = last_stats_line(self.err_path, 8192)
+        if latest is not None:
+            self.stats = latest
         return self.stats
 
     def count_new_lines(self) -> int:

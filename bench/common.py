@@ -188,6 +188,22 @@ class ProcessCpu:
         return CpuDelta(user, system, per_pid, missing)
 
 
+def last_stats_line(err_path: Path | str, tail_bytes: int = 16384) -> dict[str, object] | None:
+    """The newest ``--stats-interval`` record in a node's stderr file (its last
+    ``tail_bytes``), or None if there is none yet (or the file cannot be read)."""
+    try:
+        with open(err_path, "rb") as f:
+            f.seek(max(0, os.path.getsize(err_path) - tail_bytes))
+            tail = f.read().splitlines()
+    except OSError:
+        return None
+    for line in reversed(tail):
+        if line.startswith(b'{"event":"stats"'):
+            with contextlib.suppress(orjson.JSONDecodeError):
+                return orjson.loads(line)
+    return None
+
+
 def node_command(port: int, key_path: Path | str, *extra: str) -> list[str]:
     """The ``gwyh-node`` command line every bench starts its nodes with: loopback bind,
     one key, --stdio, warnings only; ``extra`` adds the bench's own flags."""

@@ -70,7 +70,7 @@ import orjson
 import psutil
 
 from bench.cluster import free_port, rcvbuf_errors
-from bench.common import machine_description, node_command, write_json
+from bench.common import last_stats_line, machine_description, node_command, write_json
 from bench.virtual_peers import (
     PeerDriver,
     VirtualPeer,
@@ -270,18 +270,9 @@ class NodeUnderTest:
         return chunk[:cut].splitlines()
 
     def last_stats(self) -> dict[str, object]:
-        try:
-            size = os.path.getsize(self.err_path)
-            with open(self.err_path, "rb") as f:
-                f.seek(max(0, size - 16384))
-                tail = f.read().splitlines()
-        except OSError:
-            return self.stats
-        for line in reversed(tail):
-            if line.startswith(b'{"event":"stats"'):
-                with contextlib.suppress(orjson.JSONDecodeError):
-                    self.stats = orjson.loads(line)
-                    break
+        latest = last_stats_line(self.err_path)
+        if latest is not None:
+            self.stats = latest
         return self.stats
 
     def stderr_tail(self, lines: int = 5) -> str:
