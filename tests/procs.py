@@ -24,6 +24,15 @@ def free_udp_port() -> int:
         return s.getsockname()[1]
 
 
+def node_args(port: int, key: str, *extra: str) -> list[str]:
+    """``gwyh-node`` arguments for a loopback node on ``port`` with the key file ``key``."""
+    return ["--bind", f"127.0.0.1:{port}", "--psk-file", key, *extra]
+
+
+STDIO_FAST = ("--stdio", "--heartbeat-interval", "0.5", "--stats-interval", "0.2")
+"""Flags of a ``--stdio`` test node with quick heartbeats and stats lines."""
+
+
 def write_key(directory: Path, name: str, key: bytes) -> str:
     path = directory / name
     path.write_bytes(key + b"\n")

@@ -34,7 +34,15 @@ from gwyh_mp.protocol.framing import Reassembler
 from gwyh_mp.protocol.wire import fragment_id
 from gwyh_mp.relay import FaultProfile, RelayThread
 from gwyh_mp.simulation import SimNetwork, SimNode, constant_link
-from tests.procs import NodeProcess, free_udp_port, node_processes, wait_all, write_key
+from tests.procs import (
+    STDIO_FAST,
+    NodeProcess,
+    free_udp_port,
+    node_args,
+    node_processes,
+    wait_all,
+    write_key,
+)
 
 KEY = b"large-messages-test-key-0123456789abcdef"
 KIB = 1024
@@ -155,17 +163,7 @@ def start_nodes(
     from node 0 (through its advertised address when given)."""
     seeds = advertise or [f"127.0.0.1:{p}" for p in ports]
     for i, port in enumerate(ports):
-        args = [
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--psk-file",
-            key,
-            "--stdio",
-            "--heartbeat-interval",
-            "0.5",
-            "--stats-interval",
-            "0.2",
-        ]
+        args = node_args(port, key, *STDIO_FAST)
         if advertise:
             args += ["--advertise", advertise[i]]
         if i:

@@ -17,7 +17,15 @@ from gwyh_mp import Config, Node
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.crypto import LABEL_HELLO, PskKeyring
 from tests.helpers_nodes import start_hub_and_spokes
-from tests.procs import NodeProcess, free_udp_port, node_processes, wait_all, write_key
+from tests.procs import (
+    STDIO_FAST,
+    NodeProcess,
+    free_udp_port,
+    node_args,
+    node_processes,
+    wait_all,
+    write_key,
+)
 
 KEY = b"multiprocess-test-key-0123456789abcdef"
 
@@ -84,17 +92,7 @@ def test_both_receivers_get_traffic_and_sigterm_cleans_up(tmp_path: Path) -> Non
     before = gwyh_segments()
     with node_processes() as procs:
         node = NodeProcess(
-            [
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--psk-file",
-                key,
-                "--workers",
-                "2",
-                "--stats-interval",
-                "0.2",
-            ],
-            stdin=False,
+            node_args(port, key, "--workers", "2", "--stats-interval", "0.2"), stdin=False
         )
         procs.append(node)
         assert node.wait_for(lambda p: len(receivers(p)) == 2, 30), node.stderr_lines[-5:]
@@ -130,23 +128,7 @@ def test_killed_receiver_is_replaced_and_the_node_keeps_delivering(tmp_path: Pat
         for i, port in enumerate(ports):
             boot = ["--bootstrap", f"127.0.0.1:{ports[0]}"] if i else []
             workers = ["--workers", "2"] if i == 0 else ["--workers", "1"]
-            procs.append(
-                NodeProcess(
-                    [
-                        "--bind",
-                        f"127.0.0.1:{port}",
-                        "--psk-file",
-                        key,
-                        "--stdio",
-                        "--heartbeat-interval",
-                        "0.5",
-                        "--stats-interval",
-                        "0.2",
-                        *workers,
-                        *boot,
-                    ]
-                )
-            )
+            procs.append(NodeProcess(node_args(port, key, *STDIO_FAST, *workers, *boot)))
         hub = procs[0]
         assert wait_all(procs, lambda p: p.last_stats().get("providers") == 2, 60)
         assert hub.wait_for(lambda p: len(receivers(p)) == 2, 30)
@@ -184,17 +166,7 @@ def test_receivers_exit_when_the_coordinator_dies(tmp_path: Path) -> None:
     port = free_udp_port()
     with node_processes() as procs:
         node = NodeProcess(
-            [
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--psk-file",
-                key,
-                "--workers",
-                "2",
-                "--stats-interval",
-                "0.2",
-            ],
-            stdin=False,
+            node_args(port, key, "--workers", "2", "--stats-interval", "0.2"), stdin=False
         )
         procs.append(node)
         assert node.wait_for(lambda p: len(receivers(p)) == 2, 30)
