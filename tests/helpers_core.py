@@ -41,6 +41,25 @@ def seeded_random(seed: int | str) -> Callable[[int], bytes]:
     return random.Random(seed).randbytes
 
 
+def lone_core(
+    label: str, *, settle: bool = True, skew_s: float = 0.0, **overrides: object
+) -> NodeCore:
+    """A started NodeCore at ``addr(0)`` with PSK and no peers, at t=0 on the simulated
+    clock (wall clock off by ``skew_s``). ``settle``: run its first tick and discard what
+    it sent, so a test starts from a quiet core."""
+    core = NodeCore(
+        Config.local(bind=addr(0), psks=[PSK], **overrides),  # type: ignore[arg-type]
+        0.0,
+        wall_offset_s=WALL_EPOCH_S + skew_s,
+        random_bytes=seeded_random(label),
+    )
+    core.start(0.0)
+    if settle:
+        core.handle_timer(0.0)
+        core.datagrams_to_send(0.0)
+    return core
+
+
 def node_id(i: int) -> bytes:
     return i.to_bytes(wire.NODE_ID_BYTES, "big")
 

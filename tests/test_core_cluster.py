@@ -21,7 +21,7 @@ from gwyh_mp.protocol.handshake import Established
 from gwyh_mp.protocol.node import NodeCore, NotRunning
 from gwyh_mp.protocol.selection import Strategy
 from gwyh_mp.protocol.wire import FrameType, MemberRecord, MemberState, PacketType
-from gwyh_mp.simulation import WALL_EPOCH_S, SimNode, constant_link
+from gwyh_mp.simulation import SimNode, constant_link
 from tests.helpers_core import (
     PSK,
     PSK_WRONG,
@@ -34,10 +34,10 @@ from tests.helpers_core import (
     down_events,
     event_trace,
     live_nodes,
+    lone_core,
     make_cluster,
     make_party,
     messages,
-    seeded_random,
     up_ids,
     view_of,
 )
@@ -578,15 +578,7 @@ def test_timer_deadline_moves_past_now_after_handle_timer_in_a_healthy_run() -> 
 
 
 def test_provider_watchdog_deadline_always_advances() -> None:
-    core = NodeCore(
-        Config.local(bind=addr(0), psks=[PSK]),
-        0.0,
-        wall_offset_s=WALL_EPOCH_S,
-        random_bytes=seeded_random("watchdog"),
-    )
-    core.start(0.0)
-    core.handle_timer(0.0)
-    core.datagrams_to_send(0.0)
+    core = lone_core("watchdog")
     peer = b"p" * 16
     core._apply_record(MemberRecord(peer, 0, MemberState.UP, *addr(1), None), 0.0, announce=False)
     core.providers.clear()
@@ -603,15 +595,7 @@ def test_provider_watchdog_deadline_always_advances() -> None:
 def _core_with_two_sessions_to(peer: Party) -> tuple[NodeCore, list[Established]]:
     """A NodeCore that answered two handshakes from ``peer`` (the second supersedes the
     first), and the peer's side of both sessions."""
-    core = NodeCore(
-        Config.local(bind=addr(0), psks=[PSK]),
-        0.0,
-        wall_offset_s=WALL_EPOCH_S,
-        random_bytes=seeded_random("two-sessions"),
-    )
-    core.start(0.0)
-    core.handle_timer(0.0)
-    core.datagrams_to_send(0.0)
+    core = lone_core("two-sessions")
     sessions: list[Established] = []
     for now in (0.1, 0.2):
         hello = peer.hs.initiate(addr(0), now, WALL_NS + int(now * 1e9))

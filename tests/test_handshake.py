@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gwyh_mp.config import Config
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.crypto import (
     LABEL_HELLO,
@@ -24,9 +23,7 @@ from gwyh_mp.protocol.crypto import (
     seal,
     x25519_keypair,
 )
-from gwyh_mp.protocol.node import NodeCore
 from gwyh_mp.protocol.wire import PacketType
-from gwyh_mp.simulation import WALL_EPOCH_S
 from tests.helpers_core import (
     PSK,
     PSK_NEW,
@@ -37,6 +34,7 @@ from tests.helpers_core import (
     Addr,
     Party,
     addr,
+    lone_core,
     make_party,
     node_id,
     run_handshake,
@@ -176,13 +174,7 @@ def test_wrong_psk_gets_no_reply_and_is_counted() -> None:
 
 
 def test_wrong_psk_node_core_sends_nothing() -> None:
-    core = NodeCore(
-        Config.local(bind=addr(0), psks=[PSK]),
-        0.0,
-        wall_offset_s=WALL_EPOCH_S,
-        random_bytes=seeded_random("core"),
-    )
-    core.start(0.0)
+    core = lone_core("core", settle=False)
     assert core.datagrams_to_send(0.0) == []  # no seeds: nothing to say
     stranger = make_party(5, [PSK_WRONG])
     for i in range(3):
@@ -220,13 +212,7 @@ def test_hello_time_window_is_configurable(skew_s: float, accepted: bool) -> Non
 def test_node_core_applies_the_configured_window(skew_s: float, accepted: bool) -> None:
     """The node's wall clock (monotonic now + wall_offset_s) drives the time lock."""
     window = 30.0 if skew_s == 29.0 else 60.0
-    core = NodeCore(
-        Config.local(bind=addr(0), psks=[PSK], handshake_window_s=window),
-        0.0,
-        wall_offset_s=WALL_EPOCH_S + skew_s,
-        random_bytes=seeded_random("core"),
-    )
-    core.start(0.0)
+    core = lone_core("core", settle=False, skew_s=skew_s, handshake_window_s=window)
     a = make_party(1)
     core.receive_datagram(a.hs.initiate(addr(0), 0.0, WALL_NS), a.addr, 0.0)
     out = core.datagrams_to_send(0.0)

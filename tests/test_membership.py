@@ -8,13 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gwyh_mp.config import Config
 from gwyh_mp.protocol.events import MemberDown, MemberUp
 from gwyh_mp.protocol.membership import Change, MemberTable, supersedes
 from gwyh_mp.protocol.node import NodeCore
 from gwyh_mp.protocol.wire import MemberRecord, MemberState
-from gwyh_mp.simulation import WALL_EPOCH_S
-from tests.helpers_core import PSK, addr, node_id, seeded_random
+from tests.helpers_core import addr, lone_core, node_id
 
 UP, DOWN = MemberState.UP, MemberState.DOWN
 
@@ -140,16 +138,7 @@ def test_outcome_is_independent_of_arrival_order(items: list[tuple[MemberState, 
 
 
 def _core(**overrides: object) -> NodeCore:
-    core = NodeCore(
-        Config.local(bind=addr(0), psks=[PSK], **overrides),  # type: ignore[arg-type]
-        0.0,
-        wall_offset_s=WALL_EPOCH_S,
-        random_bytes=seeded_random("membership-core"),
-    )
-    core.start(0.0)
-    core.handle_timer(0.0)
-    core.datagrams_to_send(0.0)
-    return core
+    return lone_core("membership-core", **overrides)
 
 
 def _events(core: NodeCore) -> list[object]:
