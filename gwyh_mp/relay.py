@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, Self
 
@@ -417,9 +417,9 @@ class RelayMesh:
 
     # -- datapath --------------------------------------------------------------
 
-    def _on_listen(self, k: int) -> None:
-        sock = self._socks[k]
-        buf, view = self._buf, self._view
+    def _read(self, sock: socket.socket) -> Iterator[tuple[int, Any]]:
+        """Up to _READ_BATCH (length, source) of datagrams read into self._buf, counted."""
+        buf = self._buf
         for _ in range(_READ_BATCH):
             try:
                 n, src = sock.recvfrom_into(buf)
@@ -428,9 +428,14 @@ class RelayMesh:
             except OSError:
                 # e.g. a queued ICMP error; consumed by this call, so keep reading.
                 continue
-            data = bytes(view[:n])
             self.received += 1
             self.bytes_received += n
+            yield n, src
+
+    def _on_listen(self, k: int) -> None:
+        view = self._view
+        for n, src in self._read(self._socks[k]):
+            data = bytes(view[:n])
             j = self._by_target.get(src[:2])
             if j is not None:
                 link = self._mesh_links.get((j, k))
@@ -447,18 +452,9 @@ class RelayMesh:
     def _on_upstream(self, nat: _NatClient) -> None:
         if self._nat.get(nat.key) is not nat:
             return  # evicted; its reader is already gone
-        sock = nat.sock
-        buf, view = self._buf, self._view
+        view = self._view
         target_key = self._target_keys[nat.route]
-        for _ in range(_READ_BATCH):
-            try:
-                n, src = sock.recvfrom_into(buf)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                continue
-            self.received += 1
-            self.bytes_received += n
+        for n, src in self._read(nat.sock):
             if src[:2] != target_key:
                 self.dropped_foreign += 1
                 continue
