@@ -63,6 +63,15 @@ def bucket_of(idh: int) -> int:
     return idh >> 58  # top 6 bits: 64 buckets
 
 
+def _add_term(digests: list[int], node_id: bytes, incarnation: int, sign: int) -> None:
+    """Add (sign 1) or remove (sign -1) an UP member's term in its bucket's digest."""
+    idh = id_hash(node_id)
+    bucket = bucket_of(idh)
+    digests[bucket] = (
+        digests[bucket] + sign * digest_term(idh, incarnation, MemberState.UP)
+    ) & _MASK64
+
+
 @dataclass(slots=True)
 class MemberInfo:
     node_id: bytes
@@ -160,11 +169,15 @@ class MemberTable:
             return Change.REFRESHED
         return Change.DOWN if record.state == MemberState.DOWN else Change.UP
 
+    def digests_with(self, node_id: bytes, incarnation: int) -> list[int]:
+        """The bucket digests as if ``node_id`` were also UP at ``incarnation`` (a node
+        adds itself this way: its table holds everyone but itself)."""
+        digests = list(self.digests)
+        _add_term(digests, node_id, incarnation, 1)
+        return digests
+
     def _digest_add(self, node_id: bytes, incarnation: int, sign: int) -> None:
-        idh = id_hash(node_id)
-        bucket = idh >> 58
-        term = digest_term(idh, incarnation, MemberState.UP)
-        self.digests[bucket] = (self.digests[bucket] + sign * term) & _MASK64
+        _add_term(self.digests, node_id, incarnation, sign)
 
     def _left_up(self, zone: str | None) -> None:
         self.up_count -= 1

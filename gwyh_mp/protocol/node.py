@@ -51,9 +51,6 @@ from gwyh_mp.protocol.membership import (
     Change,
     MemberInfo,
     MemberTable,
-    bucket_of,
-    digest_term,
-    id_hash,
 )
 from gwyh_mp.protocol.selection import Candidate, Strategy, rng_for, select_providers
 from gwyh_mp.protocol.wire import FrameType, MemberRecord, MemberState, PacketType, fragment_id
@@ -76,7 +73,6 @@ PROBE_PINGS = 3
 _TAIL = struct.Struct("!I")
 _SUBSCRIBE_NEED_KEY = 0x01
 _DIGESTS = struct.Struct(f"!{DIGEST_BUCKETS}Q")  # PEERS_REQUEST body: bucket digests
-_MASK64 = (1 << 64) - 1
 _ENTRY_HEADER = wire.ENTRY_HEADER
 _BROADCAST_HEADER = wire.BROADCAST_HEADER
 _CONTROL_HEADER = wire.CONTROL_HEADER
@@ -223,7 +219,6 @@ class NodeCore:
             random_bytes=random_bytes,
         )
         self.members = MemberTable()
-        self._own_id_hash = id_hash(self.node_id)
         self.sessions: dict[int, Session] = {}
         self.links: dict[bytes, PeerLink] = {}
         self.providers: dict[bytes, ProviderState] = {}
@@ -1542,11 +1537,7 @@ class NodeCore:
     def _member_digests(self) -> list[int]:
         """Per-bucket digests of our view of the whole cluster, ourselves included (so
         two nodes that agree have equal digests)."""
-        digests = list(self.members.digests)
-        bucket = bucket_of(self._own_id_hash)
-        own = digest_term(self._own_id_hash, self.incarnation, MemberState.UP)
-        digests[bucket] = (digests[bucket] + own) & _MASK64
-        return digests
+        return self.members.digests_with(self.node_id, self.incarnation)
 
     def _request_peers(self, peer_id: bytes) -> None:
         """Anti-entropy pull: our bucket digests go along, so the answer carries only
