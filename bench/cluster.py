@@ -203,7 +203,7 @@ def verify(
             seq = int(data[:10])
             got[seq] = got.get(seq, 0) + 1
             if latencies is not None and "received_at" in record:
-                latencies.append(record["received_at"] - float(data[11:28].split(" ", 1)[0]))
+                latencies.append(record["received_at"] - float(data.split(" ", 2)[1]))
     own = {
         s for s in range(args.count) if node.index < args.senders and s % args.senders == node.index
     }
