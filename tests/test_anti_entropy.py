@@ -21,8 +21,9 @@ from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.crypto import nonce, open_sealed
 from gwyh_mp.protocol.events import MemberDown, MemberUp, ProviderChanged
 from gwyh_mp.protocol.membership import DIGEST_BUCKETS, bucket_of, id_hash
-from gwyh_mp.protocol.node import NodeCore, ProviderState
+from gwyh_mp.protocol.node import NodeCore
 from gwyh_mp.protocol.selection import Candidate, Strategy, select_providers
+from gwyh_mp.protocol.subscriptions import ProviderState
 from gwyh_mp.protocol.wire import FrameType, MemberRecord, MemberState, PacketType
 from gwyh_mp.simulation import SimNode
 from tests.helpers_core import (
@@ -98,7 +99,7 @@ def phantom(i: int, inc: int = 0, state: MemberState = UP) -> MemberRecord:
 
 def converged(n: int, seed: int, **overrides: object) -> tuple[CheckedSimNetwork, list[Addr]]:
     net, addrs = make_cluster(n, seed=seed, **overrides)
-    digests = {tuple(node.core._member_digests()) for node in net.nodes.values()}
+    digests = {tuple(node.core.anti_entropy.member_digests()) for node in net.nodes.values()}
     for node in net.nodes.values():
         assert node.core.members.up_count == n - 1
     assert len(digests) == 1  # equal views, equal digests
@@ -110,7 +111,7 @@ def ask(net: CheckedSimNetwork, requester: SimNode, responder: SimNode, body: by
     digest request) and deliver everything that follows for a few link delays."""
     rid = responder.core.node_id
     if body is None:
-        requester.core._request_peers(rid)
+        requester.core.anti_entropy.request_peers(rid)
     else:
         requester.core._queue_control(rid, FrameType.PEERS_REQUEST, body)
     net.pump(requester)
@@ -174,7 +175,7 @@ def test_digest_request_gets_every_member_of_each_differing_bucket() -> None:
     i, j, k = phantoms_sharing_a_bucket()
     alive, left, elsewhere = phantom(i), phantom(j), phantom(k)
     p.core.learn_members([alive, left, phantom(j, 0, DOWN), elsewhere, phantom(k, 1, DOWN)])
-    mine, theirs = a.core._member_digests(), p.core._member_digests()
+    mine, theirs = a.core.anti_entropy.member_digests(), p.core.anti_entropy.member_digests()
     differing = [b for b in range(DIGEST_BUCKETS) if mine[b] != theirs[b]]
     bucket = bucket_of(id_hash(alive.node_id))
     assert differing == [bucket]
@@ -193,7 +194,7 @@ def test_digest_request_gets_every_member_of_each_differing_bucket() -> None:
     assert view_of(a.core, alive.node_id) is not None  # the missing UP member is learned
     assert a.core.members.get(left.node_id) is None  # an unknown DOWN is not
     # now the views agree on who is UP: the next sync carries P's record only
-    assert a.core._member_digests() == p.core._member_digests()
+    assert a.core.anti_entropy.member_digests() == p.core.anti_entropy.member_digests()
     tap.frames.clear()
     ask(net, a, p, None)
     assert [key(r) for r in tap.records] == [key(own_record(p))]
@@ -207,7 +208,7 @@ def test_remembered_down_members_alone_make_no_difference() -> None:
     for i in range(5):
         p.core.learn_members([phantom(i, i), phantom(i, i + i % 2, DOWN)])
     assert len(p.core.members) == len(a.core.members) + 5
-    assert a.core._member_digests() == p.core._member_digests()
+    assert a.core.anti_entropy.member_digests() == p.core.anti_entropy.member_digests()
     tap = PeersTap(net, a)
     sent = stat(p, "peer_records_sent")
     ask(net, a, p, None)
@@ -282,9 +283,9 @@ def lagging_scenario(
         else:
             n.core.learn_members([k_down, r_up1])
     live = [n for n in nodes if n is not k]
-    others = {tuple(n.core._member_digests()) for n in live if n is not lag}
+    others = {tuple(n.core.anti_entropy.member_digests()) for n in live if n is not lag}
     assert len(others) == 1  # everyone but L agrees
-    mine = lag.core._member_digests()
+    mine = lag.core.anti_entropy.member_digests()
     (theirs,) = others
     differing = {b for b in range(DIGEST_BUCKETS) if mine[b] != theirs[b]}
     assert differing == {bucket_of(id_hash(kid)), bucket_of(id_hash(rid))}
@@ -316,7 +317,7 @@ def test_missed_down_and_missed_refutation_are_repaired_by_the_periodic_sync() -
     )
     net.run_for(1.0)
     live = [n for n in net.nodes.values() if n.alive]
-    assert len({tuple(n.core._member_digests()) for n in live}) == 1  # all agree again
+    assert len({tuple(n.core.anti_entropy.member_digests()) for n in live}) == 1  # all agree again
 
 
 def test_without_the_sync_the_lagging_view_stays_wrong() -> None:
@@ -358,14 +359,14 @@ def test_a_node_that_joined_after_a_departure_agrees_with_the_older_nodes() -> N
     assert all(n.core.members.get(did) is not None for n in older)
     live = live_nodes(net)
     assert len(live) == 8
-    assert len({tuple(n.core._member_digests()) for n in live}) == 1
+    assert len({tuple(n.core.anti_entropy.member_digests()) for n in live}) == 1
     answered, sent = sync_counts(net)
     net.run_for(4.0)
     answered2, sent2 = sync_counts(net)
     assert answered2 - answered >= 8 * 3  # every node synced about once a second
     assert sent2 - sent == answered2 - answered  # one record each: nothing differs
     assert newcomer.core.members.get(did) is None  # nor was the DOWN pushed on it
-    assert len({tuple(n.core._member_digests()) for n in live}) == 1
+    assert len({tuple(n.core.anti_entropy.member_digests()) for n in live}) == 1
 
 
 # ----------------------------------------------------------------------------- selection
@@ -413,12 +414,13 @@ def check_selection(
     current = {ids[i] for i in current_idx}
     if unknown_current:
         current.add(b"\xee" * 16)
-    core.providers = {pid: ProviderState(since=0.0, last_heard=0.0) for pid in current}
+    core.providers.clear()
+    core.providers.update({pid: ProviderState(since=0.0, last_heard=0.0) for pid in current})
     candidates = sorted(
         (Candidate(ids[i], z) for i, z in enumerate(zones) if i not in down_set),
         key=lambda c: c.node_id,
     )
-    settled = core._selection_settled()
+    settled = core.subscriptions.selection_settled()
     for x in range(5):
         chosen = select_providers(
             own_zone=own_zone,
@@ -432,7 +434,7 @@ def check_selection(
 
     # Fixed point: after a real selection there is nothing left to select.
     core.reselect_providers(1.0)
-    assert core._selection_settled()
+    assert core.subscriptions.selection_settled()
     again = select_providers(
         own_zone=own_zone,
         candidates=candidates,
@@ -511,12 +513,12 @@ def test_a_pending_swap_is_never_settled() -> None:
     ids = pool_ids(4)
     core.learn_members([MemberRecord(i, 0, UP, "10.5.0.1", 7000, None) for i in ids])
     core.reselect_providers(0.0)
-    assert core._selection_settled()
+    assert core.subscriptions.selection_settled()
     newcomer = next(i for i in ids if i not in core.providers)
-    core._pending_swaps.append((sorted(core.providers)[0], newcomer))
-    assert not core._selection_settled()
+    core.subscriptions.pending_swaps.append((sorted(core.providers)[0], newcomer))
+    assert not core.subscriptions.selection_settled()
     core.reselect_providers(0.1)
-    assert newcomer in core.providers and core._selection_settled()
+    assert newcomer in core.providers and core.subscriptions.selection_settled()
 
 
 # ----------------------------------------------------------------------------- learn_members
@@ -575,7 +577,7 @@ def test_a_silent_provider_already_down_in_the_table_is_replaced() -> None:
     start = net.now
     failed = stat(a, "probes_failed")
     hb = a.core.config.heartbeat_interval_s
-    limit = a.core._watchdog_s + hb + hb + 0.2  # watchdog, the probe, a tick, reselection
+    limit = a.core.liveness.watchdog_s + hb + hb + 0.2  # watchdog, the probe, a tick, reselection
     assert net.run_until_true(lambda: pid not in a.core.providers, limit, 0.01)
     assert stat(a, "probes_failed") == failed + 1
     changes = [e for t, e in a.events if t >= start and isinstance(e, ProviderChanged)]

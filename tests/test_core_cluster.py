@@ -20,6 +20,7 @@ from gwyh_mp.protocol.crypto import nonce, seal
 from gwyh_mp.protocol.handshake import Established
 from gwyh_mp.protocol.node import NodeCore, NotRunning
 from gwyh_mp.protocol.selection import Strategy
+from gwyh_mp.protocol.subscriptions import ProviderState
 from gwyh_mp.protocol.wire import FrameType, MemberRecord, MemberState, PacketType
 from gwyh_mp.simulation import SimNode, constant_link
 from tests.helpers_core import (
@@ -582,9 +583,9 @@ def test_provider_watchdog_deadline_always_advances() -> None:
     peer = b"p" * 16
     core._apply_record(MemberRecord(peer, 0, MemberState.UP, *addr(1), None), 0.0, announce=False)
     core.providers.clear()
-    core.providers[peer] = node_module.ProviderState(since=3.501, last_heard=3.501)
+    core.providers[peer] = ProviderState(since=3.501, last_heard=3.501)
     core._next_heartbeat = 100.0  # only the watchdog is due
-    core._reassign_at = None
+    core.subscriptions.reassign_at = None
     deadline = core.get_timer()
     assert deadline is not None and deadline < 3.501 + WATCHDOG_S + 0.01
     core.handle_timer(deadline)

@@ -31,6 +31,7 @@ from gwyh_mp import Config, MessageTooLarge, Node
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.events import Message
 from gwyh_mp.protocol.framing import Reassembler
+from gwyh_mp.protocol.large_messages import fragment_entry
 from gwyh_mp.protocol.wire import fragment_id
 from gwyh_mp.relay import FaultProfile, RelayThread
 from gwyh_mp.simulation import SimNetwork, SimNode, constant_link
@@ -430,7 +431,7 @@ def inject_fragment(
 ) -> None:
     """Make an insider's core send a well-formed, authenticated fragment it made up."""
     core = attacker.core
-    entry = core._fragment_entry(1, core.node_id, msg_id, index, count, total, data)
+    entry = fragment_entry(1, core.node_id, msg_id, index, count, total, data)
     core.fanout.add(fragment_id(msg_id, index), entry, None)
 
 
@@ -444,7 +445,7 @@ def test_bogus_fragment_flood_stays_within_reassembly_bound(memory: int) -> None
     net, (victim, attacker, honest) = sim_cluster(
         3, max_message_bytes=max_msg, reassembly_memory_bytes=memory
     )
-    r: Reassembler = victim.core.reassembler
+    r: Reassembler = victim.core.large.reassembler
     assert r.max_bytes_per_peer == 2 * max_msg + 65_536
     assert r.max_total_bytes == max(memory, 2 * max_msg + 65_536)
     frag = attacker.core.fragment_bytes
@@ -548,7 +549,7 @@ def test_partly_received_message_survives_budget_pressure_from_its_peer() -> Non
         net.drop_original(v.addr, h.addr, fragment_id(msg_id, 3))
     net.run_for(10.0)
     got = [delivered(v, m) == [p] for m, p in zip(ids, payloads, strict=True)]
-    assert all(got), (got, dict(v.core.reassembler.stats))
+    assert all(got), (got, dict(v.core.large.reassembler.stats))
 
 
 def test_reassembler_expiry_deadline_is_served_when_due() -> None:

@@ -1,0 +1,271 @@
+"""Per-peer links: send queues, pacing, retransmission, tail probes and NAK polling.
+
+Why it exists: one slow or lossy peer must cost only its own link. Its data waits in its
+own queue for its own AIMD pacer, what it did not receive is NAKed and resent link by
+link, and a tail probe after the last data datagram lets it notice a lost tail. This is
+the only queue and pacing implementation; congestion.py provides the pacer and the
+loss detector it drives.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gwyh_mp.protocol import wire
+from gwyh_mp.protocol.congestion import AimdPacer, LinkLossDetector, PacingConfig
+from gwyh_mp.protocol.crypto import DeferredDatagram
+from gwyh_mp.protocol.dissemination import Datagram
+from gwyh_mp.protocol.stats import Stats
+from gwyh_mp.protocol.wire import FrameType
+
+Addr = tuple[str, int]
+QueueControl = Callable[..., None]  # (peer_id, frame_type, body=b"")
+
+RETAIN_BYTES_PER_LINK = 4 << 20  # sent data datagrams kept per peer to answer NAKs
+RETAIN_DATAGRAMS_PER_LINK = 8192
+MAX_RETRANSMITS_PER_NAK = 256
+TAIL_PROBE_S = 0.1  # quiet time after the last data datagram before a tail probe
+_TAIL = struct.Struct("!I")
+
+
+def head(datagram: Datagram) -> bytes:
+    """The clear leading bytes of a datagram, sealed or not."""
+    return datagram.prefix if isinstance(datagram, DeferredDatagram) else datagram
+
+
+def restamp(datagram: Datagram, link_seq: int) -> Datagram:
+    """The same BROADCAST datagram under a new link sequence (bytes 8-12 of the header,
+    outside the AEAD), for a retransmission."""
+    seq = link_seq.to_bytes(4, "big")
+    if isinstance(datagram, DeferredDatagram):
+        prefix = datagram.prefix
+        return DeferredDatagram(prefix[:8] + seq + prefix[12:], datagram.job)
+    return b"".join((datagram[:8], seq, datagram[12:]))
+
+
+@dataclass(slots=True)
+class LinkState:
+    """The data path of one link. Receiving: loss detection on the peer's link sequence.
+    Sending: the pacer, the queue waiting for it, and what was sent (for NAKs)."""
+
+    node_id: bytes
+    link_seq_out: int = 0
+    loss: LinkLossDetector | None = None
+    pacer: AimdPacer | None = None
+    queue: deque[tuple[Datagram, Addr]] = field(default_factory=deque)
+    queue_bytes: int = 0
+    sent: OrderedDict[int, Datagram] = field(default_factory=OrderedDict)
+    sent_bytes: int = 0
+    tail_due: float | None = None
+    last_sent_seq: int = 0  # newest link sequence actually handed to the socket
+
+    def next_link_seq(self) -> int:
+        self.link_seq_out = (self.link_seq_out + 1) & 0xFFFFFFFF
+        return self.link_seq_out
+
+    def remember(self, datagram: Datagram) -> None:
+        """Keep a sent data datagram, keyed by its link sequence, until NAKs for it are
+        no longer plausible (bounded by bytes and count)."""
+        seq = int.from_bytes(head(datagram)[8:12], "big")
+        self.sent[seq] = datagram
+        self.sent_bytes += len(datagram)
+        sent = self.sent
+        while self.sent_bytes > RETAIN_BYTES_PER_LINK or len(sent) > RETAIN_DATAGRAMS_PER_LINK:
+            _, old = sent.popitem(last=False)
+            self.sent_bytes -= len(old)
+
+
+class LinkQueues:
+    """Every link's queue, pacer and loss repair, over the peers' shared link table."""
+
+    def __init__(
+        self,
+        links: dict[bytes, LinkState],
+        link_for: Callable[[bytes], LinkState],
+        pacing: PacingConfig,
+        link_queue_bytes: int,
+        stats: Stats,
+        queue_control: QueueControl,
+        clock: Callable[[], float],
+    ) -> None:
+        self.links = links
+        self._link_for = link_for  # get or create a peer's link
+        self.pacing = pacing
+        self._link_queue_bytes = link_queue_bytes
+        self.stats = stats
+        self._queue_control = queue_control
+        self._clock = clock  # the node's latest ``now``: a new pacer starts from it
+        # Dicts used as ordered sets: iteration order must not depend on the hash seed,
+        # or a simulation would not be reproducible across processes.
+        self.backlogged: dict[bytes, None] = {}  # peers with data waiting for their pacer
+        self.backlog_bytes = 0
+        self._rx_links: dict[bytes, None] = {}  # peers whose loss detector may owe a NAK
+        self._next_nak_poll: float | None = None
+        self._tail_links: dict[bytes, None] = {}  # peers owed a tail probe
+
+    def pacer(self, link: LinkState) -> AimdPacer:
+        if link.pacer is None:
+            link.pacer = AimdPacer(self.pacing, self._clock())
+        return link.pacer
+
+    # ------------------------------------------------------------------ sending
+
+    def enqueue(self, peer_id: bytes, datagram: Datagram, addr: Addr) -> None:
+        link = self._link_for(peer_id)
+        size = len(datagram)
+        # Forwarded traffic cannot be pushed back on the network (our own is held back by
+        # send_queue_bytes before it gets here): a peer that drains too slowly loses its
+        # oldest queued data, counted as shed (never silently).
+        while link.queue and link.queue_bytes + size > self._link_queue_bytes:
+            old, _ = link.queue.popleft()
+            link.queue_bytes -= len(old)
+            self.backlog_bytes -= len(old)
+            self.stats.bump("shed_datagrams")
+        link.queue.append((datagram, addr))
+        link.queue_bytes += size
+        self.backlog_bytes += size
+        self.backlogged[peer_id] = None
+
+    def drain(self, now: float, out: list[tuple[Datagram, Addr]]) -> None:
+        """Hand the socket what each link's pacer allows now."""
+        for peer_id in list(self.backlogged):
+            link = self.links.get(peer_id)
+            if link is None:
+                self.backlogged.pop(peer_id, None)
+                continue
+            pacer = self.pacer(link)
+            pacer.on_tick(now)
+            queue = link.queue
+            while queue:
+                datagram, addr = queue[0]
+                size = len(datagram)
+                if not pacer.can_send(size, now):
+                    break
+                queue.popleft()
+                link.queue_bytes -= size
+                self.backlog_bytes -= size
+                pacer.consume(size, now)
+                out.append((datagram, addr))
+                link.remember(datagram)
+                link.last_sent_seq = int.from_bytes(head(datagram)[8:12], "big")
+                link.tail_due = now + TAIL_PROBE_S
+                self._tail_links[peer_id] = None
+            if not queue:
+                self.backlogged.pop(peer_id, None)
+
+    def forget(self, peer_id: bytes, link: LinkState) -> None:
+        """The link is gone: its queue and its pending timers go with it."""
+        self.backlog_bytes -= link.queue_bytes
+        self.backlogged.pop(peer_id, None)
+        self._tail_links.pop(peer_id, None)
+        self._rx_links.pop(peer_id, None)
+
+    # ------------------------------------------------------------------ receiving
+
+    def on_packet(self, link: LinkState, link_seq: int, now: float) -> None:
+        """A data datagram from the peer's real address, duplicates included (they are
+        most of the traffic and prove delivery)."""
+        loss = link.loss
+        if loss is None:
+            loss = link.loss = LinkLossDetector(self.pacing)
+        loss.on_packet(link_seq, now)
+        # In order with nothing outstanding (the common case): no NAK poll to arm.
+        if loss.owes_poll and link.node_id not in self._rx_links:
+            self._rx_links[link.node_id] = None
+            if self._next_nak_poll is None:
+                self._next_nak_poll = now + self.pacing.nak_interval_s
+
+    def on_tail(self, peer_id: bytes, link: LinkState, body: bytes, now: float) -> None:
+        if len(body) != _TAIL.size:
+            raise wire.WireError("bad tail probe")
+        if link.loss is None:
+            return
+        link.loss.on_tail(_TAIL.unpack(body)[0], now)
+        if peer_id not in self._rx_links:
+            self._rx_links[peer_id] = None
+        if self._next_nak_poll is None or self._next_nak_poll > now:
+            self._next_nak_poll = now
+
+    def on_nak(self, link: LinkState, addr: Addr | None, body: bytes, now: float) -> None:
+        """``addr``: the peer's session address, None without a session (nothing resent)."""
+        received, lost, ranges = wire.decode_nak(body)
+        self.stats.bump("naks_received")
+        if self.pacer(link).on_nak(lost, received, now):
+            self.stats.bump("rate_decreases")
+        # Resend what we still hold. Each copy gets a fresh link sequence (a lost copy is a
+        # new gap, NAKed again) and joins the back of the queue, so link sequences leave
+        # in increasing order and nothing queued behind looks reordered or lost.
+        if addr is None:
+            return
+        budget = MAX_RETRANSMITS_PER_NAK
+        resent = 0
+        for start, count in ranges:
+            for k in range(min(count, budget - resent)):
+                datagram = link.sent.pop((start + k) & 0xFFFFFFFF, None)
+                if datagram is None:
+                    continue
+                link.sent_bytes -= len(datagram)
+                copy = restamp(datagram, link.next_link_seq())
+                link.queue.append((copy, addr))
+                link.queue_bytes += len(copy)
+                self.backlog_bytes += len(copy)
+                resent += 1
+            if resent >= budget:
+                break
+        if resent:
+            self.stats.bump("retransmits", resent)
+            self.backlogged[link.node_id] = None
+
+    # ------------------------------------------------------------------ timers
+
+    def next_timer(self, now: float) -> float | None:
+        """NAK poll, tail probes, and the next send a pacer allows."""
+        t = self._next_nak_poll
+        links = self.links
+        for peer_id in self._tail_links:
+            link = links.get(peer_id)
+            if link is not None and link.tail_due is not None and (t is None or link.tail_due < t):
+                t = link.tail_due
+        for peer_id in self.backlogged:
+            link = links.get(peer_id)
+            if link is not None and link.queue:
+                due = self.pacer(link).next_send_time(len(link.queue[0][0]), now)
+                if t is None or due < t:
+                    t = due
+        return t
+
+    def handle_timer(self, now: float) -> None:
+        if self._next_nak_poll is not None and now >= self._next_nak_poll:
+            self._poll_naks(now)
+        if self._tail_links:
+            self._send_tail_probes(now)
+
+    def _poll_naks(self, now: float) -> None:
+        """Aggregated loss reports: at most one NAK per peer per nak_interval_s, and
+        only when something was really lost (reordering inside the window is not)."""
+        for peer_id in list(self._rx_links):
+            link = self.links.get(peer_id)
+            if link is None or link.loss is None:
+                self._rx_links.pop(peer_id, None)
+                continue
+            report = link.loss.poll_nak(now)
+            if report is not None:
+                body = wire.encode_nak(report.received, report.lost, list(report.ranges))
+                self._queue_control(peer_id, FrameType.NAK, body)
+                self.stats.bump("naks_sent")
+            if link.loss.next_timer(now) is None:
+                self._rx_links.pop(peer_id, None)
+        self._next_nak_poll = now + self.pacing.nak_interval_s if self._rx_links else None
+
+    def _send_tail_probes(self, now: float) -> None:
+        for peer_id in list(self._tail_links):
+            link = self.links.get(peer_id)
+            if link is None or link.tail_due is None:
+                self._tail_links.pop(peer_id, None)
+            elif now >= link.tail_due:
+                link.tail_due = None
+                self._tail_links.pop(peer_id, None)
+                self._queue_control(peer_id, FrameType.TAIL, _TAIL.pack(link.last_sent_seq))

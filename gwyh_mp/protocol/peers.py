@@ -1,0 +1,222 @@
+"""Peers: the pairwise sessions, the per-peer link table, channel keys, control sealing.
+
+Why it exists: everything this node holds about one peer beyond its membership record
+lives here, and so does its lifetime. A handshake creates a session; a crossed handshake
+supersedes one; sessions nobody uses any more, and links of members that are gone, are
+freed here so memory stays bounded under churn. Control frames leave sealed under the
+peer's session. The multiprocess runtime's receivers need the same keys: every change
+is journalled for the runtime to copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gwyh_mp.protocol import wire
+from gwyh_mp.protocol.crypto import AntiReplayWindow, DeferredDatagram, SealJob, nonce, seal
+from gwyh_mp.protocol.dissemination import Datagram, FanoutTarget
+from gwyh_mp.protocol.handshake import Established
+from gwyh_mp.protocol.links import LinkState
+from gwyh_mp.protocol.membership import MemberTable
+from gwyh_mp.protocol.stats import Stats
+from gwyh_mp.protocol.wire import MemberState, PacketType
+
+Addr = tuple[str, int]
+
+SESSION_GRACE_S = 30.0  # a superseded or orphaned session is freed after this long idle
+_CONTROL_HEADER = wire.CONTROL_HEADER
+
+
+@dataclass(slots=True)
+class Session:
+    peer_id: bytes
+    addr: Addr
+    local_session_id: int
+    remote_session_id: int
+    send_key: bytes
+    recv_key: bytes
+    send_seq: int = 0
+    replay: AntiReplayWindow = field(default_factory=AntiReplayWindow)
+    last_rx: float = 0.0
+    superseded: bool = False
+
+
+@dataclass(slots=True)
+class PeerLink(LinkState):
+    """What we hold for one peer beyond its membership record: its session and channel
+    key here, its data path (queue, pacer, loss detection) in LinkState."""
+
+    session: Session | None = None
+    channel_key: bytes | None = None  # the peer's provider channel key, if we subscribe
+    channel_replay: AntiReplayWindow = field(default_factory=AntiReplayWindow)
+    last_heard: float = 0.0
+
+
+class Peers:
+    def __init__(
+        self,
+        random_bytes: Callable[[int], bytes],
+        max_datagram_bytes: int,
+        stats: Stats,
+        *,
+        defer_sealing: bool,
+        on_link_dropped: Callable[[bytes, PeerLink], None],
+    ) -> None:
+        self._random_bytes = random_bytes
+        self._max_datagram_bytes = max_datagram_bytes
+        self.stats = stats
+        self.defer_sealing = defer_sealing
+        self._on_link_dropped = on_link_dropped
+        self.sids: set[int] = set()
+        self.sessions: dict[int, Session] = {}
+        self.links: dict[bytes, PeerLink] = {}
+        # Offloaded crypto needs the receivers to know keys: every change to the key
+        # tables is journalled here for the runtime to copy (see runtime/coordinator.py).
+        self.key_journal: list[tuple[object, ...]] | None = [] if defer_sealing else None
+
+    def allocate_sid(self) -> int:
+        while True:
+            sid = int.from_bytes(self._random_bytes(4), "big")
+            if sid and sid not in self.sids:
+                self.sids.add(sid)
+                return sid
+
+    def link(self, peer_id: bytes) -> PeerLink:
+        link = self.links.get(peer_id)
+        if link is None:
+            link = self.links[peer_id] = PeerLink(peer_id)
+        return link
+
+    def establish(self, est: Established, now: float) -> None:
+        """A handshake completed: the new session becomes the peer's current one."""
+        session = Session(
+            est.peer_id,
+            est.addr,
+            est.local_session_id,
+            est.remote_session_id,
+            est.send_key,
+            est.recv_key,
+        )
+        self.sessions[est.local_session_id] = session
+        self.journal_session(session)
+        link = self.link(est.peer_id)
+        if link.session is not None and link.session is not session:
+            # The peer may still be sending on the old one (two handshakes crossed):
+            # it stays valid for receiving until it has been idle for SESSION_GRACE_S.
+            link.session.superseded = True
+        session.last_rx = now
+        link.session = session
+        link.last_heard = now
+
+    def set_channel_key(self, peer_id: bytes, link: PeerLink, key: bytes) -> None:
+        if len(key) != 32:
+            raise wire.WireError("bad channel key")
+        if link.channel_key != key:
+            link.channel_key = key
+            self.journal_channel(peer_id, key)
+
+    def moved(self, session: Session, addr: Addr) -> None:
+        """An authenticated packet came from a new address: the peer really moved."""
+        session.addr = addr
+        self.journal_session(session)
+
+    def fanout_target(self, peer_id: bytes) -> FanoutTarget | None:
+        link = self.links.get(peer_id)
+        if link is None or link.session is None:
+            return None
+        session = link.session
+        return FanoutTarget(peer_id, session.addr, session.remote_session_id, link.next_link_seq)
+
+    def retire(self, now: float, members: MemberTable, keep: dict[bytes, object]) -> None:
+        """Free sessions nobody uses: superseded ones, and those of members that are
+        DOWN or forgotten, once idle for SESSION_GRACE_S; then the links left without a
+        session, unless ``keep`` (our providers) holds them. Bounds memory under churn."""
+        for sid, session in list(self.sessions.items()):
+            if now - session.last_rx < SESSION_GRACE_S:
+                continue
+            member = members.get(session.peer_id)
+            if session.superseded or member is None or member.state != MemberState.UP:
+                del self.sessions[sid]
+                self.sids.discard(sid)
+                if self.key_journal is not None:
+                    self.key_journal.append(("k", sid))
+                link = self.links.get(session.peer_id)
+                if link is not None and link.session is session:
+                    link.session = None
+        in_use = {session.peer_id for session in self.sessions.values()}
+        for peer_id, link in list(self.links.items()):
+            if link.session is None and peer_id not in keep and peer_id not in in_use:
+                member = members.get(peer_id)
+                if member is None or member.state != MemberState.UP:
+                    del self.links[peer_id]
+                    self._on_link_dropped(peer_id, link)
+                    self.journal_channel(peer_id, None)
+
+    # ------------------------------------------------------------------ key journal
+
+    def journal_session(self, session: Session) -> None:
+        if self.key_journal is not None:
+            host, port = session.addr
+            self.key_journal.append(
+                ("K", session.local_session_id, session.peer_id, session.recv_key, host, port)
+            )
+
+    def journal_channel(self, peer_id: bytes, key: bytes | None) -> None:
+        if self.key_journal is not None:
+            self.key_journal.append(("C", peer_id, key or b""))
+
+    def key_snapshot(self) -> list[tuple[object, ...]]:
+        """Every current key-table entry, as journal records (for a new receiver)."""
+        records: list[tuple[object, ...]] = []
+        for session in self.sessions.values():
+            host, port = session.addr
+            records.append(
+                ("K", session.local_session_id, session.peer_id, session.recv_key, host, port)
+            )
+        for peer_id, link in self.links.items():
+            if link.channel_key is not None:
+                records.append(("C", peer_id, link.channel_key))
+        return records
+
+    # ------------------------------------------------------------------ control sealing
+
+    def seal_control(
+        self, peer_id: bytes, frames: list[bytes], out: list[tuple[Datagram, Addr]], now: float
+    ) -> None:
+        """The control frames queued for one peer, as few sealed datagrams as fit."""
+        link = self.links.get(peer_id)
+        if link is None or link.session is None:
+            self.stats.bump("control_no_session")
+            return
+        before = len(out)
+        session = link.session
+        budget = self._max_datagram_bytes - wire.CONTROL_OVERHEAD
+        batch: list[bytes] = []
+        size = 0
+        for frame in frames:
+            if batch and size + len(frame) > budget:
+                self._seal_one(session, b"".join(batch), out)
+                batch, size = [], 0
+            batch.append(frame)
+            size += len(frame)
+        if batch:
+            self._seal_one(session, b"".join(batch), out)
+        if link.pacer is not None:
+            # Control is never held back (membership beats data, so a node under full
+            # load is not declared DOWN), but the pacer accounts for its bytes.
+            link.pacer.consume(sum(len(d) for d, _ in out[before:]), now)
+
+    def _seal_one(
+        self, session: Session, plaintext: bytes, out: list[tuple[Datagram, Addr]]
+    ) -> None:
+        session.send_seq += 1
+        header = _CONTROL_HEADER.pack(
+            wire.VERSION, PacketType.CONTROL, 0, session.remote_session_id, session.send_seq
+        )
+        nonce24 = nonce(session.send_seq)
+        if self.defer_sealing:
+            job = SealJob(session.send_key, nonce24, plaintext)
+            out.append((DeferredDatagram(header, job), session.addr))
+        else:
+            out.append((header + seal(session.send_key, nonce24, plaintext), session.addr))
