@@ -14,8 +14,7 @@ from collections import Counter
 import pytest
 
 from gwyh_mp.config import Config
-from gwyh_mp.protocol import node as node_module
-from gwyh_mp.protocol import wire
+from gwyh_mp.protocol import inbound, wire
 from gwyh_mp.protocol.crypto import nonce, seal
 from gwyh_mp.protocol.handshake import Established
 from gwyh_mp.protocol.node import NodeCore, NotRunning
@@ -149,14 +148,14 @@ def test_duplicates_are_dropped_before_decryption(monkeypatch: pytest.MonkeyPatc
     net.run_for(1.0)
     src, dst, datagram = next(c for c in captured if c[2][1] == PacketType.BROADCAST)
     decryptions = 0
-    real_open = node_module.open_sealed
+    real_open = inbound.open_sealed
 
     def counting_open(key: bytes, n: bytes, sealed: bytes) -> bytes:
         nonlocal decryptions
         decryptions += 1
         return real_open(key, n, sealed)
 
-    monkeypatch.setattr(node_module, "open_sealed", counting_open)
+    monkeypatch.setattr(inbound, "open_sealed", counting_open)
     core = net.nodes[dst].core
     before = core.stats.get("duplicates", 0)
     for _ in range(5):

@@ -31,14 +31,16 @@ from gwyh_mp.config import Config
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.anti_entropy import AntiEntropy
 from gwyh_mp.protocol.congestion import PacingConfig
-from gwyh_mp.protocol.crypto import DecryptError, PskKeyring, ids_digest, nonce, open_sealed
+from gwyh_mp.protocol.crypto import DecryptError, PskKeyring
 from gwyh_mp.protocol.dissemination import BroadcastChannel, Datagram, Fanout, Outgoing, SeenSet
 from gwyh_mp.protocol.events import Event, Member, MemberDown, MemberUp, Message
 from gwyh_mp.protocol.handshake import Established, Handshaker
+from gwyh_mp.protocol.inbound import broadcast_ids_end, open_broadcast, open_control
 from gwyh_mp.protocol.large_messages import LargeMessages
 from gwyh_mp.protocol.links import LinkQueues
 from gwyh_mp.protocol.liveness import Liveness
 from gwyh_mp.protocol.membership import Change, MemberTable
+from gwyh_mp.protocol.offload import IdsSeen, OffloadUpdate
 from gwyh_mp.protocol.peers import PeerLink, Peers, Session
 from gwyh_mp.protocol.selection import rng_for
 from gwyh_mp.protocol.stats import Stats
@@ -442,17 +444,10 @@ class NodeCore:
         if session is None:
             self.stats.bump("drop_unknown_session")
             return
-        ids_end = _BROADCAST_HEADER.size + 16 * count
-        if count == 0 or len(data) < ids_end + wire.TAG_BYTES:
+        ids_end = broadcast_ids_end(data, count, self.seen.ids)
+        if ids_end < 0:
             self.stats.bump("drop_malformed")
             return
-        seen = self.seen.ids
-        if count == 1:
-            fresh = data[_BROADCAST_HEADER.size : ids_end] not in seen
-        else:
-            fresh = any(
-                data[i : i + 16] not in seen for i in range(_BROADCAST_HEADER.size, ids_end, 16)
-            )
         link = self.links.get(session.peer_id)
         if link is None:
             self.stats.bump("drop_unknown_session")
@@ -460,19 +455,18 @@ class NodeCore:
         session.last_rx = now  # only keeps the session from being freed as idle
         if session.addr == addr:
             self._on_link_packet(link, link_seq, now)
-        if not fresh:
+        if not ids_end:
             self.stats.bump("duplicates")  # datagrams dropped before decryption
             return
         key = link.channel_key
         if key is None:
             self.stats.bump("drop_no_channel_key")
             return
-        if not link.channel_replay.check(chan_seq):
+        ids = data[_BROADCAST_HEADER.size : ids_end]
+        plaintext = open_broadcast(key, link.channel_replay, chan_seq, ids, data[ids_end:])
+        if plaintext is None:
             self.stats.bump("drop_replay")
             return
-        ids = data[_BROADCAST_HEADER.size : ids_end]
-        plaintext = open_sealed(key, nonce(chan_seq, ids_digest(ids)), data[ids_end:])
-        link.channel_replay.mark(chan_seq)
         link.last_heard = now
         self._on_entries(ids, count, plaintext, session.peer_id, now)
 
@@ -593,11 +587,14 @@ class NodeCore:
 
     def _on_control(self, data: bytes, addr: Addr, now: float) -> None:
         _, _, _, sid, seq = _CONTROL_HEADER.unpack_from(data)
-        session = self._control_session(sid, seq)
+        session = self.sessions.get(sid)
         if session is None:
+            self.stats.bump("drop_unknown_session")
             return
-        plaintext = open_sealed(session.recv_key, nonce(seq), data[_CONTROL_HEADER.size :])
-        session.replay.mark(seq)
+        plaintext = open_control(session.recv_key, session.replay, seq, data)
+        if plaintext is None:
+            self.stats.bump("drop_replay")
+            return
         self._on_control_plaintext(session, addr, plaintext, now)
 
     def _control_session(self, sid: int, seq: int) -> Session | None:
@@ -683,13 +680,25 @@ class NodeCore:
             self.anti_entropy.request_peers(est.peer_id)
         self.subscriptions.on_established(est.peer_id)
 
-    def key_snapshot(self) -> list[tuple[object, ...]]:
-        """Every current key-table entry, as journal records (for a new receiver)."""
-        return self.peers.key_snapshot()
+    # -- what a runtime that decrypts in other processes must copy ------------------
 
-    @property
-    def key_journal(self) -> list[tuple[object, ...]] | None:
-        return self.peers.key_journal
+    def offload_updates(self) -> list[OffloadUpdate]:
+        """Every key-table and seen-set change since the last call (only with
+        ``defer_sealing``): key changes first, then one IdsSeen with the new ids."""
+        updates = self.peers.key_updates
+        if updates is None:
+            return []
+        out = updates[:]
+        updates.clear()
+        journal = self.seen.journal
+        if journal:
+            out.append(IdsSeen(b"".join(journal)))
+            journal.clear()
+        return out
+
+    def offload_snapshot(self) -> list[OffloadUpdate]:
+        """Every current key-table entry, as updates (for a new receiver)."""
+        return self.peers.key_snapshot()
 
     def _on_link_dropped(self, peer_id: bytes, link: PeerLink) -> None:
         self.link_queues.forget(peer_id, link)

@@ -5,7 +5,7 @@ lives here, and so does its lifetime. A handshake creates a session; a crossed h
 supersedes one; sessions nobody uses any more, and links of members that are gone, are
 freed here so memory stays bounded under churn. Control frames leave sealed under the
 peer's session. The multiprocess runtime's receivers need the same keys: every change
-is journalled for the runtime to copy.
+is reported as a typed update (offload.py) for the runtime to copy.
 """
 
 from __future__ import annotations
@@ -19,6 +19,12 @@ from gwyh_mp.protocol.dissemination import Datagram, FanoutTarget
 from gwyh_mp.protocol.handshake import Established
 from gwyh_mp.protocol.links import LinkState
 from gwyh_mp.protocol.membership import MemberTable
+from gwyh_mp.protocol.offload import (
+    ChannelKeySet,
+    OffloadUpdate,
+    SessionKeyInstalled,
+    SessionKeyRetired,
+)
 from gwyh_mp.protocol.stats import Stats
 from gwyh_mp.protocol.wire import MemberState, PacketType
 
@@ -53,6 +59,12 @@ class PeerLink(LinkState):
     last_heard: float = 0.0
 
 
+def _installed(session: Session) -> SessionKeyInstalled:
+    return SessionKeyInstalled(
+        session.local_session_id, session.peer_id, session.recv_key, session.addr
+    )
+
+
 class Peers:
     def __init__(
         self,
@@ -72,8 +84,8 @@ class Peers:
         self.sessions: dict[int, Session] = {}
         self.links: dict[bytes, PeerLink] = {}
         # Offloaded crypto needs the receivers to know keys: every change to the key
-        # tables is journalled here for the runtime to copy (see runtime/coordinator.py).
-        self.key_journal: list[tuple[object, ...]] | None = [] if defer_sealing else None
+        # tables is reported here for the runtime to copy (see runtime/coordinator.py).
+        self.key_updates: list[OffloadUpdate] | None = [] if defer_sealing else None
 
     def allocate_sid(self) -> int:
         while True:
@@ -99,7 +111,7 @@ class Peers:
             est.recv_key,
         )
         self.sessions[est.local_session_id] = session
-        self.journal_session(session)
+        self._report_session(session)
         link = self.link(est.peer_id)
         if link.session is not None and link.session is not session:
             # The peer may still be sending on the old one (two handshakes crossed):
@@ -114,12 +126,12 @@ class Peers:
             raise wire.WireError("bad channel key")
         if link.channel_key != key:
             link.channel_key = key
-            self.journal_channel(peer_id, key)
+            self._report_channel(peer_id, key)
 
     def moved(self, session: Session, addr: Addr) -> None:
         """An authenticated packet came from a new address: the peer really moved."""
         session.addr = addr
-        self.journal_session(session)
+        self._report_session(session)
 
     def fanout_target(self, peer_id: bytes) -> FanoutTarget | None:
         link = self.links.get(peer_id)
@@ -139,8 +151,8 @@ class Peers:
             if session.superseded or member is None or member.state != MemberState.UP:
                 del self.sessions[sid]
                 self.sids.discard(sid)
-                if self.key_journal is not None:
-                    self.key_journal.append(("k", sid))
+                if self.key_updates is not None:
+                    self.key_updates.append(SessionKeyRetired(sid))
                 link = self.links.get(session.peer_id)
                 if link is not None and link.session is session:
                     link.session = None
@@ -151,33 +163,25 @@ class Peers:
                 if member is None or member.state != MemberState.UP:
                     del self.links[peer_id]
                     self._on_link_dropped(peer_id, link)
-                    self.journal_channel(peer_id, None)
+                    self._report_channel(peer_id, None)
 
-    # ------------------------------------------------------------------ key journal
+    # ------------------------------------------------------------------ key updates
 
-    def journal_session(self, session: Session) -> None:
-        if self.key_journal is not None:
-            host, port = session.addr
-            self.key_journal.append(
-                ("K", session.local_session_id, session.peer_id, session.recv_key, host, port)
-            )
+    def _report_session(self, session: Session) -> None:
+        if self.key_updates is not None:
+            self.key_updates.append(_installed(session))
 
-    def journal_channel(self, peer_id: bytes, key: bytes | None) -> None:
-        if self.key_journal is not None:
-            self.key_journal.append(("C", peer_id, key or b""))
+    def _report_channel(self, peer_id: bytes, key: bytes | None) -> None:
+        if self.key_updates is not None:
+            self.key_updates.append(ChannelKeySet(peer_id, key))
 
-    def key_snapshot(self) -> list[tuple[object, ...]]:
-        """Every current key-table entry, as journal records (for a new receiver)."""
-        records: list[tuple[object, ...]] = []
-        for session in self.sessions.values():
-            host, port = session.addr
-            records.append(
-                ("K", session.local_session_id, session.peer_id, session.recv_key, host, port)
-            )
+    def key_snapshot(self) -> list[OffloadUpdate]:
+        """Every current key-table entry, as updates (for a new receiver)."""
+        updates: list[OffloadUpdate] = [_installed(s) for s in self.sessions.values()]
         for peer_id, link in self.links.items():
             if link.channel_key is not None:
-                records.append(("C", peer_id, link.channel_key))
-        return records
+                updates.append(ChannelKeySet(peer_id, link.channel_key))
+        return updates
 
     # ------------------------------------------------------------------ control sealing
 

@@ -26,9 +26,29 @@ from gwyh_mp.config import Config
 from gwyh_mp.protocol.crypto import DeferredDatagram, SealJob
 from gwyh_mp.protocol.events import Event
 from gwyh_mp.protocol.node import NodeCore
+from gwyh_mp.protocol.offload import (
+    ChannelKeySet,
+    IdsSeen,
+    OffloadUpdate,
+    SessionKeyInstalled,
+    SessionKeyRetired,
+)
 from gwyh_mp.runtime import udp
 from gwyh_mp.runtime.driver import CoreDriver
-from gwyh_mp.runtime.receiver import receiver_main
+from gwyh_mp.runtime.receiver import (
+    BROADCAST,
+    CHANNEL_KEY,
+    CONTROL,
+    DUPLICATE,
+    QUIT,
+    RAW,
+    SEEN_IDS,
+    SEND_JOBS,
+    SESSION_KEY,
+    SESSION_RETIRED,
+    STATS,
+    receiver_main,
+)
 from gwyh_mp.runtime.shm_ring import ShmRing
 
 log = logging.getLogger("gwyh_mp")
@@ -39,6 +59,20 @@ RESTART_DELAY_S = 0.05
 SENDS_PER_RECORD = 64  # keeps one ring record far below the ring's record size limit
 _dumps = marshal.dumps
 _loads = marshal.loads
+
+
+def ring_record(update: OffloadUpdate) -> bytes:
+    """One core update as the ring record a receiver applies (see receiver.py)."""
+    if isinstance(update, IdsSeen):
+        return _dumps((SEEN_IDS, update.ids))
+    if isinstance(update, SessionKeyInstalled):
+        host, port = update.addr
+        return _dumps((SESSION_KEY, update.sid, update.peer_id, update.recv_key, host, port))
+    if isinstance(update, ChannelKeySet):
+        return _dumps((CHANNEL_KEY, update.peer_id, update.key or b""))
+    if isinstance(update, SessionKeyRetired):
+        return _dumps((SESSION_RETIRED, update.sid))
+    raise TypeError(f"not an offload update: {update!r}")
 
 
 class _Worker:
@@ -119,6 +153,7 @@ class MultiProcessRuntime(CoreDriver):
                 worker.up.handle,
                 worker.down.handle,
                 os.getpid(),
+                self.config.seen_set_size,
                 (self._holder_fd,) if self._holder_fd >= 0 else (),
             ),
             name=f"gwyh-receiver-{worker.index}",
@@ -128,7 +163,7 @@ class MultiProcessRuntime(CoreDriver):
         worker.process = process
         if self.core is not None:
             # A new receiver knows nothing yet: give it every key.
-            snapshot = [_dumps(r) for r in self.core.key_snapshot()]
+            snapshot = [ring_record(u) for u in self.core.offload_snapshot()]
             worker.down.put_all(snapshot, timeout=1.0)
         self._loop.add_reader(worker.up.fileno(), self._on_ready, worker)
         self._loop.add_reader(process.sentinel, self._on_exit, worker)
@@ -188,7 +223,7 @@ class MultiProcessRuntime(CoreDriver):
         for worker in self._workers:
             if worker.down is not None:
                 with contextlib.suppress(Exception):
-                    worker.down.put_all([_dumps(("Q",))], timeout=0.5)
+                    worker.down.put_all([_dumps((QUIT,))], timeout=0.5)
         deadline = time.monotonic() + 3.0
         for worker in self._workers:
             process = worker.process
@@ -267,21 +302,21 @@ class MultiProcessRuntime(CoreDriver):
         for raw in records:
             record = _loads(raw)
             kind = record[0]
-            if kind == "B":
+            if kind == BROADCAST:
                 _, sid, host, port, link_seq, chan_seq, ids, plaintext = record
                 core.receive_broadcast_plaintext(
                     sid, (host, port), link_seq, chan_seq, ids, plaintext, now
                 )
-            elif kind == "D":
+            elif kind == DUPLICATE:
                 _, sid, host, port, link_seq = record
                 core.receive_broadcast_duplicate(sid, (host, port), link_seq, now)
-            elif kind == "c":
+            elif kind == CONTROL:
                 _, sid, seq, host, port, plaintext = record
                 core.receive_control_plaintext(sid, seq, (host, port), plaintext, now)
-            elif kind == "R":
+            elif kind == RAW:
                 _, host, port, data = record
                 core.receive_datagram(data, (host, port), now)
-            elif kind == "T":
+            elif kind == STATS:
                 worker.stats = record[2]
 
     # ------------------------------------------------------------ core -> receivers
@@ -305,15 +340,9 @@ class MultiProcessRuntime(CoreDriver):
     def _ship_journals(self, live: list[_Worker]) -> None:
         core = self.core
         assert core is not None
-        records: list[bytes] = []
-        if core.key_journal:
-            records.extend(_dumps(r) for r in core.key_journal)
-            core.key_journal.clear()
-        journal = core.seen.journal
-        if journal:
-            records.append(_dumps(("S", b"".join(journal))))
-            journal.clear()
-        if records:
+        updates = core.offload_updates()
+        if updates:
+            records = [ring_record(u) for u in updates]
             for worker in live:
                 assert worker.down is not None
                 worker.down.put_all(records, timeout=1.0)
@@ -343,7 +372,7 @@ class MultiProcessRuntime(CoreDriver):
                         sends.append((datagram.prefix, j, host, port))
                     else:
                         sends.append((datagram, -1, host, port))
-                records.append(_dumps(("J", jobs, sends)))
+                records.append(_dumps((SEND_JOBS, jobs, sends)))
             ring.put_all(records, timeout=1.0)
 
 

@@ -1,19 +1,21 @@
 """A receiver process: one of N sharing the node's UDP port with SO_REUSEPORT.
 
 It does the per-packet work in parallel with its siblings: header checks, the
-duplicate pre-filter, anti-replay, decryption. It hands the coordinator compact
-records over a shared-memory ring, in batches, and it seals and sends the
-coordinator's send jobs (one encryption per job, however many copies).
+duplicate pre-filter, anti-replay, decryption (the same checks as the core's, from
+protocol/inbound.py). It hands the coordinator compact records over a shared-memory
+ring, in batches, and it seals and sends the coordinator's send jobs (one encryption
+per job, however many copies).
 
-Records are marshal-encoded tuples (both ends are this program; see shm_ring):
+Records are marshal-encoded tuples whose first item is one of the kinds below (both
+ends are this program; see shm_ring):
 
     coordinator -> receiver                         receiver -> coordinator
-    ("K", sid, peer, recv_key, host, port)          ("B", sid, host, port, link_seq,
-    ("k", sid)                                           chan_seq, ids, plaintext)
-    ("C", peer, channel_key or b"")                 ("D", sid, host, port, link_seq)
-    ("S", ids)             new seen ids             ("c", sid, seq, host, port, plaintext)
-    ("J", jobs, sends)     seal and send            ("R", host, port, datagram)  raw
-    ("Q",)                 quit                     ("T", stats)
+    (SESSION_KEY, sid, peer, recv_key, host, port)  (BROADCAST, sid, host, port, link_seq,
+    (SESSION_RETIRED, sid)                              chan_seq, ids, plaintext)
+    (CHANNEL_KEY, peer, channel_key or b"")         (DUPLICATE, sid, host, port, link_seq)
+    (SEEN_IDS, ids)          new seen ids           (CONTROL, sid, seq, host, port, plaintext)
+    (SEND_JOBS, jobs, sends) seal and send          (RAW, host, port, datagram)
+    (QUIT,)                                         (STATS, index, stats)
 """
 
 from __future__ import annotations
@@ -27,26 +29,36 @@ import signal
 import socket
 import struct
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from gwyh_mp.protocol import wire
-from gwyh_mp.protocol.crypto import (
-    AntiReplayWindow,
-    DecryptError,
-    ids_digest,
-    nonce,
-    open_sealed,
-    seal,
-)
+from gwyh_mp.protocol.crypto import AntiReplayWindow, DecryptError, seal
 from gwyh_mp.protocol.dissemination import SeenSet
+from gwyh_mp.protocol.inbound import broadcast_ids_end, open_broadcast, open_control
 from gwyh_mp.runtime import udp
 from gwyh_mp.runtime.shm_ring import ShmRing, ShmRingHandle
+
+# Ring record kinds, coordinator -> receiver.
+SESSION_KEY = 1
+SESSION_RETIRED = 2
+CHANNEL_KEY = 3
+SEEN_IDS = 4
+SEND_JOBS = 5
+QUIT = 6
+# Ring record kinds, receiver -> coordinator.
+BROADCAST = 11
+DUPLICATE = 12
+CONTROL = 13
+RAW = 14  # anything the receiver cannot handle: the coordinator's core processes it
+STATS = 15
 
 PR_SET_PDEATHSIG = 1
 RECV_BUDGET = 1024  # datagrams per loop turn before looking at the down ring again
 STATS_INTERVAL_S = 1.0
 _BROADCAST = wire.BROADCAST_HEADER
 _CONTROL = wire.CONTROL_HEADER
+_IDS_START = _BROADCAST.size
 _dumps = marshal.dumps
 _loads = marshal.loads
 
@@ -59,9 +71,33 @@ def _die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+@dataclass(slots=True)
+class SessionEntry:
+    """A copy of one of the core's sessions: enough to open its CONTROL datagrams."""
+
+    peer_id: bytes
+    recv_key: bytes
+    addr: tuple[str, int]
+    replay: AntiReplayWindow = field(default_factory=AntiReplayWindow)
+
+
+@dataclass(slots=True)
+class ChannelEntry:
+    """A copy of a peer's channel key: enough to open its BROADCAST datagrams."""
+
+    key: bytes
+    replay: AntiReplayWindow = field(default_factory=AntiReplayWindow)
+
+
 class Receiver:
     def __init__(
-        self, index: int, sock: socket.socket, up: ShmRing, down: ShmRing, parent_pid: int
+        self,
+        index: int,
+        sock: socket.socket,
+        up: ShmRing,
+        down: ShmRing,
+        parent_pid: int,
+        seen_set_size: int,
     ) -> None:
         self.index = index
         self.sock = sock
@@ -70,11 +106,9 @@ class Receiver:
         self.parent_pid = parent_pid
         self.receiver = udp.BatchReceiver(sock, 64)
         self.sender = udp.BatchSender(sock)
-        # sid -> [peer id, receive key, address, replay window]
-        self.sessions: dict[int, list[Any]] = {}
-        # peer id -> [channel key, replay window]
-        self.channels: dict[bytes, list[Any]] = {}
-        self.seen = SeenSet(200_000)
+        self.sessions: dict[int, SessionEntry] = {}
+        self.channels: dict[bytes, ChannelEntry] = {}
+        self.seen = SeenSet(seen_set_size)
         self.pending: list[bytes] = []
         self.stats: dict[str, int] = {}
         self.running = True
@@ -86,31 +120,31 @@ class Receiver:
 
     def apply(self, record: tuple[Any, ...]) -> None:
         kind = record[0]
-        if kind == "J":
+        if kind == SEND_JOBS:
             self.send_jobs(record[1], record[2])
-        elif kind == "S":
+        elif kind == SEEN_IDS:
             ids = record[1]
             add = self.seen.add
             for i in range(0, len(ids), 16):
                 add(ids[i : i + 16])
-        elif kind == "K":
+        elif kind == SESSION_KEY:
             _, sid, peer, key, host, port = record
-            entry = self.sessions.get(sid)
-            if entry is None:
-                self.sessions[sid] = [peer, key, (host, port), AntiReplayWindow()]
+            session = self.sessions.get(sid)
+            if session is None:
+                self.sessions[sid] = SessionEntry(peer, key, (host, port))
             else:
-                entry[2] = (host, port)
-        elif kind == "k":
+                session.addr = (host, port)
+        elif kind == SESSION_RETIRED:
             self.sessions.pop(record[1], None)
-        elif kind == "C":
+        elif kind == CHANNEL_KEY:
             _, peer, key = record
             if key:
-                entry = self.channels.get(peer)
-                if entry is None or entry[0] != key:
-                    self.channels[peer] = [key, AntiReplayWindow()]
+                channel = self.channels.get(peer)
+                if channel is None or channel.key != key:
+                    self.channels[peer] = ChannelEntry(key)
             else:
                 self.channels.pop(peer, None)
-        elif kind == "Q":
+        elif kind == QUIT:
             self.running = False
 
     def send_jobs(
@@ -169,7 +203,7 @@ class Receiver:
 
     def classify(self, data: bytes, host: str, port: int) -> bytes | None:
         if len(data) < 2 or data[0] != wire.VERSION:
-            return _dumps(("R", host, port, data))  # the coordinator counts and logs it
+            return _dumps((RAW, host, port, data))  # the coordinator counts and logs it
         ptype = data[1]
         if ptype == wire.PacketType.BROADCAST:
             if len(data) < _BROADCAST.size:
@@ -178,31 +212,27 @@ class Receiver:
             _, _, count, _, sid, link_seq, chan_seq = _BROADCAST.unpack_from(data)
             session = self.sessions.get(sid)
             if session is None:
-                return _dumps(("R", host, port, data))  # keys may still be on their way
-            ids_end = _BROADCAST.size + 16 * count
-            if count == 0 or len(data) < ids_end + wire.TAG_BYTES:
+                return _dumps((RAW, host, port, data))  # keys may still be on their way
+            ids_end = broadcast_ids_end(data, count, self.seen.ids)
+            if ids_end < 0:
                 self.bump("drop_malformed")
                 return None
-            seen = self.seen.ids
-            start = _BROADCAST.size
-            if all(data[i : i + 16] in seen for i in range(start, ids_end, 16)):
+            if not ids_end:
                 self.bump("duplicates")
-                return _dumps(("D", sid, host, port, link_seq))
-            channel = self.channels.get(session[0])
+                return _dumps((DUPLICATE, sid, host, port, link_seq))
+            channel = self.channels.get(session.peer_id)
             if channel is None:
-                return _dumps(("R", host, port, data))
-            window = channel[1]
-            if not window.check(chan_seq):
+                return _dumps((RAW, host, port, data))
+            ids = data[_IDS_START:ids_end]
+            plaintext = open_broadcast(channel.key, channel.replay, chan_seq, ids, data[ids_end:])
+            if plaintext is None:
                 self.bump("drop_replay")
                 return None
-            ids = data[start:ids_end]
-            plaintext = open_sealed(channel[0], nonce(chan_seq, ids_digest(ids)), data[ids_end:])
-            window.mark(chan_seq)
             add = self.seen.add
             for i in range(0, len(ids), 16):
                 add(ids[i : i + 16])
             self.bump("decrypted")
-            return _dumps(("B", sid, host, port, link_seq, chan_seq, ids, plaintext))
+            return _dumps((BROADCAST, sid, host, port, link_seq, chan_seq, ids, plaintext))
         if ptype == wire.PacketType.CONTROL:
             if len(data) < _CONTROL.size:
                 self.bump("drop_malformed")
@@ -210,15 +240,13 @@ class Receiver:
             _, _, _, sid, seq = _CONTROL.unpack_from(data)
             session = self.sessions.get(sid)
             if session is None:
-                return _dumps(("R", host, port, data))
-            window = session[3]
-            if not window.check(seq):
+                return _dumps((RAW, host, port, data))
+            plaintext = open_control(session.recv_key, session.replay, seq, data)
+            if plaintext is None:
                 self.bump("drop_replay")
                 return None
-            plaintext = open_sealed(session[1], nonce(seq), data[_CONTROL.size :])
-            window.mark(seq)
-            return _dumps(("c", sid, seq, host, port, plaintext))
-        return _dumps(("R", host, port, data))  # handshakes: rare, the coordinator's job
+            return _dumps((CONTROL, sid, seq, host, port, plaintext))
+        return _dumps((RAW, host, port, data))  # handshakes: rare, the coordinator's job
 
     def flush_up(self) -> None:
         if self.pending:
@@ -250,7 +278,7 @@ class Receiver:
                 stats = dict(
                     self.stats, sessions=len(self.sessions), down_ring_bytes=self.down.used_bytes()
                 )
-                self.up.put_all([_dumps(("T", self.index, stats))], timeout=0.1)
+                self.up.put_all([_dumps((STATS, self.index, stats))], timeout=0.1)
             if not busy and self.down.prepare_wait():
                 try:
                     poller.poll(200)
@@ -265,6 +293,7 @@ def receiver_main(
     up_handle: ShmRingHandle,
     down_handle: ShmRingHandle,
     parent_pid: int,
+    seen_set_size: int,
     inherited_fds: tuple[int, ...] = (),
 ) -> None:
     # A forked child holds copies of the coordinator's sockets. One left open in the
@@ -283,7 +312,7 @@ def receiver_main(
     down = ShmRing.attach(down_handle)
     sock = udp.open_socket(bind, buffer_bytes, reuse_port=True)
     try:
-        Receiver(index, sock, up, down, parent_pid).run()
+        Receiver(index, sock, up, down, parent_pid, seen_set_size).run()
     finally:
         sock.close()
         up.close()
