@@ -1,4 +1,5 @@
-"""Tests for gwyh_mp.protocol.congestion: loss detection, NAK aggregation, AIMD pacing, scheduling.
+"""Loss detection, NAK aggregation and AIMD pacing (congestion.py), and the per-peer link
+queues that drive them (links.py).
 
 Everything runs on a fake clock; randomness is seeded.
 """
@@ -15,20 +16,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.congestion import (
     SEQ32_MASK,
     AimdPacer,
     LinkLossDetector,
-    LinkSeqCounter,
     NakReport,
     PacingConfig,
-    SendScheduler,
     seq32_diff,
 )
+from gwyh_mp.protocol.links import LinkQueues, LinkState
+from gwyh_mp.protocol.stats import Stats
 
 CFG = PacingConfig()
 PKT = 1200  # bytes per simulated data datagram
 WRAP_START = 2**32 - 5
+PEER = b"p" * 16
+ADDR = ("10.0.0.2", 7000)
 
 
 def lost_seqs(reports: Iterable[NakReport]) -> list[int]:
@@ -71,9 +75,9 @@ def test_seq32_diff_inverts_wrapping_add(a: int, d: int) -> None:
     assert seq32_diff((a + d) & SEQ32_MASK, a) == d
 
 
-def test_seq32_counter_wraps() -> None:
-    c = LinkSeqCounter(SEQ32_MASK - 1)
-    assert [c.next() for _ in range(4)] == [SEQ32_MASK - 1, SEQ32_MASK, 0, 1]
+def test_link_sequence_wraps() -> None:
+    link = LinkState(PEER, link_seq_out=SEQ32_MASK - 2)
+    assert [link.next_link_seq() for _ in range(4)] == [SEQ32_MASK - 1, SEQ32_MASK, 0, 1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -562,62 +566,72 @@ def test_property_rate_within_bounds_and_tokens_never_negative(
 # --------------------------------------------------------------------------------------------------
 
 
-def test_control_has_priority_under_full_data_queue() -> None:
+def _data(seq: int, size: int = PKT) -> bytes:
+    """A stand-in data datagram: the link sequence sits at bytes 8-12, as in BROADCAST."""
+    return bytes(8) + seq.to_bytes(4, "big") + bytes(size - 12)
+
+
+def _link_queues(cfg: PacingConfig) -> tuple[LinkQueues, LinkState, list[tuple[bytes, bytes]]]:
+    links = {PEER: LinkState(PEER)}
+    control: list[tuple[bytes, bytes]] = []
+    queues = LinkQueues(
+        links,  # type: ignore[arg-type]
+        links.__getitem__,
+        cfg,
+        Stats(),
+        lambda peer, ftype, body=b"": control.append((peer, bytes([ftype]) + body)),
+        lambda: 0.0,
+    )
+    return queues, links[PEER], control
+
+
+def test_full_link_queue_sheds_oldest_and_drains_in_order_at_the_paced_rate() -> None:
     cfg = PacingConfig(
         initial_rate_bytes_per_s=100_000, burst_bytes=PKT, max_queued_data_bytes=20 * PKT
     )
-    sched: SendScheduler[str] = SendScheduler(AimdPacer(cfg, now=0.0))
-    accepted = [f"d{i}" for i in range(100) if sched.push_data(f"d{i}", PKT)]
-    assert len(accepted) == 20
-    assert sched.stats().data_refused == 80
-    assert sched.pop_ready(0.0) == ["d0"]  # one burst's worth
-    sched.push_control("hb1", 100)
-    sched.push_control("hb2", 100)
-    # No data tokens left, yet control goes now, first, and is charged to the pacer.
-    assert sched.next_timer(0.0) == 0.0
-    assert sched.pop_ready(0.0) == ["hb1", "hb2"]
-    assert sched.pacer.tokens(0.0) == -200
-    # Drain: everything accepted comes out, in order, none dropped.
-    out = ["d0"]
+    queues, link, _ = _link_queues(cfg)
+    for i in range(1, 101):
+        queues.enqueue(PEER, _data(i), ADDR)
+    assert queues.stats["shed_datagrams"] == 80
+    assert queues.backlog_bytes == link.queue_bytes == 20 * PKT
+    out: list[tuple[bytes, tuple[str, int]]] = []
     now = 0.0
-    while (t := sched.next_timer(now)) is not None:
-        now = t
-        out += sched.pop_ready(now)
-    assert out == accepted
-    assert sched.stats().control_dropped == 0
-    assert now == pytest.approx((19 * PKT + 200) / 100_000)
+    for _ in range(1000):  # bounded: fails rather than spins
+        queues.drain(now, out)
+        t = queues.next_timer(now)
+        if not queues.backlogged or t is None:
+            break
+        now = max(now, t)
+    assert [int.from_bytes(d[8:12], "big") for d, _ in out] == list(range(81, 101))
+    assert queues.backlog_bytes == 0
+    # Paced: one burst at once, the rest at the initial rate or faster as AIMD raises it.
+    assert 0.5 * 19 * PKT / 100_000 < now <= 19 * PKT / 100_000 + 1e-9
 
 
-def test_push_data_accepts_again_after_drain() -> None:
-    cfg = PacingConfig(max_queued_data_bytes=2 * PKT)
-    sched: SendScheduler[int] = SendScheduler(AimdPacer(cfg, now=0.0))
-    assert sched.push_data(1, PKT) and sched.push_data(2, PKT)
-    assert not sched.push_data(3, PKT)
-    assert sched.pop_ready(0.0, max_items=1) == [1]
-    assert sched.push_data(3, PKT)
-    assert sched.queued_data_bytes == 2 * PKT
-    with pytest.raises(ValueError):
-        sched.push_data(4, 2 * PKT + 1)
+def test_nak_resends_what_was_sent_under_fresh_link_sequences() -> None:
+    queues, link, _ = _link_queues(PacingConfig())
+    for _ in range(5):
+        queues.enqueue(PEER, _data(link.next_link_seq()), ADDR)
+    out: list[tuple[bytes, tuple[str, int]]] = []
+    queues.drain(0.0, out)
+    assert len(out) == 5
+    queues.on_nak(link, ADDR, wire.encode_nak(3, 2, [(2, 2)]), 0.01)
+    assert queues.stats["retransmits"] == 2
+    resent: list[tuple[bytes, tuple[str, int]]] = []
+    queues.drain(0.01, resent)
+    # The same datagrams (seq 2 and 3), restamped 6 and 7 at the back of the link.
+    assert [d[12:] for d, _ in resent] == [out[1][0][12:], out[2][0][12:]]
+    assert [int.from_bytes(d[8:12], "big") for d, _ in resent] == [6, 7]
 
 
-def test_control_queue_bound_drops_oldest() -> None:
-    cfg = PacingConfig(max_queued_control_bytes=1000)
-    sched: SendScheduler[int] = SendScheduler(AimdPacer(cfg, now=0.0))
-    for i in range(15):
-        sched.push_control(i, 100)
-    assert sched.queued_control_bytes == 1000
-    assert sched.stats().control_dropped == 5
-    assert sched.pop_ready(0.0) == list(range(5, 15))
-    assert sched.next_timer(0.0) is None
-
-
-def test_max_items_limits_batch_control_first() -> None:
-    sched: SendScheduler[str] = SendScheduler(AimdPacer(CFG, now=0.0))
-    sched.push_data("d", PKT)
-    sched.push_control("c1", 10)
-    sched.push_control("c2", 10)
-    assert sched.pop_ready(0.0, max_items=1) == ["c1"]
-    assert sched.pop_ready(0.0, max_items=2) == ["c2", "d"]
+def test_tail_probe_follows_the_last_data_datagram() -> None:
+    queues, link, control = _link_queues(PacingConfig())
+    queues.enqueue(PEER, _data(link.next_link_seq()), ADDR)
+    queues.drain(0.0, [])
+    due = queues.next_timer(0.0)
+    assert due is not None and due > 0.0
+    queues.handle_timer(due)
+    assert control == [(PEER, bytes([wire.FrameType.TAIL]) + (1).to_bytes(4, "big"))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -633,8 +647,7 @@ class SimResult:
     loss_fraction_tail: float  # bottleneck drops / data sent, over the last third
     min_rate_after_warmup: float
     decrease_times: list[float]
-    max_control_delay_s: float
-    data_refused: int
+    held_back: int  # send rounds where the full queue held the source back
 
 
 def simulate_link(
@@ -650,16 +663,14 @@ def simulate_link(
 ) -> SimResult:
     """A saturated sender -> drop-tail bottleneck -> receiver, NAKs back over an idle reverse path.
 
-    The sender keeps its data queue full (refused pushes are retried, i.e. backpressure) and sends
-    a 100 B heartbeat every second through the control class. ``random_loss`` drops that
+    The sender is the node's real link queue (links.py) kept full. ``random_loss`` drops that
     fraction of datagrams on the wire (seeded), independently of congestion.
     """
     rng = random.Random(42)
-    # Items are (kind, time queued).
-    sched: SendScheduler[tuple[str, float]] = SendScheduler(AimdPacer(cfg, now=0.0))
-    pacer = sched.pacer
+    queues, link, _ = _link_queues(cfg)
+    link.link_seq_out = (seq_start - 1) & SEQ32_MASK
+    pacer = queues.pacer(link)
     det = LinkLossDetector(cfg)
-    seq = LinkSeqCounter(seq_start)
     events: list[tuple[float, int, str, object]] = []
     counter = 0
 
@@ -674,13 +685,13 @@ def simulate_link(
     dropped: list[float] = []
     decrease_times: list[float] = []
     min_rate = float("inf")
-    control_delays: list[float] = []
+    held_back = 0
     rx_timer_s: float | None = None
     sender_wake_s: float | None = None
 
     def wake_sender(now: float) -> None:
         nonlocal sender_wake_s
-        t = sched.next_timer(now)
+        t = queues.next_timer(now)
         if t is not None and (sender_wake_s is None or sender_wake_s <= now or t < sender_wake_s):
             sender_wake_s = max(t, now)
             at(sender_wake_s, "send")
@@ -694,20 +705,20 @@ def simulate_link(
 
     at(0.0, "send")
     at(0.0, "tick")
-    for k in range(int(duration_s)):
-        at(k + 0.5, "heartbeat")
     while events:
         now, _, kind, data = heapq.heappop(events)
         if now > duration_s:
             break
         if kind == "send":
-            while sched.push_data(("data", now), PKT):  # saturated source
-                pass
-            for item_kind, pushed_at in sched.pop_ready(now):
-                if item_kind == "heartbeat":
-                    control_delays.append(now - pushed_at)
-                    continue
-                s = seq.next()
+            # A saturated source, held back (as the node's send_queue_bytes does) while the
+            # link's queue is full.
+            while link.queue_bytes + PKT <= cfg.max_queued_data_bytes:
+                queues.enqueue(PEER, _data(link.next_link_seq()), ADDR)
+            held_back += 1
+            out: list[tuple[bytes, tuple[str, int]]] = []
+            queues.drain(now, out)
+            for datagram, _ in out:
+                s = int.from_bytes(datagram[8:12], "big")
                 sent.append((now, PKT))
                 backlog = max(0.0, link_free_s - now) * capacity_bytes_per_s
                 if backlog + PKT > queue_bytes:
@@ -717,9 +728,6 @@ def simulate_link(
                 if random_loss and rng.random() < random_loss:
                     continue  # lost on the wire after the bottleneck: not congestion
                 at(link_free_s + one_way_delay_s, "arrive", s)
-            wake_sender(now)
-        elif kind == "heartbeat":
-            sched.push_control(("heartbeat", now), 100)
             wake_sender(now)
         elif kind == "arrive":
             assert isinstance(data, int)
@@ -753,8 +761,7 @@ def simulate_link(
         / max(1, sum(t >= tail_start for t, _ in sent)),
         min_rate_after_warmup=min_rate,
         decrease_times=decrease_times,
-        max_control_delay_s=max(control_delays),
-        data_refused=sched.data_refused,
+        held_back=held_back,
     )
 
 
@@ -771,7 +778,7 @@ def test_aimd_converges_on_bottleneck(initial_rate: float, seq_start: int) -> No
         f"delivered_tail={res.delivered_rate_tail / cap:.3f}C "
         f"loss_tail={res.loss_fraction_tail:.2%} "
         f"decreases={len(res.decrease_times)} min_rate_after_warmup="
-        f"{res.min_rate_after_warmup / cap:.3f}C max_heartbeat_delay={res.max_control_delay_s}"
+        f"{res.min_rate_after_warmup / cap:.3f}C"
     )
     assert 0.5 * cap <= res.sent_rate_tail <= 1.3 * cap
     assert res.delivered_rate_tail >= 0.5 * cap
@@ -783,9 +790,8 @@ def test_aimd_converges_on_bottleneck(initial_rate: float, seq_start: int) -> No
     assert len(res.decrease_times) >= 5
     gaps = [b - a for a, b in itertools.pairwise(res.decrease_times)]
     assert min(gaps) >= cfg.decrease_holdoff_s - 1e-9
-    # Heartbeats never wait behind data, and the saturated source really hit backpressure.
-    assert res.max_control_delay_s == 0.0
-    assert res.data_refused > 0
+    # The saturated source really was held back by the link's queue.
+    assert res.held_back > 0
 
 
 def test_aimd_tolerates_random_loss_below_threshold() -> None:
@@ -839,7 +845,6 @@ def test_default_config_is_valid() -> None:
         {"decrease_holdoff_s": -0.1},
         {"increase_bytes_per_s": 0},
         {"max_queued_data_bytes": 0},
-        {"max_queued_control_bytes": 0},
     ],
 )
 def test_invalid_config_rejected(kwargs: dict[str, float]) -> None:

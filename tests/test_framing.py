@@ -21,9 +21,7 @@ from gwyh_mp.protocol.framing import (
     FragmentHeader,
     OutgoingWindow,
     Reassembler,
-    WindowedSender,
     split_message,
-    window_fragments,
 )
 
 KIB = 1024
@@ -419,20 +417,6 @@ def test_outgoing_window_retention() -> None:
     assert len(w.fragments_for_nak(b"E", range(1000))) == MAX_NAK_INDEXES
 
 
-def test_windowed_sender() -> None:
-    assert window_fragments(64 * KIB, 1200) == 54
-    assert window_fragments(100, 1200) == 1
-    with pytest.raises(ValueError):
-        window_fragments(100, 0)
-    frags = split_message(bytes(range(10)), 1)
-    s = WindowedSender(frags, 4)
-    batches = []
-    while not s.done:
-        batches.append([i for i, _ in s.next_window()])
-    assert batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert s.remaining == 0 and s.next_window() == []
-
-
 def test_one_mib_over_lossy_link_completes_via_naks() -> None:
     rnd = random.Random(1234)
     loss = 0.10
@@ -444,7 +428,8 @@ def test_one_mib_over_lossy_link_completes_via_naks() -> None:
 
     window = OutgoingWindow(max_window_bytes=4 * MIB, retain_s=30.0)
     window.add_message(b"big", frags, 0.0)
-    sender = WindowedSender(frags, window_fragments(64 * KIB, frag_size))
+    per_tick = 64 * KIB // frag_size  # a burst limit per tick, like the node's window
+    unsent = list(enumerate(frags))
     r = make_reassembler(nak_delay_s=0.05, incomplete_timeout_s=5.0)
 
     completed = []
@@ -463,7 +448,8 @@ def test_one_mib_over_lossy_link_completes_via_naks() -> None:
     now = 0.0
     for _tick in range(2000):  # bounded: fails rather than spins
         now += tick_s
-        for index, frag in sender.next_window():
+        burst, unsent = unsent[:per_tick], unsent[per_tick:]
+        for index, frag in burst:
             deliver(index, frag, now)
         for peer, msg_id, missing in r.pending_naks(now):
             assert peer == "sender" and msg_id == b"big"
@@ -472,7 +458,7 @@ def test_one_mib_over_lossy_link_completes_via_naks() -> None:
             for index, frag in window.fragments_for_nak(msg_id, missing):
                 retransmitted += 1
                 deliver(index, frag, now)
-        if completed and sender.done:
+        if completed and not unsent:
             break
     assert len(completed) == 1
     assert completed[0] == data

@@ -1,17 +1,15 @@
-"""Congestion control: NAK-based loss detection, AIMD pacing, and send scheduling.
+"""Congestion control: NAK-based loss detection and AIMD pacing.
 
 Why this exists: the original gwyh NAKed after every packet (NAKs for NAKs included), underflowed on
 reordered packets, ignored sequence wrap-around, never updated its rate controller, and never paced
 the data path (spec §7, §8 items 7-8). This module replaces all of that with three sans-IO state
-machines, driven by the runtime with monotonic ``now`` timestamps in seconds:
+machines, driven with monotonic ``now`` timestamps in seconds by links.py (the per-peer queues):
 
 * ``LinkLossDetector`` (receiver, one per peer): watches the 32-bit link sequence numbers carried by
   bulk-data datagrams, tolerates reordering, and emits at most one aggregated ``NakReport`` per
   ``nak_interval_s``. Control packets carry no link sequence number, so a NAK is never NAKed.
 * ``AimdPacer`` (sender, one per link): token bucket in bytes/s whose rate is cut multiplicatively
   on reported loss (once per loss event) and raised additively while the link is loss-free.
-* ``SendScheduler`` (sender, one per link): control traffic first and never rate-limited, data
-  released only as the pacer allows, with a byte-bounded data queue that pushes back on the caller.
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 
 SEQ32_MODULUS = 1 << 32
 SEQ32_MASK = SEQ32_MODULUS - 1
@@ -34,25 +31,6 @@ def seq32_diff(a: int, b: int) -> int:
     """
     d = (a - b) & SEQ32_MASK
     return d - SEQ32_MODULUS if d >= _SEQ32_HALF else d
-
-
-class LinkSeqCounter:
-    """Sender side of the link sequence: one wrapping 32-bit counter per directed link.
-
-    The start value is the caller's choice (random per session is fine); only data datagrams take
-    a number, so gaps at the receiver mean lost data and nothing else.
-    """
-
-    __slots__ = ("_next",)
-
-    def __init__(self, start: int = 0) -> None:
-        self._next = start & SEQ32_MASK
-
-    def next(self) -> int:
-        """Return the sequence number for the next data datagram and advance."""
-        seq = self._next
-        self._next = (seq + 1) & SEQ32_MASK
-        return seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,10 +72,9 @@ class PacingConfig:
         capacity with ~1 % loss in simulation; on a 200 KB/s one they overshoot (~8 % loss),
         and they take about a minute to climb from 1 MiB/s to 10 MB/s.
 
-    Scheduling (sender):
-      max_queued_data_bytes: data queue bound; ``push_data`` refuses beyond it (backpressure).
-      max_queued_control_bytes: control queue bound; the oldest control items are dropped beyond
-        it. Large, because control is small and must not be refused, but still finite.
+    Queueing (sender, links.py):
+      max_queued_data_bytes: bound of one link's data queue; beyond it the oldest queued data is
+        shed (counted). Control is never queued: it leaves at once and is only charged to the pacer.
     """
 
     reorder_window_s: float = 0.020
@@ -118,7 +95,6 @@ class PacingConfig:
     increase_interval_s: float = 0.1
 
     max_queued_data_bytes: int = 1_048_576
-    max_queued_control_bytes: int = 4_194_304
 
     def __post_init__(self) -> None:
         errors: list[str] = []
@@ -158,7 +134,6 @@ class PacingConfig:
         need(0 < self.decrease_factor < 1, "decrease_factor must be in (0, 1)")
         need(0 <= self.loss_threshold < 1, "loss_threshold must be in [0, 1)")
         need(self.max_queued_data_bytes >= 1, "max_queued_data_bytes must be >= 1")
-        need(self.max_queued_control_bytes >= 1, "max_queued_control_bytes must be >= 1")
         if errors:
             raise ValueError("invalid PacingConfig: " + "; ".join(errors))
 
@@ -592,128 +567,3 @@ class AimdPacer:
 # --------------------------------------------------------------------------------------------------
 # Sender: control-first scheduler in front of the pacer
 # --------------------------------------------------------------------------------------------------
-
-T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerStats:
-    queued_control_bytes: int
-    queued_data_bytes: int
-    control_sent: int
-    data_sent: int
-    control_dropped: int
-    data_refused: int
-
-
-class SendScheduler(Generic[T]):
-    """Two-class send queue for one link: CONTROL before DATA, DATA paced by an ``AimdPacer``.
-
-    Control (handshakes, heartbeats, membership status, NAKs) is small and latency-critical, so it
-    is released immediately and only charged to the pacer: a link saturated with data never delays
-    a heartbeat into a false failure. Data is FIFO and waits for tokens. Items are opaque to the
-    scheduler; the caller passes each item's wire size.
-    """
-
-    __slots__ = (
-        "_cfg",
-        "_control",
-        "_control_bytes",
-        "_data",
-        "_data_bytes",
-        "control_dropped",
-        "control_sent",
-        "data_refused",
-        "data_sent",
-        "pacer",
-    )
-
-    def __init__(self, pacer: AimdPacer) -> None:
-        self.pacer = pacer
-        self._cfg = pacer.config  # one config per link: queue bounds live beside the rates
-        self._control: deque[tuple[T, int]] = deque()
-        self._data: deque[tuple[T, int]] = deque()
-        self._control_bytes = 0
-        self._data_bytes = 0
-        self.control_sent = 0
-        self.data_sent = 0
-        self.control_dropped = 0
-        self.data_refused = 0
-
-    @property
-    def queued_data_bytes(self) -> int:
-        return self._data_bytes
-
-    @property
-    def queued_control_bytes(self) -> int:
-        return self._control_bytes
-
-    def push_control(self, item: T, nbytes: int) -> None:
-        """Queue a control item. Always accepted; the oldest control is dropped past the bound."""
-        self._control.append((item, nbytes))
-        self._control_bytes += nbytes
-        # Keep at least the newest item even if it alone exceeds the bound.
-        while self._control_bytes > self._cfg.max_queued_control_bytes and len(self._control) > 1:
-            _, dropped = self._control.popleft()
-            self._control_bytes -= dropped
-            self.control_dropped += 1
-
-    def push_data(self, item: T, nbytes: int) -> bool:
-        """Queue a data item; False (nothing queued) when the data queue is full.
-
-        The caller owns backpressure: keep the item and retry after ``pop_ready`` drains some.
-        An item larger than the whole queue could never be accepted, so that is a ValueError.
-        """
-        if nbytes > self._cfg.max_queued_data_bytes:
-            raise ValueError(
-                f"data item of {nbytes} B exceeds max_queued_data_bytes "
-                f"({self._cfg.max_queued_data_bytes} B)"
-            )
-        if self._data_bytes + nbytes > self._cfg.max_queued_data_bytes:
-            self.data_refused += 1
-            return False
-        self._data.append((item, nbytes))
-        self._data_bytes += nbytes
-        return True
-
-    def pop_ready(self, now: float, max_items: int | None = None) -> list[T]:
-        """Items that may be sent now, control first; each is charged to the pacer."""
-        out: list[T] = []
-        limit = math.inf if max_items is None else max_items
-        pacer = self.pacer
-        control = self._control
-        while control and len(out) < limit:
-            item, nbytes = control.popleft()
-            self._control_bytes -= nbytes
-            pacer.consume(nbytes, now)
-            self.control_sent += 1
-            out.append(item)
-        data = self._data
-        while data and len(out) < limit:
-            item, nbytes = data[0]
-            if not pacer.can_send(nbytes, now):
-                break
-            data.popleft()
-            self._data_bytes -= nbytes
-            pacer.consume(nbytes, now)
-            self.data_sent += 1
-            out.append(item)
-        return out
-
-    def next_timer(self, now: float) -> float | None:
-        """When ``pop_ready`` will next release something, or None if both queues are empty."""
-        if self._control:
-            return now
-        if self._data:
-            return self.pacer.next_send_time(self._data[0][1], now)
-        return None
-
-    def stats(self) -> SchedulerStats:
-        return SchedulerStats(
-            queued_control_bytes=self._control_bytes,
-            queued_data_bytes=self._data_bytes,
-            control_sent=self.control_sent,
-            data_sent=self.data_sent,
-            control_dropped=self.control_dropped,
-            data_refused=self.data_refused,
-        )

@@ -1,4 +1,4 @@
-"""Large-message framing: split, windowed send, NAK-driven retransmit, reassembly.
+"""Large-message framing: split, reassembly, and the fragments kept for NAK answers.
 
 A broadcast larger than one datagram travels as ``count`` fragments. Every
 fragment carries (msg_id, index, count, total_len); all fragments except the last
@@ -12,8 +12,9 @@ is one empty fragment (count 1, total_len 0).
 Reliability is NAK-only: the receiver reports missing indexes of messages that have
 stalled and the sender (or any hop still holding the fragments) retransmits them.
 
-Sans-IO: no sockets, no clocks. Time comes in as ``now`` (seconds, monotonic) and
-every method is deterministic. Encryption and the wire header live elsewhere.
+The send window and the NAK traffic are large_messages.py's. Sans-IO: no sockets, no
+clocks. Time comes in as ``now`` (seconds, monotonic) and every method is
+deterministic. Encryption and the wire header live elsewhere.
 """
 
 from __future__ import annotations
@@ -577,44 +578,3 @@ class OutgoingWindow:
         entry = self._msgs.pop(msg_id, None)
         if entry is not None:
             self._total_bytes -= entry.nbytes
-
-
-def window_fragments(window_bytes: int, fragment_size: int) -> int:
-    """Fragments one message may put on the wire per tick.
-
-    At least 1 so every message makes progress. There are no positive acks, so this
-    is a burst limit per tick, not a TCP-style window; the pacer elsewhere picks
-    window_bytes and the tick rate.
-    """
-    if fragment_size < 1:
-        raise ValueError(f"fragment_size must be >= 1, got {fragment_size}")
-    return max(1, window_bytes // fragment_size)
-
-
-class WindowedSender:
-    """Hands out one message's fragments at most ``window`` per tick, in index order.
-
-    Usage per tick: ``for index, frag in sender.next_window(): send(...)`` until
-    ``done``. Retransmissions for NAKs come from OutgoingWindow, not from here.
-    """
-
-    def __init__(self, fragments: Sequence[Fragment], window: int) -> None:
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        self.fragments = fragments
-        self.window = window
-        self._next = 0
-
-    @property
-    def remaining(self) -> int:
-        return len(self.fragments) - self._next
-
-    @property
-    def done(self) -> bool:
-        return self._next >= len(self.fragments)
-
-    def next_window(self) -> list[tuple[int, Fragment]]:
-        start = self._next
-        stop = min(start + self.window, len(self.fragments))
-        self._next = stop
-        return [(i, self.fragments[i]) for i in range(start, stop)]

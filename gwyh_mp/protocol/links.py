@@ -86,7 +86,6 @@ class LinkQueues:
         links: dict[bytes, LinkState],
         link_for: Callable[[bytes], LinkState],
         pacing: PacingConfig,
-        link_queue_bytes: int,
         stats: Stats,
         queue_control: QueueControl,
         clock: Callable[[], float],
@@ -94,7 +93,7 @@ class LinkQueues:
         self.links = links
         self._link_for = link_for  # get or create a peer's link
         self.pacing = pacing
-        self._link_queue_bytes = link_queue_bytes
+        self._link_queue_bytes = pacing.max_queued_data_bytes
         self.stats = stats
         self._queue_control = queue_control
         self._clock = clock  # the node's latest ``now``: a new pacer starts from it

@@ -142,7 +142,6 @@ class NodeCore:
             self.peers.links,  # type: ignore[arg-type]  # PeerLink is a LinkState
             self.peers.link,
             self.pacing,
-            config.link_queue_bytes,
             self.stats,
             self._queue_control,
             lambda: self._last_now,
