@@ -280,8 +280,16 @@ class SimNetwork:
 
 
 def _record_of(node: SimNode) -> MemberRecord:
+    """The node's record as UP, whether or not it has started yet."""
     m = node.core.local_member()
-    return MemberRecord(m.node_id, m.incarnation, MemberState.UP, m.host, m.port, m.zone)
+    return MemberRecord(
+        node_id=m.node_id,
+        incarnation=m.incarnation,
+        state=MemberState.UP,
+        host=m.host,
+        port=m.port,
+        zone=m.zone,
+    )
 
 
 def _wired(node: SimNode, wanted: int) -> bool:

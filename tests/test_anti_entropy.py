@@ -21,6 +21,7 @@ from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.crypto import nonce, open_sealed
 from gwyh_mp.protocol.events import MemberDown, MemberUp, ProviderChanged
 from gwyh_mp.protocol.membership import DIGEST_BUCKETS, bucket_of, id_hash
+from gwyh_mp.protocol.membership import record_of as member_record
 from gwyh_mp.protocol.node import NodeCore
 from gwyh_mp.protocol.selection import Candidate, Strategy, select_providers
 from gwyh_mp.protocol.subscriptions import ProviderState
@@ -87,7 +88,7 @@ def own_record(node: SimNode) -> MemberRecord:
 def record_of(node: SimNode, subject: bytes) -> MemberRecord:
     member = node.core.members.get(subject)
     assert member is not None
-    return member.record()
+    return member_record(member)
 
 
 def phantom(i: int, inc: int = 0, state: MemberState = UP) -> MemberRecord:
@@ -182,7 +183,7 @@ def test_digest_request_gets_every_member_of_each_differing_bucket() -> None:
     tap = PeersTap(net, a)
     sent = stat(p, "peer_records_sent")
     ask(net, a, p, None)
-    in_bucket = [m.record() for m in p.core.members.bucket_members({bucket})]
+    in_bucket = [member_record(m) for m in p.core.members.bucket_members({bucket})]
     want = {key(own_record(p))} | {key(r) for r in in_bucket if r.node_id != a.core.node_id}
     got = [key(r) for r in tap.records]
     assert len(got) == len(set(got))
@@ -224,7 +225,7 @@ def test_empty_request_still_gets_the_full_up_list() -> None:
     tap = PeersTap(net, a)
     sent = stat(p, "peer_records_sent")
     ask(net, a, p, b"")
-    ups = [m.record() for m in p.core.members.up_members()]
+    ups = [member_record(m) for m in p.core.members.up_members()]
     want = {key(own_record(p))} | {key(r) for r in ups if r.node_id != a.core.node_id}
     assert len(want) == 9  # P itself and the 8 others besides A
     got = [key(r) for r in tap.records]

@@ -13,7 +13,7 @@ import struct
 from collections.abc import Callable
 
 from gwyh_mp.protocol import wire
-from gwyh_mp.protocol.membership import DIGEST_BUCKETS, MemberTable
+from gwyh_mp.protocol.membership import DIGEST_BUCKETS, MemberTable, record_of
 from gwyh_mp.protocol.stats import Stats
 from gwyh_mp.protocol.wire import FrameType, MemberRecord, MemberState
 
@@ -82,7 +82,7 @@ class AntiEntropy:
             differ = {b for b in range(DIGEST_BUCKETS) if theirs[b] != ours[b]}
             members = self.members.bucket_members(differ) if differ else []
             self.stats.bump("peer_syncs_answered")
-        encoded.extend(m.record().encode() for m in members if m.node_id != peer_id)
+        encoded.extend(record_of(m).encode() for m in members if m.node_id != peer_id)
         self.stats.bump("peer_records_sent", len(encoded))
         budget = min(wire.MAX_FRAME_BODY, self._max_datagram_bytes - wire.CONTROL_OVERHEAD - 16)
         chunk: list[bytes] = []

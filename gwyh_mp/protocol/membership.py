@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import enum
 import functools
-from dataclasses import dataclass
 
 from gwyh_mp.protocol.events import Member
 from gwyh_mp.protocol.wire import MemberRecord, MemberState
@@ -72,22 +71,16 @@ def _add_term(digests: list[int], node_id: bytes, incarnation: int, sign: int) -
     ) & _MASK64
 
 
-@dataclass(slots=True)
-class MemberInfo:
-    node_id: bytes
-    host: str
-    port: int
-    zone: str | None
-    state: MemberState
-    incarnation: int
-
-    def snapshot(self) -> Member:
-        return Member(self.node_id, self.host, self.port, self.zone, self.state, self.incarnation)
-
-    def record(self) -> MemberRecord:
-        return MemberRecord(
-            self.node_id, self.incarnation, self.state, self.host, self.port, self.zone
-        )
+def record_of(member: Member) -> MemberRecord:
+    """A member as the wire record that announces it."""
+    return MemberRecord(
+        node_id=member.node_id,
+        incarnation=member.incarnation,
+        state=member.state,
+        host=member.host,
+        port=member.port,
+        zone=member.zone,
+    )
 
 
 def supersedes(new_state: MemberState, new_inc: int, old_state: MemberState, old_inc: int) -> bool:
@@ -106,23 +99,23 @@ class MemberTable:
     10,000-node simulation holds 10^8 members in one process."""
 
     def __init__(self, max_down: int = 10_000) -> None:
-        self.members: dict[bytes, MemberInfo] = {}
+        self.members: dict[bytes, Member] = {}
         self._down_order: dict[bytes, None] = {}
         self.max_down = max_down
         self.up_count = 0
         self.up_zones: dict[str | None, int] = {}
         self.digests: list[int] = [0] * DIGEST_BUCKETS
 
-    def get(self, node_id: bytes) -> MemberInfo | None:
+    def get(self, node_id: bytes) -> Member | None:
         return self.members.get(node_id)
 
     def __len__(self) -> int:
         return len(self.members)
 
-    def up_members(self) -> list[MemberInfo]:
+    def up_members(self) -> list[Member]:
         return [m for m in self.members.values() if m.state == MemberState.UP]
 
-    def bucket_members(self, buckets: set[int]) -> list[MemberInfo]:
+    def bucket_members(self, buckets: set[int]) -> list[Member]:
         """Every member (UP and DOWN) whose digest bucket is in ``buckets``."""
         return [m for m in self.members.values() if bucket_of(id_hash(m.node_id)) in buckets]
 
@@ -133,13 +126,13 @@ class MemberTable:
         if current is None:
             if record.state == MemberState.DOWN:
                 return Change.NONE  # nothing to forget; do not grow the table
-            self.members[record.node_id] = MemberInfo(
-                record.node_id,
-                record.host,
-                record.port,
-                record.zone,
-                record.state,
-                record.incarnation,
+            self.members[record.node_id] = Member(
+                node_id=record.node_id,
+                host=record.host,
+                port=record.port,
+                zone=record.zone,
+                state=record.state,
+                incarnation=record.incarnation,
             )
             self.up_count += 1
             self.up_zones[record.zone] = self.up_zones.get(record.zone, 0) + 1
@@ -153,17 +146,22 @@ class MemberTable:
             self._left_up(current.zone)
         if record.state == MemberState.UP:
             self._digest_add(record.node_id, record.incarnation, 1)
-        current.incarnation = record.incarnation
-        current.state = record.state
-        current.zone = record.zone
-        if not keep_address:
-            current.host, current.port = record.host, record.port
+        # Members are immutable snapshots (the same objects events and member_list()
+        # hand out): news replaces the entry, in place in the dict's order.
+        self.members[record.node_id] = Member(
+            node_id=record.node_id,
+            host=current.host if keep_address else record.host,
+            port=current.port if keep_address else record.port,
+            zone=record.zone,
+            state=record.state,
+            incarnation=record.incarnation,
+        )
         if record.state == MemberState.DOWN:
             self._down_order[record.node_id] = None
             self._trim_down()
         else:
             self.up_count += 1
-            self.up_zones[current.zone] = self.up_zones.get(current.zone, 0) + 1
+            self.up_zones[record.zone] = self.up_zones.get(record.zone, 0) + 1
             self._down_order.pop(record.node_id, None)
         if old_state == record.state:
             return Change.REFRESHED

@@ -39,7 +39,7 @@ from gwyh_mp.protocol.inbound import broadcast_ids_end, open_broadcast, open_con
 from gwyh_mp.protocol.large_messages import LargeMessages
 from gwyh_mp.protocol.links import LinkQueues
 from gwyh_mp.protocol.liveness import Liveness
-from gwyh_mp.protocol.membership import Change, MemberTable
+from gwyh_mp.protocol.membership import Change, MemberTable, record_of
 from gwyh_mp.protocol.offload import IdsSeen, OffloadUpdate
 from gwyh_mp.protocol.peers import PeerLink, Peers, Session
 from gwyh_mp.protocol.selection import rng_for
@@ -292,7 +292,7 @@ class NodeCore:
         return Member(self.node_id, host, port, self.zone, state, self.incarnation)
 
     def member_list(self) -> list[Member]:
-        return [m.snapshot() for m in self.members.members.values()]
+        return list(self.members.members.values())
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
@@ -745,25 +745,25 @@ class NodeCore:
             if member is not None and member.state == MemberState.DOWN:
                 # It talks to us, yet we hold a DOWN for it: let it refute.
                 self._queue_control(
-                    record.node_id, FrameType.PEERS, wire.encode_members([member.record()])
+                    record.node_id, FrameType.PEERS, wire.encode_members([record_of(member)])
                 )
             return
         if change in (Change.JOINED, Change.UP):
             member = self.members.get(record.node_id)
             assert member is not None
-            self._events.append(MemberUp(member.snapshot()))
+            self._events.append(MemberUp(member))
             self.subscriptions.maybe_swap_in(record.node_id)
             if announce:
-                self._announce(member.record(), now)
+                self._announce(record_of(member), now)
             self.subscriptions.schedule_reassign(now)
         elif change is Change.DOWN:
             member = self.members.get(record.node_id)
             assert member is not None
-            self._events.append(MemberDown(member.snapshot()))
+            self._events.append(MemberDown(member))
             if record.node_id in self.subscribers:
                 # It will not get our forward of this news any more: tell it directly.
                 self._queue_control(
-                    record.node_id, FrameType.PEERS, wire.encode_members([member.record()])
+                    record.node_id, FrameType.PEERS, wire.encode_members([record_of(member)])
                 )
                 del self.subscribers[record.node_id]
             self.liveness.probing.pop(record.node_id, None)
@@ -773,7 +773,7 @@ class NodeCore:
                 self._queue_control(record.node_id, FrameType.UNSUBSCRIBE)
                 self.subscriptions.providers_changed()
             if announce:
-                self._announce(member.record(), now)
+                self._announce(record_of(member), now)
             self.subscriptions.schedule_reassign(now)
 
     def _declare_down(self, node_id: bytes, now: float) -> None:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from gwyh_mp.config import Config
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.dissemination import FanoutTarget
-from gwyh_mp.protocol.events import Event, ProviderChanged
-from gwyh_mp.protocol.membership import MemberInfo, MemberTable
+from gwyh_mp.protocol.events import Event, Member, ProviderChanged
+from gwyh_mp.protocol.membership import MemberTable, record_of
 from gwyh_mp.protocol.peers import PeerLink, Peers
 from gwyh_mp.protocol.selection import Candidate, Strategy, select_providers
 from gwyh_mp.protocol.stats import Stats
@@ -27,7 +27,7 @@ Addr = tuple[str, int]
 SUBSCRIBE_NEED_KEY = 0x01
 
 
-def _node_id_of(member: MemberInfo) -> bytes:
+def _node_id_of(member: Member) -> bytes:
     return member.node_id
 
 
@@ -214,7 +214,7 @@ class Subscriptions:
             # We believe it is DOWN: tell it, so it refutes with a higher incarnation.
             if member is not None:
                 self._queue_control(
-                    peer_id, FrameType.PEERS, wire.encode_members([member.record()])
+                    peer_id, FrameType.PEERS, wire.encode_members([record_of(member)])
                 )
             return
         is_new = peer_id not in self.subscribers

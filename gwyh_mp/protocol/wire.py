@@ -365,7 +365,15 @@ def decode_member(buf: bytes | memoryview, offset: int = 0) -> tuple[MemberRecor
         host = bytes(buf[offset : offset + host_len]).decode("ascii")
     except UnicodeDecodeError as exc:
         raise WireError("host is not ASCII") from exc
-    return MemberRecord(node_id, incarnation, member_state, host, port, zone), offset + host_len
+    record = MemberRecord(
+        node_id=node_id,
+        incarnation=incarnation,
+        state=member_state,
+        host=host,
+        port=port,
+        zone=zone,
+    )
+    return record, offset + host_len
 
 
 def encode_members(records: list[MemberRecord]) -> bytes:
