@@ -2,8 +2,9 @@
 
 Why this exists: the original gwyh NAKed after every packet (NAKs for NAKs included), underflowed on
 reordered packets, ignored sequence wrap-around, never updated its rate controller, and never paced
-the data path (spec §7, §8 items 7-8). This module replaces all of that with three sans-IO state
-machines, driven with monotonic ``now`` timestamps in seconds by links.py (the per-peer queues):
+the data path (items 7-8 of docs/PROTOCOL.md §3.8; the mechanism is its §7). This module replaces
+that with two sans-IO state machines, driven with monotonic ``now`` timestamps in seconds by
+links.py (the per-peer queues):
 
 * ``LinkLossDetector`` (receiver, one per peer): watches the 32-bit link sequence numbers carried by
   bulk-data datagrams, tolerates reordering, and emits at most one aggregated ``NakReport`` per

@@ -2,7 +2,7 @@
 
 - PSKs never touch the wire: each is hashed once into a 32-byte MAC key.
 - MACs are keyed BLAKE2b-256 with a role label, so a Hello MAC can never pass as an
-  Ohai MAC (the reflection attack in gwyh §8.4).
+  Ohai MAC (the original gwyh's reflection attack, item 4 of docs/PROTOCOL.md §3.8).
 - Sessions: X25519 between ephemeral keys, then BLAKE2b over (PSK key, shared secret,
   transcript hash) gives one XSalsa20-Poly1305 key per direction plus a confirmation
   key. Per-direction keys let both sides count nonces from 1 without ever colliding.
@@ -172,7 +172,7 @@ class AntiReplayWindow:
 
 class SealJob:
     """Encryption work described instead of done: the multiprocess runtime ships it to a
-    worker, which seals it once however many datagrams share it. Sealing is
+    receiver process, which seals it once however many datagrams share it. Sealing is
     deterministic (same key, nonce and plaintext give the same bytes), so a job may be
     sealed again for a retransmission without reusing a nonce on different data."""
 

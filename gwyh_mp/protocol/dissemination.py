@@ -178,7 +178,7 @@ class Fanout:
         pack = wire.BROADCAST_HEADER.pack
         version, ptype = wire.VERSION, wire.PacketType.BROADCAST
         if self.defer_sealing:
-            # One job shared by every copy: a worker process seals it once.
+            # One job shared by every copy: a receiver process seals it once.
             job = SealJob(channel.key, nonce24, plaintext)
             for t in targets:
                 header = pack(version, ptype, count, 0, t.remote_session_id, t.next_link_seq(), seq)

@@ -6,12 +6,12 @@
     OkBoss (confirmation MAC under the session key) ->   session ready
            <-  GoTeam (confirmation MAC)                 session ready
 
-What it fixes from gwyh (spec §8.1-8.4): the time lock is +/- window_s seconds, not
-60 ms; every MAC carries a role label and covers both node ids, both ephemeral keys
-and both session ids, so nothing can be reflected or swapped; GoTeam is
-authenticated; nothing unauthenticated can cancel or change a handshake (there is no
-"Dead" on the wire); half-open states expire; and the Hello is padded so no reply
-is ever larger than the packet that provoked it.
+What it fixes from the original gwyh (items 1-4 of docs/PROTOCOL.md §3.8): the time
+lock is +/- window_s seconds, not 60 ms; every MAC carries a role label and covers
+both node ids, both ephemeral keys and both session ids, so nothing can be reflected
+or swapped; GoTeam is authenticated; nothing unauthenticated can cancel or change a
+handshake (there is no "Dead" on the wire); half-open states expire; and the Hello is
+padded so no reply is ever larger than the packet that provoked it.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ raises. The rules (SWIM's) make the outcome independent of arrival order:
 - a node that hears itself declared DOWN at its current incarnation refutes by
   announcing UP with incarnation + 1, which beats that DOWN everywhere.
 
-So an old DOWN can never override a newer UP (gwyh §8.14).
+So an old DOWN can never override a newer UP (item 14 of docs/PROTOCOL.md §3.8).
 """
 
 from __future__ import annotations

@@ -75,7 +75,9 @@ def ring_record(update: OffloadUpdate) -> bytes:
     raise TypeError(f"not an offload update: {update!r}")
 
 
-class _Worker:
+class _Receiver:
+    """One receiver process, its two rings and its last reported stats."""
+
     def __init__(self, index: int) -> None:
         self.index = index
         self.process: multiprocessing.process.BaseProcess | None = None
@@ -90,7 +92,7 @@ class MultiProcessRuntime(CoreDriver):
         super().__init__(on_event)
         self.config = config
         self.address: Addr | None = None
-        self._workers = [_Worker(i) for i in range(config.workers)]
+        self._receivers = [_Receiver(i) for i in range(config.workers)]
         # fork: the child runs only receiver_main and never touches the parent's event loop;
         # spawn would re-import the application's __main__ (surprising for library users).
         self._ctx = multiprocessing.get_context("fork")
@@ -113,12 +115,12 @@ class MultiProcessRuntime(CoreDriver):
                 self.config, now, wall_offset_s=time.time() - now, defer_sealing=True
             )
             self.core.set_bound_port(self.address[1])
-            for worker in self._workers:
-                self._spawn(worker)
+            for receiver in self._receivers:
+                self._spawn(receiver)
             await self._wait_bound()
         except BaseException:
             holder.close()
-            await self._shutdown_workers()
+            await self._shutdown_receivers()
             raise
         holder.close()  # the receivers own the port now
         self._holder_fd = -1
@@ -129,75 +131,75 @@ class MultiProcessRuntime(CoreDriver):
         """Wait until every receiver has bound the port (it reports stats once bound)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for worker in self._workers:
-                if worker.process is not None and worker.process.exitcode is not None:
-                    raise OSError(f"receiver {worker.index} failed to start")
-            if all(w.stats for w in self._workers):
+            for receiver in self._receivers:
+                if receiver.process is not None and receiver.process.exitcode is not None:
+                    raise OSError(f"receiver {receiver.index} failed to start")
+            if all(r.stats for r in self._receivers):
                 return
             await asyncio.sleep(0.02)
         raise OSError("receivers did not start in time")
 
-    def _spawn(self, worker: _Worker) -> None:
+    def _spawn(self, receiver: _Receiver) -> None:
         assert self._loop is not None and self.address is not None
         # Named after the node's pid, so an operator (or a test) can tell them apart.
-        tag = f"gwyh_{os.getpid()}_{worker.index}_{worker.restarts}"
-        worker.up = ShmRing.create(RING_BYTES, name=f"{tag}_up")
-        worker.down = ShmRing.create(RING_BYTES, name=f"{tag}_down")
-        worker.stats = {}
+        tag = f"gwyh_{os.getpid()}_{receiver.index}_{receiver.restarts}"
+        receiver.up = ShmRing.create(RING_BYTES, name=f"{tag}_up")
+        receiver.down = ShmRing.create(RING_BYTES, name=f"{tag}_down")
+        receiver.stats = {}
         process = self._ctx.Process(
             target=receiver_main,
             args=(
-                worker.index,
+                receiver.index,
                 self.address,
                 self.config.socket_buffer_bytes,
-                worker.up.handle,
-                worker.down.handle,
+                receiver.up.handle,
+                receiver.down.handle,
                 os.getpid(),
                 self.config.seen_set_size,
                 (self._holder_fd,) if self._holder_fd >= 0 else (),
             ),
-            name=f"gwyh-receiver-{worker.index}",
+            name=f"gwyh-receiver-{receiver.index}",
             daemon=True,
         )
         process.start()
-        worker.process = process
+        receiver.process = process
         if self.core is not None:
             # A new receiver knows nothing yet: give it every key.
             snapshot = [ring_record(u) for u in self.core.offload_snapshot()]
-            worker.down.put_all(snapshot, timeout=1.0)
-        self._loop.add_reader(worker.up.fileno(), self._on_ready, worker)
-        self._loop.add_reader(process.sentinel, self._on_exit, worker)
+            receiver.down.put_all(snapshot, timeout=1.0)
+        self._loop.add_reader(receiver.up.fileno(), self._on_ready, receiver)
+        self._loop.add_reader(process.sentinel, self._on_exit, receiver)
         # Drain (and arm the wakeup) soon: the child may have written before we armed it,
         # and an unarmed ring never signals.
-        self._loop.call_soon(self._on_ready, worker)
+        self._loop.call_soon(self._on_ready, receiver)
 
-    def _on_exit(self, worker: _Worker) -> None:
+    def _on_exit(self, receiver: _Receiver) -> None:
         """A receiver died. Unless we are stopping, replace it at once."""
         assert self._loop is not None
-        process = worker.process
+        process = receiver.process
         if process is None:
             return
         self._loop.remove_reader(process.sentinel)
         process.join(0)
-        self._release(worker)
+        self._release(receiver)
         if self._stopping:
             return
-        worker.restarts += 1
+        receiver.restarts += 1
         log.warning(
             "receiver %d (pid %s) exited with %s; restarting",
-            worker.index,
+            receiver.index,
             process.pid,
             process.exitcode,
         )
-        self._loop.call_later(RESTART_DELAY_S, self._respawn, worker)
+        self._loop.call_later(RESTART_DELAY_S, self._respawn, receiver)
 
-    def _respawn(self, worker: _Worker) -> None:
+    def _respawn(self, receiver: _Receiver) -> None:
         if not self._stopping:
-            self._spawn(worker)
+            self._spawn(receiver)
 
-    def _release(self, worker: _Worker) -> None:
+    def _release(self, receiver: _Receiver) -> None:
         assert self._loop is not None
-        for ring in (worker.up, worker.down):
+        for ring in (receiver.up, receiver.down):
             if ring is not None:
                 with contextlib.suppress(Exception):
                     self._loop.remove_reader(ring.fileno())
@@ -205,7 +207,7 @@ class MultiProcessRuntime(CoreDriver):
                     ring.close()
                 with contextlib.suppress(Exception):
                     ring.unlink()
-        worker.up = worker.down = None
+        receiver.up = receiver.down = None
 
     async def stop(self, linger_s: float = 0.3) -> None:
         if self.core is None or self._loop is None or self._stopping:
@@ -216,17 +218,17 @@ class MultiProcessRuntime(CoreDriver):
         await asyncio.sleep(linger_s)  # let the receivers put the goodbyes on the wire
         self._stopping = True
         self._cancel_timer()
-        await self._shutdown_workers()
+        await self._shutdown_receivers()
 
-    async def _shutdown_workers(self) -> None:
+    async def _shutdown_receivers(self) -> None:
         self._stopping = True
-        for worker in self._workers:
-            if worker.down is not None:
+        for receiver in self._receivers:
+            if receiver.down is not None:
                 with contextlib.suppress(Exception):
-                    worker.down.put_all([_dumps((QUIT,))], timeout=0.5)
+                    receiver.down.put_all([_dumps((QUIT,))], timeout=0.5)
         deadline = time.monotonic() + 3.0
-        for worker in self._workers:
-            process = worker.process
+        for receiver in self._receivers:
+            process = receiver.process
             if process is None:
                 continue
             while process.exitcode is None and time.monotonic() < deadline:
@@ -240,7 +242,7 @@ class MultiProcessRuntime(CoreDriver):
             if self._loop is not None:
                 with contextlib.suppress(Exception):
                     self._loop.remove_reader(process.sentinel)
-            self._release(worker)
+            self._release(receiver)
 
     @property
     def closed(self) -> bool:
@@ -252,9 +254,9 @@ class MultiProcessRuntime(CoreDriver):
     def resume_reading(self) -> None:
         if not self._reading:
             self._reading = True
-            for worker in self._workers:
-                if worker.up is not None:
-                    self._on_ready(worker)
+            for receiver in self._receivers:
+                if receiver.up is not None:
+                    self._on_ready(receiver)
 
     # ------------------------------------------------------------ application side
 
@@ -262,12 +264,12 @@ class MultiProcessRuntime(CoreDriver):
         """Per process: role, pid, CPU %, RSS, and the receiver's own counters."""
         out = []
         procs: list[tuple[str, int | None, dict[str, Any]]] = [("coordinator", os.getpid(), {})]
-        for w in self._workers:
-            pid = w.process.pid if w.process is not None else None
-            extra = dict(w.stats, restarts=w.restarts)
-            if w.up is not None:
-                extra["up_ring_bytes"] = w.up.used_bytes()
-            procs.append((f"receiver-{w.index}", pid, extra))
+        for r in self._receivers:
+            pid = r.process.pid if r.process is not None else None
+            extra = dict(r.stats, restarts=r.restarts)
+            if r.up is not None:
+                extra["up_ring_bytes"] = r.up.used_bytes()
+            procs.append((f"receiver-{r.index}", pid, extra))
         for role, pid, extra in procs:
             record: dict[str, Any] = {"role": role, "pid": pid, **extra}
             with contextlib.suppress(psutil.Error, TypeError):
@@ -280,8 +282,8 @@ class MultiProcessRuntime(CoreDriver):
 
     # ------------------------------------------------------------ receivers -> core
 
-    def _on_ready(self, worker: _Worker) -> None:
-        ring = worker.up
+    def _on_ready(self, receiver: _Receiver) -> None:
+        ring = receiver.up
         core, loop = self.core, self._loop
         if ring is None or core is None or loop is None:
             return
@@ -291,12 +293,12 @@ class MultiProcessRuntime(CoreDriver):
         while True:
             records = ring.get_many(4096)
             if records:
-                self._dispatch(records, worker, loop.time())
+                self._dispatch(records, receiver, loop.time())
                 self.flush_after_receive()
             if ring.prepare_wait():
                 return
 
-    def _dispatch(self, records: list[bytes], worker: _Worker, now: float) -> None:
+    def _dispatch(self, records: list[bytes], receiver: _Receiver, now: float) -> None:
         core = self.core
         assert core is not None
         for raw in records:
@@ -317,7 +319,7 @@ class MultiProcessRuntime(CoreDriver):
                 _, host, port, data = record
                 core.receive_datagram(data, (host, port), now)
             elif kind == STATS:
-                worker.stats = record[2]
+                receiver.stats = record[2]
 
     # ------------------------------------------------------------ core -> receivers
 
@@ -327,9 +329,9 @@ class MultiProcessRuntime(CoreDriver):
         if core is None or loop is None:
             return
         datagrams = core.datagrams_to_send(loop.time())
-        live = [w for w in self._workers if w.down is not None]
+        live = [r for r in self._receivers if r.down is not None]
         if live:
-            self._ship_journals(live)
+            self._ship_offload(live)
             if datagrams:
                 self._ship_sends(datagrams, live)
         self._after_flush(core)
@@ -337,24 +339,24 @@ class MultiProcessRuntime(CoreDriver):
     def _active(self) -> bool:
         return not self._stopping
 
-    def _ship_journals(self, live: list[_Worker]) -> None:
+    def _ship_offload(self, live: list[_Receiver]) -> None:
         core = self.core
         assert core is not None
         updates = core.offload_updates()
         if updates:
             records = [ring_record(u) for u in updates]
-            for worker in live:
-                assert worker.down is not None
-                worker.down.put_all(records, timeout=1.0)
+            for receiver in live:
+                assert receiver.down is not None
+                receiver.down.put_all(records, timeout=1.0)
 
-    def _ship_sends(self, datagrams: list[tuple[Any, Addr]], live: list[_Worker]) -> None:
+    def _ship_sends(self, datagrams: list[tuple[Any, Addr]], live: list[_Receiver]) -> None:
         # One destination always goes through the same receiver's socket, so its
         # datagrams keep their order; destinations spread over the receivers.
-        per_worker: dict[int, list[tuple[Any, Addr]]] = {}
+        per_receiver: dict[int, list[tuple[Any, Addr]]] = {}
         n = len(live)
         for item in datagrams:
-            per_worker.setdefault(hash(item[1]) % n, []).append(item)
-        for slot, items in per_worker.items():
+            per_receiver.setdefault(hash(item[1]) % n, []).append(item)
+        for slot, items in per_receiver.items():
             ring = live[slot].down
             assert ring is not None
             records = []
