@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from gwyh_mp.config import Config
 from gwyh_mp.protocol.events import Event
+from gwyh_mp.protocol.membership import record_of
 from gwyh_mp.protocol.node import NodeCore
 from gwyh_mp.protocol.wire import MemberRecord, MemberState
 
@@ -281,15 +282,7 @@ class SimNetwork:
 
 def _record_of(node: SimNode) -> MemberRecord:
     """The node's record as UP, whether or not it has started yet."""
-    m = node.core.local_member()
-    return MemberRecord(
-        node_id=m.node_id,
-        incarnation=m.incarnation,
-        state=MemberState.UP,
-        host=m.host,
-        port=m.port,
-        zone=m.zone,
-    )
+    return record_of(node.core.local_member(), MemberState.UP)
 
 
 def _wired(node: SimNode, wanted: int) -> bool:

@@ -184,7 +184,7 @@ def _lie_about(net: CheckedSimNetwork, subject: Addr, accuser: Addr) -> None:
     me = net.nodes[subject].core
     lie = MemberRecord(me.node_id, me.incarnation, MemberState.DOWN, *subject, me.zone)
     liar = net.nodes[accuser]
-    liar.core._announce(lie, net.now)
+    liar.core.membership.announce(lie, net.now)
     net.pump(liar)
 
 
@@ -580,7 +580,9 @@ def test_timer_deadline_moves_past_now_after_handle_timer_in_a_healthy_run() -> 
 def test_provider_watchdog_deadline_always_advances() -> None:
     core = lone_core("watchdog")
     peer = b"p" * 16
-    core._apply_record(MemberRecord(peer, 0, MemberState.UP, *addr(1), None), 0.0, announce=False)
+    core.membership.apply(
+        MemberRecord(peer, 0, MemberState.UP, *addr(1), None), 0.0, announce=False
+    )
     core.providers.clear()
     core.providers[peer] = ProviderState(since=3.501, last_heard=3.501)
     core._next_heartbeat = 100.0  # only the watchdog is due

@@ -154,16 +154,16 @@ def test_node_refutes_a_down_about_itself() -> None:
     me = core.node_id
     assert core.incarnation == 0
     down = MemberRecord(me, 0, DOWN, *addr(0), None)
-    core._apply_record(down, 1.0, announce=False)
+    core.membership.apply(down, 1.0, announce=False)
     assert core.incarnation == 1
     assert core.stats["refutations"] == 1 and core.stats["status_announced"] == 1
     assert core.member_list() == []  # we never list ourselves
     # stale news about ourselves is ignored: no second refutation
-    core._apply_record(down, 1.1, announce=False)
-    core._apply_record(MemberRecord(me, 7, UP, *addr(0), None), 1.1, announce=False)
+    core.membership.apply(down, 1.1, announce=False)
+    core.membership.apply(MemberRecord(me, 7, UP, *addr(0), None), 1.1, announce=False)
     assert core.incarnation == 1 and core.stats["refutations"] == 1
     # a DOWN at a higher incarnation is refuted above it
-    core._apply_record(MemberRecord(me, 4, DOWN, *addr(0), None), 1.2, announce=False)
+    core.membership.apply(MemberRecord(me, 4, DOWN, *addr(0), None), 1.2, announce=False)
     assert core.incarnation == 5
     assert core.local_member().incarnation == 5 and core.local_member().is_up
 
@@ -172,7 +172,7 @@ def test_node_that_left_does_not_refute() -> None:
     core = _core()
     core.leave(1.0)
     assert not core.running
-    core._apply_record(MemberRecord(core.node_id, 0, DOWN, *addr(0), None), 1.1, announce=False)
+    core.membership.apply(MemberRecord(core.node_id, 0, DOWN, *addr(0), None), 1.1, announce=False)
     assert core.incarnation == 0 and core.stats.get("refutations", 0) == 0
     assert not core.local_member().is_up
 
@@ -180,12 +180,12 @@ def test_node_that_left_does_not_refute() -> None:
 def test_node_emits_member_events_for_real_changes_only() -> None:
     core = _core()
     _events(core)
-    core._apply_record(rec(1, 0), 1.0, announce=False)
-    core._apply_record(rec(1, 0), 1.0, announce=False)
-    core._apply_record(rec(2, 0, DOWN), 1.0, announce=False)  # unknown: nothing
-    core._apply_record(rec(1, 0, DOWN), 1.0, announce=False)
-    core._apply_record(rec(1, 0, UP), 1.0, announce=False)  # does not beat DOWN(0)
-    core._apply_record(rec(1, 1, UP), 1.0, announce=False)
+    core.membership.apply(rec(1, 0), 1.0, announce=False)
+    core.membership.apply(rec(1, 0), 1.0, announce=False)
+    core.membership.apply(rec(2, 0, DOWN), 1.0, announce=False)  # unknown: nothing
+    core.membership.apply(rec(1, 0, DOWN), 1.0, announce=False)
+    core.membership.apply(rec(1, 0, UP), 1.0, announce=False)  # does not beat DOWN(0)
+    core.membership.apply(rec(1, 1, UP), 1.0, announce=False)
     kinds = [
         (type(e).__name__, e.member.incarnation)
         for e in _events(core)
@@ -200,11 +200,13 @@ def test_refutation_at_the_top_incarnation_does_not_break_the_node() -> None:
     wire field cannot carry; every later Hello or record encode then raised."""
     core = _core()
     top = 0xFFFFFFFF
-    core._apply_record(MemberRecord(core.node_id, top, DOWN, *addr(0), None), 1.0, announce=False)
+    core.membership.apply(
+        MemberRecord(core.node_id, top, DOWN, *addr(0), None), 1.0, announce=False
+    )
     assert core.incarnation <= top
     # the node must keep working: its own record still encodes, timers still run
     core._self_record(UP).encode()
-    core._apply_record(rec(1, 0, host="10.0.0.2"), 1.0, announce=True)
+    core.membership.apply(rec(1, 0, host="10.0.0.2"), 1.0, announce=True)
     for t in (1.5, 2.0, 2.5):
         core.handle_timer(t)
         core.datagrams_to_send(t)

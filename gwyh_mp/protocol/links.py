@@ -14,6 +14,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from gwyh_mp.config import Config
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.congestion import AimdPacer, LinkLossDetector, PacingConfig
 from gwyh_mp.protocol.crypto import DeferredDatagram
@@ -29,6 +30,27 @@ RETAIN_DATAGRAMS_PER_LINK = 8192
 MAX_RETRANSMITS_PER_NAK = 256
 TAIL_PROBE_S = 0.1  # quiet time after the last data datagram before a tail probe
 _TAIL = struct.Struct("!I")
+
+
+def pacing_config(config: Config) -> PacingConfig:
+    """The congestion-control knobs for one node's links."""
+    return PacingConfig(
+        initial_rate_bytes_per_s=float(config.send_rate_initial_bytes_per_s),
+        min_rate_bytes_per_s=float(config.send_rate_min_bytes_per_s),
+        max_rate_bytes_per_s=float(config.send_rate_max_bytes_per_s),
+        increase_bytes_per_s=float(config.send_rate_increase_bytes_per_s),
+        increase_interval_s=0.05,
+        # As many loss ranges as one NAK frame can carry within a datagram.
+        max_nak_ranges=max(
+            1,
+            min(
+                wire.MAX_NAK_RANGES,
+                (config.max_datagram_bytes - wire.CONTROL_OVERHEAD - 13) // 6,
+            ),
+        ),
+        burst_bytes=max(256 << 10, 4 * config.max_datagram_bytes),
+        max_queued_data_bytes=config.link_queue_bytes,
+    )
 
 
 def head(datagram: Datagram) -> bytes:

@@ -71,12 +71,12 @@ def _add_term(digests: list[int], node_id: bytes, incarnation: int, sign: int) -
     ) & _MASK64
 
 
-def record_of(member: Member) -> MemberRecord:
-    """A member as the wire record that announces it."""
+def record_of(member: Member, state: MemberState | None = None) -> MemberRecord:
+    """A member as the wire record that announces it (in ``state``, if given)."""
     return MemberRecord(
         node_id=member.node_id,
         incarnation=member.incarnation,
-        state=member.state,
+        state=member.state if state is None else state,
         host=member.host,
         port=member.port,
         zone=member.zone,

@@ -30,17 +30,18 @@ from collections.abc import Callable
 from gwyh_mp.config import Config
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.anti_entropy import AntiEntropy
-from gwyh_mp.protocol.congestion import PacingConfig
-from gwyh_mp.protocol.crypto import DecryptError, PskKeyring
+from gwyh_mp.protocol.crypto import DecryptError
 from gwyh_mp.protocol.dissemination import BroadcastChannel, Datagram, Fanout, Outgoing, SeenSet
-from gwyh_mp.protocol.events import Event, Member, MemberDown, MemberUp, Message
-from gwyh_mp.protocol.handshake import Established, Handshaker
+from gwyh_mp.protocol.events import Event, Member
+from gwyh_mp.protocol.flood import Flood
+from gwyh_mp.protocol.handshake import Established
 from gwyh_mp.protocol.inbound import broadcast_ids_end, open_broadcast, open_control
 from gwyh_mp.protocol.large_messages import LargeMessages
-from gwyh_mp.protocol.links import LinkQueues
+from gwyh_mp.protocol.links import LinkQueues, pacing_config
 from gwyh_mp.protocol.liveness import Liveness
-from gwyh_mp.protocol.membership import Change, MemberTable, record_of
-from gwyh_mp.protocol.offload import IdsSeen, OffloadUpdate
+from gwyh_mp.protocol.membership import MemberTable
+from gwyh_mp.protocol.membership_changes import MembershipChanges
+from gwyh_mp.protocol.offload import OffloadUpdate
 from gwyh_mp.protocol.peers import PeerLink, Peers, Session
 from gwyh_mp.protocol.selection import rng_for
 from gwyh_mp.protocol.stats import Stats
@@ -84,7 +85,6 @@ class NodeCore:
         self.wall_offset_s = wall_offset_s
         self._random_bytes = random_bytes
         self._rng = rng_for(self.node_id, config.seed)
-        self.keyring = PskKeyring(config.psks)
         self.stats = Stats()
         self.warnings: deque[str] = deque(maxlen=100)
         self._outbox: list[tuple[Datagram, Addr]] = []
@@ -92,26 +92,21 @@ class NodeCore:
         self._events: deque[Event] = deque()
         self._last_now = now
         self.peers = Peers(
+            config,
+            self.node_id,
             random_bytes,
-            config.max_datagram_bytes,
             self.stats,
+            wall_offset_s=wall_offset_s,
             defer_sealing=defer_sealing,
-            on_link_dropped=self._on_link_dropped,
+            incarnation=lambda: self.incarnation,
+            advertised=lambda: self._advertised,
+            send=lambda datagram, addr: self._outbox.append((datagram, addr)),
+            on_link_dropped=lambda peer_id, link: self.link_queues.forget(peer_id, link),
         )
         self.sessions = self.peers.sessions
         self.links = self.peers.links
-        self.handshaker = Handshaker(
-            self.node_id,
-            self.zone,
-            self.keyring,
-            allocate_session_id=self.peers.allocate_sid,
-            release_session_id=self.peers.sids.discard,
-            window_s=config.handshake_window_s,
-            timeout_s=config.handshake_timeout_s,
-            retry_s=config.handshake_retry_s,
-            max_half_open=config.max_half_open,
-            random_bytes=random_bytes,
-        )
+        self.handshaker = self.peers.handshaker
+        self.keyring = self.handshaker.keyring
         self.members = MemberTable()
         self.seen = SeenSet(config.seen_set_size)
         self.fanout = Fanout(
@@ -121,23 +116,17 @@ class NodeCore:
         )
         if defer_sealing:
             self.seen.journal = []
-        self.pacing = PacingConfig(
-            initial_rate_bytes_per_s=float(config.send_rate_initial_bytes_per_s),
-            min_rate_bytes_per_s=float(config.send_rate_min_bytes_per_s),
-            max_rate_bytes_per_s=float(config.send_rate_max_bytes_per_s),
-            increase_bytes_per_s=float(config.send_rate_increase_bytes_per_s),
-            increase_interval_s=0.05,
-            # As many loss ranges as one NAK frame can carry within a datagram.
-            max_nak_ranges=max(
-                1,
-                min(
-                    wire.MAX_NAK_RANGES,
-                    (config.max_datagram_bytes - wire.CONTROL_OVERHEAD - 13) // 6,
-                ),
-            ),
-            burst_bytes=max(256 << 10, 4 * config.max_datagram_bytes),
-            max_queued_data_bytes=config.link_queue_bytes,
+        self.flood = Flood(
+            self.node_id,
+            config.max_message_bytes,
+            self.seen,
+            self.fanout,
+            self.stats,
+            deliver=self._events.append,
+            on_status=lambda record, now: self.membership.apply(record, now, announce=False),
         )
+        self._on_entries = self.flood.on_entries
+        self.pacing = pacing_config(config)
         self.link_queues = LinkQueues(
             self.peers.links,  # type: ignore[arg-type]  # PeerLink is a LinkState
             self.peers.link,
@@ -171,7 +160,8 @@ class NodeCore:
             watchdog_s=watchdog_s,
             queue_control=self._queue_control,
             emit=self._events.append,
-            initiate=self._initiate,
+            initiate=self.peers.initiate,
+            bootstrap=self.peers.bootstrap,
             request_peers=self.anti_entropy.request_peers,
         )
         self.providers = self.subscriptions.providers
@@ -183,11 +173,11 @@ class NodeCore:
             self.subscribers,
             self.stats,
             queue_control=self._queue_control,
-            declare_down=self._declare_down,
-            isolated=self._on_isolated,
-            lost_provider=self._on_lost_provider,
+            declare_down=lambda node_id, now: self.membership.declare_down(node_id, now),
+            isolated=lambda now: self.subscriptions.start_over(now),
+            lost_provider=lambda now: self.subscriptions.lost_provider(now),
             self_record=self._self_record,
-            announce=self._announce,
+            announce=lambda record, now: self.membership.announce(record, now),
         )
         self.large = LargeMessages(
             config,
@@ -196,14 +186,26 @@ class NodeCore:
             self.seen,
             self.fanout,
             self.stats,
-            forward=self._forward,
+            forward=self.flood.forward,
             deliver=self._events.append,
             queue_control=self._queue_control,
             target_count=lambda: len(self.subscriptions.fanout_targets()),
             link_backlog_bytes=lambda: self.link_queues.backlog_bytes,
         )
-        self._bootstrap_addrs: set[Addr] = set(config.bootstrap)
-        self._peer_request_addrs: set[Addr] = set()
+        self.flood.on_fragment = self.large.on_fragment
+        self.membership = MembershipChanges(
+            self.node_id,
+            self.members,
+            self.peers.links,
+            self.flood,
+            self.subscriptions,
+            self.liveness,
+            self.stats,
+            running=lambda: self._running,
+            random_bytes=random_bytes,
+            queue_control=self._queue_control,
+            emit=self._events.append,
+        )
         self._next_heartbeat = now
         self._running = False
         self._left = False
@@ -222,13 +224,13 @@ class NodeCore:
     def start(self, now: float) -> None:
         self._running = True
         self._next_heartbeat = now  # first tick bootstraps immediately
-        self._bootstrap(now)
+        self.peers.bootstrap(now)
 
     def leave(self, now: float) -> None:
         """Graceful exit: tell the cluster we are DOWN and end our subscriptions."""
         if not self._running:
             return
-        self._announce(self._self_record(MemberState.DOWN), now)
+        self.membership.announce(self._self_record(MemberState.DOWN), now)
         for provider_id in list(self.providers):
             self._queue_control(provider_id, FrameType.UNSUBSCRIBE)
         self.providers.clear()
@@ -279,9 +281,7 @@ class NodeCore:
         msg_id = self._random_bytes(wire.MESSAGE_ID_BYTES)
         self.stats.bump("broadcasts")
         if size <= self.single_datagram_bytes:
-            self.seen.add(msg_id)
-            entry = _ENTRY_HEADER.pack(wire.EntryKind.APP, 1, self.node_id, size) + data
-            self.fanout.add(msg_id, entry, None)
+            self.flood.originate(msg_id, wire.EntryKind.APP, data)
             return msg_id
         self.large.broadcast(msg_id, data, self.fragment_bytes, now)
         return msg_id
@@ -371,7 +371,7 @@ class NodeCore:
         retransmits, failed = self.handshaker.handle_timer(now)
         self._outbox.extend(retransmits)
         for addr in failed:
-            self._on_handshake_failed(addr, now)
+            self.membership.handshake_failed(addr, now)
         if not self._running:
             return
         self.subscriptions.handle_timer(now)
@@ -386,7 +386,7 @@ class NodeCore:
         self.liveness.heartbeat(now)
         self.subscriptions.refresh(now)
         if not any(st.confirmed for st in self.providers.values()) and not self.subscribers:
-            self._bootstrap(now)  # alone: (re)join through the seeds
+            self.peers.bootstrap(now)  # alone: (re)join through the seeds
         elif self.anti_entropy.sync_due(now) and self.providers:
             # Slow anti-entropy: a lost STATUS flood must not leave a member unknown forever.
             self.anti_entropy.sync(now, self.providers)
@@ -522,7 +522,7 @@ class NodeCore:
         """A CONTROL datagram a receiver already authenticated and decrypted."""
         self._last_now = now
         self.stats["packets_in"] = self.stats.get("packets_in", 0) + 1
-        session = self._control_session(sid, seq)
+        session = self.peers.control_session(sid, seq)
         if session is None:
             return
         session.replay.mark(seq)
@@ -530,59 +530,6 @@ class NodeCore:
             self._on_control_plaintext(session, addr, plaintext, now)
         except (wire.WireError, struct.error, ValueError, IndexError):
             self.stats.bump("drop_malformed")
-
-    def _on_entries(
-        self, ids: bytes, count: int, plaintext: bytes, source: bytes, now: float
-    ) -> None:
-        offset = 0
-        end = len(plaintext)
-        seen = self.seen
-        for i in range(count):
-            if offset + _ENTRY_HEADER.size > end:
-                raise wire.WireError("truncated entry")
-            kind, hops, origin, length = _ENTRY_HEADER.unpack_from(plaintext, offset)
-            body_start = offset + _ENTRY_HEADER.size
-            offset = body_start + length
-            if offset > end:
-                raise wire.WireError("truncated entry body")
-            msg_id = ids[16 * i : 16 * i + 16]
-            if msg_id in seen.ids:
-                self.stats.bump("duplicate_entries")
-                continue
-            body = plaintext[body_start:offset]
-            # Check before forwarding: whatever we pass on must be well-formed.
-            if kind == wire.EntryKind.APP:
-                if length > self.config.max_message_bytes:
-                    self.stats.bump("entries_too_large")
-                    continue
-                seen.add(msg_id)
-                self._forward(msg_id, kind, hops, origin, body, source)
-                self.stats.bump("delivered")
-                self._events.append(Message(body, msg_id, origin, hops))
-            elif kind == wire.EntryKind.STATUS:
-                try:
-                    record, used = wire.decode_member(body)
-                    if used != length:
-                        raise wire.WireError("trailing bytes in status")
-                except (wire.WireError, struct.error):
-                    self.stats.bump("entries_bad_status")
-                    continue
-                seen.add(msg_id)
-                self._forward(msg_id, kind, hops, origin, body, source)
-                self._apply_record(record, now, announce=False)
-            elif kind == wire.EntryKind.FRAGMENT:
-                self.large.on_fragment(msg_id, hops, origin, body, source, now)
-            else:
-                self.stats.bump("entries_unknown_kind")  # not forwarded either
-        if offset != end:
-            raise wire.WireError("trailing bytes after entries")
-
-    def _forward(
-        self, msg_id: bytes, kind: int, hops: int, origin: bytes, body: bytes, source: bytes
-    ) -> None:
-        # Forward first, so the copy leaves before any local work on it.
-        header = _ENTRY_HEADER.pack(kind, min(hops + 1, 255), origin, len(body))
-        self.fanout.add(msg_id, header + body, source)
 
     def _on_control(self, data: bytes, addr: Addr, now: float) -> None:
         _, _, _, sid, seq = _CONTROL_HEADER.unpack_from(data)
@@ -595,18 +542,6 @@ class NodeCore:
             self.stats.bump("drop_replay")
             return
         self._on_control_plaintext(session, addr, plaintext, now)
-
-    def _control_session(self, sid: int, seq: int) -> Session | None:
-        """The session a CONTROL packet names, if it exists and ``seq`` is no replay
-        (checked before any decryption; marked only once authenticated)."""
-        session = self.sessions.get(sid)
-        if session is None:
-            self.stats.bump("drop_unknown_session")
-            return None
-        if not session.replay.check(seq):
-            self.stats.bump("drop_replay")
-            return None
-        return session
 
     def _on_control_plaintext(
         self, session: Session, addr: Addr, plaintext: bytes, now: float
@@ -642,7 +577,7 @@ class NodeCore:
             self.anti_entropy.send_peer_list(peer_id, body)
         elif ftype == FrameType.PEERS:
             for record in wire.decode_members(body):
-                self._apply_record(record, now, announce=False, source=peer_id)
+                self.membership.apply(record, now, announce=False, source=peer_id)
         elif ftype == FrameType.CHANNEL_KEY:
             self.peers.set_channel_key(peer_id, link, body)
         elif ftype == FrameType.FRAGMENT_NAK:
@@ -673,9 +608,8 @@ class NodeCore:
             port=est.addr[1],
             zone=est.peer_zone,
         )
-        self._apply_record(record, now, announce=True, direct=True)
-        if est.addr in self._bootstrap_addrs or est.addr in self._peer_request_addrs:
-            self._peer_request_addrs.discard(est.addr)
+        self.membership.apply(record, now, announce=True, direct=True)
+        if self.peers.owes_peer_request(est.addr):
             self.anti_entropy.request_peers(est.peer_id)
         self.subscriptions.on_established(est.peer_id)
 
@@ -684,30 +618,11 @@ class NodeCore:
     def offload_updates(self) -> list[OffloadUpdate]:
         """Every key-table and seen-set change since the last call (only with
         ``defer_sealing``): key changes first, then one IdsSeen with the new ids."""
-        updates = self.peers.key_updates
-        if updates is None:
-            return []
-        out = updates[:]
-        updates.clear()
-        journal = self.seen.journal
-        if journal:
-            out.append(IdsSeen(b"".join(journal)))
-            journal.clear()
-        return out
+        return self.peers.offload_updates(self.seen)
 
     def offload_snapshot(self) -> list[OffloadUpdate]:
         """Every current key-table entry, as updates (for a new receiver)."""
         return self.peers.key_snapshot()
-
-    def _on_link_dropped(self, peer_id: bytes, link: PeerLink) -> None:
-        self.link_queues.forget(peer_id, link)
-
-    def _on_handshake_failed(self, addr: Addr, now: float) -> None:
-        self.stats.bump("handshakes_failed")
-        for member in self.members.up_members():
-            if (member.host, member.port) == addr and member.node_id in self.providers:
-                # It was chosen as a provider and never answered: treat as silent.
-                self._declare_down(member.node_id, now)
 
     # ------------------------------------------------------------------ membership
 
@@ -722,96 +637,6 @@ class NodeCore:
             zone=self.zone,
         )
 
-    def _apply_record(
-        self,
-        record: MemberRecord,
-        now: float,
-        *,
-        announce: bool,
-        direct: bool = False,
-        source: bytes | None = None,
-    ) -> None:
-        """One member record learned (flood, peer list or handshake): update the table
-        and let every mechanism react to the change."""
-        if record.node_id == self.node_id:
-            if self._running:
-                self.liveness.about_us(record, source, now)
-            return
-        link = self.links.get(record.node_id)
-        has_session = link is not None and link.session is not None
-        change = self.members.apply(record, keep_address=has_session and not direct)
-        if change is Change.NONE and direct:
-            member = self.members.get(record.node_id)
-            if member is not None and member.state == MemberState.DOWN:
-                # It talks to us, yet we hold a DOWN for it: let it refute.
-                self._queue_control(
-                    record.node_id, FrameType.PEERS, wire.encode_members([record_of(member)])
-                )
-            return
-        if change in (Change.JOINED, Change.UP):
-            member = self.members.get(record.node_id)
-            assert member is not None
-            self._events.append(MemberUp(member))
-            self.subscriptions.maybe_swap_in(record.node_id)
-            if announce:
-                self._announce(record_of(member), now)
-            self.subscriptions.schedule_reassign(now)
-        elif change is Change.DOWN:
-            member = self.members.get(record.node_id)
-            assert member is not None
-            self._events.append(MemberDown(member))
-            if record.node_id in self.subscribers:
-                # It will not get our forward of this news any more: tell it directly.
-                self._queue_control(
-                    record.node_id, FrameType.PEERS, wire.encode_members([record_of(member)])
-                )
-                del self.subscribers[record.node_id]
-            self.liveness.probing.pop(record.node_id, None)
-            if self.providers.pop(record.node_id, None) is not None:
-                # If it is in fact alive, it must not keep us as a subscriber, let the
-                # subscription expire and then accuse *us*.
-                self._queue_control(record.node_id, FrameType.UNSUBSCRIBE)
-                self.subscriptions.providers_changed()
-            if announce:
-                self._announce(record_of(member), now)
-            self.subscriptions.schedule_reassign(now)
-
-    def _declare_down(self, node_id: bytes, now: float) -> None:
-        member = self.members.get(node_id)
-        if member is None or member.state == MemberState.DOWN:
-            return
-        self.stats.bump("declared_down")
-        record = MemberRecord(
-            node_id=node_id,
-            incarnation=member.incarnation,
-            state=MemberState.DOWN,
-            host=member.host,
-            port=member.port,
-            zone=member.zone,
-        )
-        self._apply_record(record, now, announce=True)
-
-    def _announce(self, record: MemberRecord, now: float) -> None:
-        """Originate a STATUS broadcast; it floods like any message."""
-        body = record.encode()
-        msg_id = self._random_bytes(wire.MESSAGE_ID_BYTES)
-        self.seen.add(msg_id)
-        entry = _ENTRY_HEADER.pack(wire.EntryKind.STATUS, 1, self.node_id, len(body)) + body
-        self.fanout.add(msg_id, entry, None)
-        self.stats.bump("status_announced")
-
-    def _on_isolated(self, now: float) -> None:
-        """Every provider fell silent at once: start over from the seeds."""
-        self.providers.clear()
-        self.subscriptions.providers_changed()
-        self._bootstrap(now)
-        self.subscriptions.schedule_reassign(now)
-
-    def _on_lost_provider(self, now: float) -> None:
-        """A provider failed its probe (already DOWN in our table): choose again."""
-        self.subscriptions.providers_changed()
-        self.subscriptions.schedule_reassign(now)
-
     def reselect_providers(self, now: float) -> None:
         """Run provider selection now over the current member table (it otherwise runs
         a short random delay after membership changes). For embedders that seeded the
@@ -824,23 +649,7 @@ class NodeCore:
         announcements, no reselection (call ``reselect_providers`` after). Meant for
         restoring a saved view or building a simulated cluster; records about this node
         are skipped. Returns how many records changed the table."""
-        apply = self.members.apply
-        own = self.node_id
-        return sum(
-            1 for record in records if record.node_id != own and apply(record) is not Change.NONE
-        )
-
-    def _initiate(self, addr: Addr, now: float) -> None:
-        if self.handshaker.is_initiating(addr):
-            return
-        wall_ns = int((now + self.wall_offset_s) * 1e9)
-        self._outbox.append((self.handshaker.initiate(addr, now, wall_ns, self.incarnation), addr))
-
-    def _bootstrap(self, now: float) -> None:
-        for addr in sorted(self._bootstrap_addrs):
-            if addr != self._advertised:
-                self._peer_request_addrs.add(addr)
-                self._initiate(addr, now)
+        return self.membership.learn(records)
 
     # ------------------------------------------------------------------ sending
 

@@ -1,7 +1,9 @@
-"""Peers: the pairwise sessions, the per-peer link table, channel keys, control sealing.
+"""Peers: handshakes and seeds, the pairwise sessions, the per-peer link table, channel
+keys, control sealing.
 
 Why it exists: everything this node holds about one peer beyond its membership record
-lives here, and so does its lifetime. A handshake creates a session; a crossed handshake
+lives here, and so does its lifetime. A handshake (started here, run by handshake.py)
+creates a session; a crossed handshake
 supersedes one; sessions nobody uses any more, and links of members that are gone, are
 freed here so memory stays bounded under churn. Control frames leave sealed under the
 peer's session. The multiprocess runtime's receivers need the same keys: every change
@@ -13,14 +15,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from gwyh_mp.config import Config
 from gwyh_mp.protocol import wire
-from gwyh_mp.protocol.crypto import AntiReplayWindow, DeferredDatagram, SealJob, nonce, seal
-from gwyh_mp.protocol.dissemination import Datagram, FanoutTarget
-from gwyh_mp.protocol.handshake import Established
+from gwyh_mp.protocol.crypto import (
+    AntiReplayWindow,
+    DeferredDatagram,
+    PskKeyring,
+    SealJob,
+    nonce,
+    seal,
+)
+from gwyh_mp.protocol.dissemination import Datagram, FanoutTarget, SeenSet
+from gwyh_mp.protocol.handshake import Established, Handshaker
 from gwyh_mp.protocol.links import LinkState
 from gwyh_mp.protocol.membership import MemberTable
 from gwyh_mp.protocol.offload import (
     ChannelKeySet,
+    IdsSeen,
     OffloadUpdate,
     SessionKeyInstalled,
     SessionKeyRetired,
@@ -68,19 +79,42 @@ def _installed(session: Session) -> SessionKeyInstalled:
 class Peers:
     def __init__(
         self,
+        config: Config,
+        node_id: bytes,
         random_bytes: Callable[[int], bytes],
-        max_datagram_bytes: int,
         stats: Stats,
         *,
+        wall_offset_s: float,
         defer_sealing: bool,
+        incarnation: Callable[[], int],
+        advertised: Callable[[], Addr],
+        send: Callable[[Datagram, Addr], None],
         on_link_dropped: Callable[[bytes, PeerLink], None],
     ) -> None:
         self._random_bytes = random_bytes
-        self._max_datagram_bytes = max_datagram_bytes
+        self._max_datagram_bytes = config.max_datagram_bytes
         self.stats = stats
+        self.wall_offset_s = wall_offset_s
         self.defer_sealing = defer_sealing
+        self._incarnation = incarnation
+        self._advertised = advertised
+        self._send = send  # a datagram that leaves as it is (handshakes)
         self._on_link_dropped = on_link_dropped
         self.sids: set[int] = set()
+        self.handshaker = Handshaker(
+            node_id,
+            config.zone,
+            PskKeyring(config.psks),
+            allocate_session_id=self.allocate_sid,
+            release_session_id=self.sids.discard,
+            window_s=config.handshake_window_s,
+            timeout_s=config.handshake_timeout_s,
+            retry_s=config.handshake_retry_s,
+            max_half_open=config.max_half_open,
+            random_bytes=random_bytes,
+        )
+        self.seeds: set[Addr] = set(config.bootstrap)
+        self._peer_request_addrs: set[Addr] = set()  # seeds we owe a peer list request
         self.sessions: dict[int, Session] = {}
         self.links: dict[bytes, PeerLink] = {}
         # Offloaded crypto needs the receivers to know keys: every change to the key
@@ -93,6 +127,40 @@ class Peers:
             if sid and sid not in self.sids:
                 self.sids.add(sid)
                 return sid
+
+    def initiate(self, addr: Addr, now: float) -> None:
+        """Start a handshake with ``addr`` unless one is already running."""
+        if self.handshaker.is_initiating(addr):
+            return
+        wall_ns = int((now + self.wall_offset_s) * 1e9)
+        self._send(self.handshaker.initiate(addr, now, wall_ns, self._incarnation()), addr)
+
+    def bootstrap(self, now: float) -> None:
+        """(Re)join through the seeds: a handshake with each, then a peer list."""
+        advertised = self._advertised()
+        for addr in sorted(self.seeds):
+            if addr != advertised:
+                self._peer_request_addrs.add(addr)
+                self.initiate(addr, now)
+
+    def owes_peer_request(self, addr: Addr) -> bool:
+        """A session with ``addr`` was just established: is it a seed to ask for peers?"""
+        if addr in self.seeds or addr in self._peer_request_addrs:
+            self._peer_request_addrs.discard(addr)
+            return True
+        return False
+
+    def control_session(self, sid: int, seq: int) -> Session | None:
+        """The session a CONTROL packet names, if it exists and ``seq`` is no replay
+        (checked before any decryption; marked only once authenticated)."""
+        session = self.sessions.get(sid)
+        if session is None:
+            self.stats.bump("drop_unknown_session")
+            return None
+        if not session.replay.check(seq):
+            self.stats.bump("drop_replay")
+            return None
+        return session
 
     def link(self, peer_id: bytes) -> PeerLink:
         link = self.links.get(peer_id)
@@ -174,6 +242,20 @@ class Peers:
     def _report_channel(self, peer_id: bytes, key: bytes | None) -> None:
         if self.key_updates is not None:
             self.key_updates.append(ChannelKeySet(peer_id, key))
+
+    def offload_updates(self, seen: SeenSet) -> list[OffloadUpdate]:
+        """Every key-table change and new seen id since the last call: key changes
+        first, then one IdsSeen with the ids (empty without ``defer_sealing``)."""
+        updates = self.key_updates
+        if updates is None:
+            return []
+        out = updates[:]
+        updates.clear()
+        journal = seen.journal
+        if journal:
+            out.append(IdsSeen(b"".join(journal)))
+            journal.clear()
+        return out
 
     def key_snapshot(self) -> list[OffloadUpdate]:
         """Every current key-table entry, as updates (for a new receiver)."""

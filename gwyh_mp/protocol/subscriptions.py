@@ -53,6 +53,7 @@ class Subscriptions:
         queue_control: Callable[..., None],
         emit: Callable[[Event], None],
         initiate: Callable[[Addr, float], None],
+        bootstrap: Callable[[float], None],
         request_peers: Callable[[bytes], None],
     ) -> None:
         self.config = config
@@ -66,6 +67,7 @@ class Subscriptions:
         self._queue_control = queue_control
         self._emit = emit
         self._initiate = initiate
+        self._bootstrap = bootstrap  # (re)join through the seeds
         self._request_peers = request_peers
         self.providers: dict[bytes, ProviderState] = {}
         self.subscribers: dict[bytes, float] = {}  # node id -> expiry time
@@ -147,6 +149,19 @@ class Subscriptions:
             self.subscribe(node_id, now)
         self.stats.bump("reassignments")
         self.providers_changed()
+
+    def start_over(self, now: float) -> None:
+        """Every provider fell silent at once (we are likelier the one cut off): drop
+        them all and rejoin through the seeds."""
+        self.providers.clear()
+        self.providers_changed()
+        self._bootstrap(now)
+        self.schedule_reassign(now)
+
+    def lost_provider(self, now: float) -> None:
+        """A provider failed its probe (already DOWN in our table): choose again."""
+        self.providers_changed()
+        self.schedule_reassign(now)
 
     def providers_changed(self) -> None:
         self._emit(ProviderChanged(tuple(sorted(self.providers))))

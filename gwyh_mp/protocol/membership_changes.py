@@ -1,0 +1,136 @@
+"""Membership changes: what a member record learned does to the node.
+
+Why it exists: records arrive from floods (STATUS entries), peer lists and handshakes,
+and a change reaches several mechanisms at once: a member going UP may win a swap-in
+and triggers reselection; one going DOWN loses its subscription, its probe and its
+place among our providers, and is told directly. A record about ourselves goes to
+liveness (refutation). membership.py is the table; this is the behaviour around it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from gwyh_mp.protocol import wire
+from gwyh_mp.protocol.events import Event, MemberDown, MemberUp
+from gwyh_mp.protocol.flood import Flood
+from gwyh_mp.protocol.liveness import Liveness
+from gwyh_mp.protocol.membership import Change, MemberTable, record_of
+from gwyh_mp.protocol.peers import PeerLink
+from gwyh_mp.protocol.stats import Stats
+from gwyh_mp.protocol.subscriptions import Subscriptions
+from gwyh_mp.protocol.wire import FrameType, MemberRecord, MemberState
+
+
+class MembershipChanges:
+    def __init__(
+        self,
+        node_id: bytes,
+        members: MemberTable,
+        links: dict[bytes, PeerLink],
+        flood: Flood,
+        subscriptions: Subscriptions,
+        liveness: Liveness,
+        stats: Stats,
+        *,
+        running: Callable[[], bool],
+        random_bytes: Callable[[int], bytes],
+        queue_control: Callable[..., None],
+        emit: Callable[[Event], None],
+    ) -> None:
+        self.node_id = node_id
+        self.members = members
+        self.links = links
+        self.flood = flood
+        self.subscriptions = subscriptions
+        self.liveness = liveness
+        self.stats = stats
+        self._running = running
+        self._random_bytes = random_bytes
+        self._queue_control = queue_control
+        self._emit = emit
+
+    def apply(
+        self,
+        record: MemberRecord,
+        now: float,
+        *,
+        announce: bool,
+        direct: bool = False,
+        source: bytes | None = None,
+    ) -> None:
+        """One member record learned (flood, peer list or handshake): update the table
+        and let every mechanism react to the change."""
+        if record.node_id == self.node_id:
+            if self._running():
+                self.liveness.about_us(record, source, now)
+            return
+        link = self.links.get(record.node_id)
+        has_session = link is not None and link.session is not None
+        change = self.members.apply(record, keep_address=has_session and not direct)
+        if change is Change.NONE and direct:
+            member = self.members.get(record.node_id)
+            if member is not None and member.state == MemberState.DOWN:
+                # It talks to us, yet we hold a DOWN for it: let it refute.
+                self._queue_control(
+                    record.node_id, FrameType.PEERS, wire.encode_members([record_of(member)])
+                )
+            return
+        subscriptions = self.subscriptions
+        if change in (Change.JOINED, Change.UP):
+            member = self.members.get(record.node_id)
+            assert member is not None
+            self._emit(MemberUp(member))
+            subscriptions.maybe_swap_in(record.node_id)
+            if announce:
+                self.announce(record_of(member), now)
+            subscriptions.schedule_reassign(now)
+        elif change is Change.DOWN:
+            member = self.members.get(record.node_id)
+            assert member is not None
+            self._emit(MemberDown(member))
+            if record.node_id in subscriptions.subscribers:
+                # It will not get our forward of this news any more: tell it directly.
+                self._queue_control(
+                    record.node_id, FrameType.PEERS, wire.encode_members([record_of(member)])
+                )
+                del subscriptions.subscribers[record.node_id]
+            self.liveness.probing.pop(record.node_id, None)
+            if subscriptions.providers.pop(record.node_id, None) is not None:
+                # If it is in fact alive, it must not keep us as a subscriber, let the
+                # subscription expire and then accuse *us*.
+                self._queue_control(record.node_id, FrameType.UNSUBSCRIBE)
+                subscriptions.providers_changed()
+            if announce:
+                self.announce(record_of(member), now)
+            subscriptions.schedule_reassign(now)
+
+    def declare_down(self, node_id: bytes, now: float) -> None:
+        member = self.members.get(node_id)
+        if member is None or member.state == MemberState.DOWN:
+            return
+        self.stats.bump("declared_down")
+        self.apply(record_of(member, MemberState.DOWN), now, announce=True)
+
+    def announce(self, record: MemberRecord, now: float) -> None:
+        """Originate a STATUS broadcast; it floods like any message."""
+        body = record.encode()
+        msg_id = self._random_bytes(wire.MESSAGE_ID_BYTES)
+        self.flood.originate(msg_id, wire.EntryKind.STATUS, body)
+        self.stats.bump("status_announced")
+
+    def handshake_failed(self, addr: tuple[str, int], now: float) -> None:
+        self.stats.bump("handshakes_failed")
+        providers = self.subscriptions.providers
+        for member in self.members.up_members():
+            if (member.host, member.port) == addr and member.node_id in providers:
+                # It was chosen as a provider and never answered: treat as silent.
+                self.declare_down(member.node_id, now)
+
+    def learn(self, records: list[MemberRecord]) -> int:
+        """Seed the table silently: no events, no announcements, no reselection."""
+        apply = self.members.apply
+        own = self.node_id
+        return sum(
+            1 for record in records if record.node_id != own and apply(record) is not Change.NONE
+        )
