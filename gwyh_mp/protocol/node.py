@@ -14,10 +14,10 @@ clock) is used only for the handshake's time lock. Everything random comes from
 
 ``NodeCore`` is the dispatcher: it decodes what arrives and routes it to the mechanism
 that owns it, and its timer is the earliest of theirs (docs/ARCHITECTURE.md has the
-table). Each mechanism is its own module: peers.py (sessions, links, channel keys),
-links.py (queues, pacing, loss repair), large_messages.py, liveness.py,
-subscriptions.py, anti_entropy.py. What stays here is the node's identity, the
-membership changes that several mechanisms react to, and the broadcast flood itself.
+table). Each mechanism is its own module: peers.py (handshakes, sessions, links, channel
+keys), links.py (queues, pacing, loss repair), flood.py, large_messages.py, liveness.py,
+subscriptions.py, membership_changes.py, anti_entropy.py. What stays here is the node's
+identity and the dispatch.
 """
 
 from __future__ import annotations
