@@ -23,19 +23,18 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import NoReturn
 
 import orjson
 
 from gwyh_mp.api import Node
-from gwyh_mp.config import Config, ConfigError, parse_addr
+from gwyh_mp.cliargs import Parser, addr, positive_float, positive_int, seconds_0_to_1, strategy
+from gwyh_mp.config import Config, ConfigError
 from gwyh_mp.protocol.events import Message
 from gwyh_mp.protocol.node import MessageTooLarge
 from gwyh_mp.protocol.selection import Strategy
 
 log = logging.getLogger("gwyh_mp.cli")
 PROG = "gwyh-node"
-EXIT_USAGE = 2
 EXIT_RUNTIME = 1
 
 
@@ -43,69 +42,18 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit code 1."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One clear line instead of a usage dump.
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
-        raise SystemExit(EXIT_USAGE)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return value
-
-
-def _seconds_or_zero(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1 (seconds)")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return value
-
-
-def _addr(text: str) -> tuple[str, int]:
-    try:
-        return parse_addr(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _strategy(text: str) -> Strategy:
-    try:
-        return Strategy.parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def build_run_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Run a gwyh_mp gossip node.")
+    p = Parser(prog=PROG, description="Run a gwyh_mp gossip node.")
     p.add_argument(
         "--bind",
-        type=_addr,
+        type=addr,
         default=("127.0.0.1", 6969),
         metavar="HOST:PORT",
         help="UDP address to listen on (default 127.0.0.1:6969)",
     )
     p.add_argument(
         "--advertise",
-        type=_addr,
+        type=addr,
         metavar="HOST:PORT",
         help="address other nodes should use for this one",
     )
@@ -118,7 +66,7 @@ def build_run_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--bootstrap",
-        type=_addr,
+        type=addr,
         action="append",
         default=[],
         metavar="HOST:PORT",
@@ -127,41 +75,41 @@ def build_run_parser() -> argparse.ArgumentParser:
     p.add_argument("--zone", help="zone label of this node (datacenter, rack)")
     p.add_argument(
         "--strategy",
-        type=_strategy,
+        type=strategy,
         default=Strategy.UNIFORM,
         help="peer selection: uniform, hub-and-spoke, prefer-local, prefer-remote",
     )
     p.add_argument(
         "--subscriptions",
-        type=_positive_int,
+        type=positive_int,
         default=5,
         metavar="N",
         help="how many providers to receive broadcasts from (default 5)",
     )
     p.add_argument(
         "--heartbeat-interval",
-        type=_positive_float,
+        type=positive_float,
         default=5.0,
         metavar="S",
         help="seconds between heartbeats (default 5)",
     )
     p.add_argument(
         "--missed-heartbeats",
-        type=_positive_int,
+        type=positive_int,
         default=3,
         metavar="N",
         help="missed heartbeats before a provider is declared DOWN (default 3)",
     )
     p.add_argument(
         "--max-datagram",
-        type=_positive_int,
+        type=positive_int,
         default=1400,
         metavar="BYTES",
         help="largest UDP payload to send (default 1400; up to 65507 on loopback)",
     )
     p.add_argument(
         "--flush-interval",
-        type=_seconds_or_zero,
+        type=seconds_0_to_1,
         default=0.0,
         metavar="S",
         help="coalescing window under load: flush forwarded traffic at most this often "
@@ -171,14 +119,14 @@ def build_run_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed for reproducible peer selection")
     p.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=os.cpu_count() or 1,
         metavar="N",
         help="receiver processes sharing the port (default: CPU count; 1 = one process)",
     )
     p.add_argument(
         "--stats-interval",
-        type=_positive_float,
+        type=positive_float,
         metavar="S",
         help="print statistics as JSON lines on stderr every S seconds",
     )
@@ -382,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] == "keygen":
             if len(argv) > 1:
-                _Parser(prog=f"{PROG} keygen").error("keygen takes no arguments")
+                Parser(prog=f"{PROG} keygen").error("keygen takes no arguments")
             return keygen()
         if argv and argv[0] == "demo":
             from gwyh_mp.demo import main as demo_main

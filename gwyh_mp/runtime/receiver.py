@@ -40,6 +40,7 @@ from gwyh_mp.protocol.crypto import (
 )
 from gwyh_mp.protocol.dissemination import SeenSet
 from gwyh_mp.runtime import udp
+from gwyh_mp.runtime.mmsg import BatchReceiver, BatchSender
 from gwyh_mp.runtime.shm_ring import ShmRing, ShmRingHandle
 
 PR_SET_PDEATHSIG = 1
@@ -68,8 +69,8 @@ class Receiver:
         self.up = up
         self.down = down
         self.parent_pid = parent_pid
-        self.receiver = udp.BatchReceiver(sock, 64)
-        self.sender = udp.BatchSender(sock)
+        self.receiver = BatchReceiver(sock, 64, udp.MAX_DATAGRAM)
+        self.sender = BatchSender(sock)
         # sid -> [peer id, receive key, address, replay window]
         self.sessions: dict[int, list[Any]] = {}
         # peer id -> [channel key, replay window]
@@ -153,7 +154,7 @@ class Receiver:
                 break
             total += count
             for i in range(count):
-                data = receiver.packet_bytes(i)
+                data = bytes(receiver.packet(i))
                 host, port = receiver.address(i)
                 try:
                     record = self.classify(data, host, port)

@@ -1,13 +1,12 @@
-"""UDP sockets for the runtimes: creation with deep buffers, and batched I/O.
+"""UDP sockets for the runtimes: creation with deep buffers, and claiming a port.
 
-Batching uses recvmmsg/sendmmsg (``gwyh_mp.runtime.mmsg``) where the platform has
-them and plain recvfrom/sendto otherwise; callers see one interface.
+Batched I/O on these sockets is ``gwyh_mp.runtime.mmsg`` (recvmmsg/sendmmsg, with its
+own plain-call fallback); this module only makes the sockets.
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
 
 Addr = tuple[str, int]
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
@@ -42,82 +41,3 @@ def open_socket(bind: Addr, buffer_bytes: int, *, reuse_port: bool = False) -> s
         sock.close()
         raise
     return sock
-
-
-try:
-    from gwyh_mp.runtime.mmsg import BatchReceiver as _MmsgReceiver
-    from gwyh_mp.runtime.mmsg import BatchSender as _MmsgSender
-except ImportError:  # pragma: no cover - module optional during development
-    _MmsgReceiver = None  # type: ignore[assignment,misc]
-    _MmsgSender = None  # type: ignore[assignment,misc]
-
-
-class _PlainReceiver:
-    def __init__(self, sock: socket.socket, batch: int) -> None:
-        self._sock = sock
-        self.batch = batch
-        self._packets: list[tuple[bytes, Addr]] = []
-
-    def recv_batch(self) -> int:
-        packets = self._packets
-        packets.clear()
-        recvfrom = self._sock.recvfrom
-        for _ in range(self.batch):
-            try:
-                data, addr = recvfrom(MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                break
-            except ConnectionRefusedError:
-                continue
-            packets.append((data, addr[:2]))
-        return len(packets)
-
-    def packet_bytes(self, i: int) -> bytes:
-        return self._packets[i][0]
-
-    def address(self, i: int) -> Addr:
-        return self._packets[i][1]
-
-
-class _PlainSender:
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-
-    def send_batch(self, items: Sequence[tuple[bytes, Addr]]) -> int:
-        sendto = self._sock.sendto
-        for i, (data, addr) in enumerate(items):
-            try:
-                sendto(data, addr)
-            except (BlockingIOError, InterruptedError):
-                return i
-            except OSError:
-                continue  # unreachable peer, too large: that datagram is lost, not the rest
-        return len(items)
-
-
-class BatchReceiver:
-    """recv_batch() -> count; then packet_bytes(i) and address(i) for i < count."""
-
-    def __init__(self, sock: socket.socket, batch: int = 64) -> None:
-        self.batch = batch
-        if _MmsgReceiver is not None:
-            impl = _MmsgReceiver(sock, batch=batch, bufsize=MAX_DATAGRAM)
-            self.recv_batch = impl.recv_batch
-            self.address = impl.address
-            packet = impl.packet
-            self.packet_bytes = lambda i: bytes(packet(i))
-        else:
-            plain = _PlainReceiver(sock, batch)
-            self.recv_batch = plain.recv_batch
-            self.packet_bytes = plain.packet_bytes
-            self.address = plain.address
-
-
-class BatchSender:
-    """send_batch(items) -> how many were sent (the rest hit a full socket buffer)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        if _MmsgSender is not None:
-            self.send_batch = _MmsgSender(sock).send_batch
-        else:
-            self.send_batch = _PlainSender(sock).send_batch
