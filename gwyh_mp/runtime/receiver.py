@@ -274,10 +274,11 @@ def receiver_main(
         with contextlib.suppress(OSError):
             os.close(fd)
     _die_with_parent()
-    # Ctrl-C and `kill -TERM <group>` reach every process of the node at once: the
-    # coordinator alone decides when receivers stop (after its goodbyes went out).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Ctrl-C, `kill -TERM <group>` and a closed terminal's SIGHUP reach every process
+    # of the node at once: the coordinator alone decides when receivers stop (after its
+    # goodbyes went out) and what a signal means.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     if os.getppid() != parent_pid:
         return
     up = ShmRing.attach(up_handle)
