@@ -295,21 +295,33 @@ def test_dead_stdout_consumer_is_logged_once_and_the_node_keeps_running(
         assert b.stop() == 0 and a.stop() == 0
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_sighup_reloads_keys_and_log_level_and_sigusr1_does_not_kill(
-    tmp_path: Path, sockdir: Path
+    tmp_path: Path, sockdir: Path, workers: int
 ) -> None:
+    # Regression: SIGHUP (a closed terminal: the whole process group) and SIGUSR1 killed
+    # the node without a graceful leave.
     key_path = Path(write_key(tmp_path, "k", KEY))
     level = tmp_path / "level"
     level.write_text("info\n")
     with processes() as procs:
         node, control = start_node(
-            procs, sockdir, str(key_path), free_udp_port(), "--log-level-file", str(level)
+            procs,
+            sockdir,
+            str(key_path),
+            free_udp_port(),
+            "--log-level-file",
+            str(level),
+            "--workers",
+            str(workers),
+            start_new_session=True,
         )
-        node.signal(signal.SIGUSR1)
+        group = os.getpgid(node.proc.pid)
+        os.killpg(group, signal.SIGUSR1)
         node.wait_line("stats {")
         key_path.write_bytes(NEW_KEY + b"\n")
         level.write_text("debug\n")
-        node.signal(signal.SIGHUP)
+        os.killpg(group, signal.SIGHUP)
         node.wait_line(f"SIGHUP: keys now {keys.fingerprint(NEW_KEY)}")
         node.wait_line("SIGHUP: log level debug")
         listed = ctl_json("keys", "list", "--control", control)
@@ -318,6 +330,9 @@ def test_sighup_reloads_keys_and_log_level_and_sigusr1_does_not_kill(
         node.signal(signal.SIGHUP)
         node.wait_line("SIGHUP: nothing changed")
         assert ctl_json("keys", "list", "--control", control) == listed
+        processes_now = ctl_json("stats", "--control", control)["processes"]
+        assert all(p.get("restarts", 0) == 0 for p in processes_now)  # no receiver died
+        assert node.count("exited with") == 0
         assert node.stop() == 0
 
 
