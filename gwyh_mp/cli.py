@@ -1,6 +1,6 @@
 """``gwyh-node``: run a node, operate a running one, generate a key, watch a demo.
 
-    gwyh-node keygen > cluster.key
+    (umask 077; gwyh-node keygen > cluster.key)
     gwyh-node --bind 127.0.0.1:7001 --psk-file cluster.key --stdio
     gwyh-node --bind 127.0.0.1:7002 --psk-file cluster.key --bootstrap 127.0.0.1:7001 --stdio
     gwyh-node members --control /run/gwyh-node/7001.sock
@@ -548,12 +548,13 @@ def keygen() -> int:
     return 0
 
 
-def _keygen_parser() -> argparse.ArgumentParser:
-    return Parser(
+def _keygen(argv: list[str]) -> int:
+    Parser(
         prog=f"{PROG} keygen",
         description="Print a new random pre-shared key (32 bytes, base64url) on stdout. "
-        f"Save it with: {PROG} keygen > cluster.key && chmod 600 cluster.key",
-    )
+        f"Save it with: (umask 077; {PROG} keygen > cluster.key)",
+    ).parse_args(argv)
+    return keygen()
 
 
 def _run_loop(coro: object) -> int:
@@ -620,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = argv[0] if argv else ""
     handlers: dict[str, Callable[[list[str]], int]] = {
         "run": lambda rest: run(rest, f"{PROG} run"),
-        "keygen": lambda rest: (_keygen_parser().parse_args(rest), keygen())[1],
+        "keygen": _keygen,
         "demo": _demo,
     }
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 from gwyh_mp.config import ConfigError, parse_addr
@@ -50,7 +51,7 @@ def seconds_0_to_1(text: str) -> float:
     return value
 
 
-def int_range(minimum: int = 1, maximum: int | None = None) -> argparse._ActionType:
+def int_range(minimum: int = 1, maximum: int | None = None) -> Callable[[str], int]:
     """An integer type bounded to [minimum, maximum]; the error states the range."""
 
     def parse(text: str) -> int:
