@@ -23,6 +23,7 @@ each see everything). Backpressure policy with several consumers:
 
 A stream is closed by ``close()``, by leaving ``async with stream:``, or when it is
 garbage collected (an abandoned ``async for`` loop); a closed stream holds nothing up.
+When the node stops, every stream ends once its reader has read what it holds.
 """
 
 from __future__ import annotations
@@ -131,6 +132,11 @@ class _Stream(Generic[T]):
             self.closed = True
             self._ready.set()
             self._node._forget(self)
+
+    def end(self) -> None:
+        """The node stopped: what is queued is still read, then iteration ends."""
+        self.closed = True
+        self._ready.set()
 
     async def aclose(self) -> None:
         self.close()
@@ -247,6 +253,8 @@ class Node:
         if self._started and not self._stopped:
             self._stopped = True
             await self._runtime.stop()
+            for stream in self._live(self._message_streams) + self._live(self._event_streams):
+                stream.end()  # readers finish what is queued, then their loops end
 
     async def __aenter__(self) -> Node:
         return await self.start()

@@ -139,3 +139,15 @@ async def test_messages_before_the_first_reader_wait_for_it() -> None:
         assert (await b.receive(timeout=10)).id == more[1]
     finally:
         await asyncio.gather(a.stop(), b.stop())
+
+
+async def test_streams_end_when_the_node_stops() -> None:
+    a, b = await pair()
+    messages, events = b.messages(), b.member_events()
+    sent = await a.broadcast(b"last words")
+    await until(lambda: len(messages) == 1)
+    await asyncio.gather(a.stop(), b.stop())
+    async with asyncio.timeout(30):
+        assert [m.id async for m in messages] == [sent]  # what was queued, then the end
+        # a's goodbye may or may not reach b before b stops; either way the stream ends.
+        assert all(e.member.node_id == a.node_id for e in [e async for e in events])
