@@ -369,7 +369,7 @@ class NodeProgram:
         if self.args.no_control:
             return
         path = self.args.control or default_path(self.node.address[1])
-        server = ControlServer(self.node, path, self.leave)
+        server = ControlServer(self.node, path, self.leave, private_dir=not self.args.control)
         try:
             await server.start()
         except ControlError as exc:

@@ -72,10 +72,15 @@ class ControlServer:
     """Serves one node's control socket. ``on_leave`` is called after a ``leave``
     request was answered: the node's owner stops it (graceful leave) and exits 0."""
 
-    def __init__(self, node: Node, path: str, on_leave: Callable[[], None]) -> None:
+    def __init__(
+        self, node: Node, path: str, on_leave: Callable[[], None], *, private_dir: bool = False
+    ) -> None:
+        """``private_dir``: the socket's directory must be this user's alone (the default
+        path: /tmp/gwyh-node-UID could have been made by someone else)."""
         self.node = node
         self.path = path
         self.on_leave = on_leave
+        self.private_dir = private_dir
         self._server: asyncio.AbstractServer | None = None
         self._primary: bytes | None = node.psks[0] if node.psks else None
         self._clients: set[asyncio.StreamWriter] = set()
@@ -86,6 +91,10 @@ class ControlServer:
             os.makedirs(directory, mode=0o700, exist_ok=True)
         except OSError as exc:
             raise ControlError(f"cannot create {directory}: {exc.strerror or exc}") from None
+        if self.private_dir:
+            info = os.stat(directory)
+            if info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                raise ControlError(f"{directory} is not private to this user")
         self._remove_stale()
         old_umask = os.umask(0o177)  # the socket is born 0600: no window for others
         try:
