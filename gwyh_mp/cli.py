@@ -1,8 +1,9 @@
-"""``gwyh-node``: run a node, generate a key, or watch a demo cluster.
+"""``gwyh-node``: run a node, operate a running one, generate a key, watch a demo.
 
-    gwyh-node keygen > cluster.key
+    (umask 077; gwyh-node keygen > cluster.key)
     gwyh-node --bind 127.0.0.1:7001 --psk-file cluster.key --stdio
     gwyh-node --bind 127.0.0.1:7002 --psk-file cluster.key --bootstrap 127.0.0.1:7001 --stdio
+    gwyh-node members --control /run/gwyh-node/7001.sock
     gwyh-node demo
 
 Errors a user can cause (bad arguments, unreadable key files, a busy port) print
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import logging
 import os
@@ -22,13 +22,24 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Sequence
 
 import orjson
 
-from gwyh_mp.api import Node
-from gwyh_mp.config import Config, ConfigError, parse_addr
+from gwyh_mp import __version__, ctl, keys, logs
+from gwyh_mp.api import Node, StreamOverflow
+from gwyh_mp.cliargs import (
+    Parser,
+    addr,
+    int_range,
+    positive_float,
+    seconds_0_to_1,
+    strategy,
+)
+from gwyh_mp.config import Config, ConfigError
+from gwyh_mp.control import ControlError, ControlServer, default_path, message_record
+from gwyh_mp.identity import DataDir, IdentityError
+from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.events import Message
 from gwyh_mp.protocol.node import MessageTooLarge
 from gwyh_mp.protocol.selection import Strategy
@@ -37,180 +48,219 @@ log = logging.getLogger("gwyh_mp.cli")
 PROG = "gwyh-node"
 EXIT_USAGE = 2
 EXIT_RUNTIME = 1
+STDIN_CHUNK = 1 << 16
+
+# Config fields as the flags that set them, so a range error names what the user typed.
+FLAG_OF_FIELD = {
+    "bind": "--bind",
+    "advertise": "--advertise",
+    "bootstrap": "--bootstrap",
+    "zone": "--zone",
+    "subscriptions": "--subscriptions",
+    "heartbeat_interval_s": "--heartbeat-interval",
+    "missed_heartbeats": "--missed-heartbeats",
+    "max_datagram_bytes": "--max-datagram",
+    "flush_interval_s": "--flush-interval",
+    "workers": "--workers",
+    "psks": "--psk-file",
+    "pre-shared keys": "--psk-file keys",
+}
 
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit code 1."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One clear line instead of a usage dump.
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
-        raise SystemExit(EXIT_USAGE)
+# ---------------------------------------------------------------- parsers
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return value
+def _epilog() -> str:
+    lines = ["commands (each has its own --help):"]
+    lines.append(f"  {'run':<9} run a node (the default when no command is given)")
+    lines.append(f"  {'keygen':<9} print a new random pre-shared key")
+    lines.append(f"  {'demo':<9} a small cluster on loopback, live")
+    for name, (_, _, summary) in ctl.COMMANDS.items():
+        lines.append(f"  {name:<9} {summary} (control socket)")
+    return "\n".join(lines)
 
 
-def _seconds_or_zero(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1 (seconds)")
-    return value
+def build_run_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = Parser(
+        prog=prog,
+        description="Run a gwyh_mp gossip node.",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    _add_network_options(p)
+    _add_membership_options(p)
+    _add_tuning_options(p)
+    _add_io_options(p)
+    _add_operation_options(p)
+    return p
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return value
-
-
-def _addr(text: str) -> tuple[str, int]:
-    try:
-        return parse_addr(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _strategy(text: str) -> Strategy:
-    try:
-        return Strategy.parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def build_run_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Run a gwyh_mp gossip node.")
-    p.add_argument(
+def _add_network_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("network")
+    g.add_argument(
         "--bind",
-        type=_addr,
+        type=addr,
         default=("127.0.0.1", 6969),
         metavar="HOST:PORT",
         help="UDP address to listen on (default 127.0.0.1:6969)",
     )
-    p.add_argument(
+    g.add_argument(
         "--advertise",
-        type=_addr,
+        type=addr,
         metavar="HOST:PORT",
         help="address other nodes should use for this one",
     )
-    p.add_argument(
+    g.add_argument(
         "--psk-file",
         action="append",
         required=True,
         metavar="FILE",
-        help="file holding a pre-shared key; repeat to accept several (rotation)",
+        help="file holding a pre-shared key (at least 128 bits: use keygen); repeat to "
+        "accept several (rotation); SIGHUP re-reads them",
     )
-    p.add_argument(
+    g.add_argument(
         "--bootstrap",
-        type=_addr,
+        type=addr,
         action="append",
         default=[],
         metavar="HOST:PORT",
         help="seed peer; repeat for several",
     )
-    p.add_argument("--zone", help="zone label of this node (datacenter, rack)")
-    p.add_argument(
+
+
+def _add_membership_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("membership")
+    g.add_argument("--zone", help="zone label of this node (datacenter, rack)")
+    g.add_argument(
         "--strategy",
-        type=_strategy,
+        type=strategy,
         default=Strategy.UNIFORM,
         help="peer selection: uniform, hub-and-spoke, prefer-local, prefer-remote",
     )
-    p.add_argument(
+    g.add_argument(
         "--subscriptions",
-        type=_positive_int,
+        type=int_range(1, 64),
         default=5,
         metavar="N",
         help="how many providers to receive broadcasts from (default 5)",
     )
-    p.add_argument(
+    g.add_argument(
         "--heartbeat-interval",
-        type=_positive_float,
+        type=positive_float,
         default=5.0,
         metavar="S",
         help="seconds between heartbeats (default 5)",
     )
-    p.add_argument(
+    g.add_argument(
         "--missed-heartbeats",
-        type=_positive_int,
+        type=int_range(1, 100),
         default=3,
         metavar="N",
         help="missed heartbeats before a provider is declared DOWN (default 3)",
     )
-    p.add_argument(
+    g.add_argument("--seed", type=int, help="seed for reproducible peer selection")
+
+
+def _add_tuning_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("performance")
+    g.add_argument(
         "--max-datagram",
-        type=_positive_int,
+        type=int_range(576, wire.MAX_DATAGRAM_BYTES),
         default=1400,
         metavar="BYTES",
         help="largest UDP payload to send (default 1400; up to 65507 on loopback)",
     )
-    p.add_argument(
+    g.add_argument(
         "--flush-interval",
-        type=_seconds_or_zero,
+        type=seconds_0_to_1,
         default=0.0,
         metavar="S",
         help="coalescing window under load: flush forwarded traffic at most this often "
         "(default 0: after every receive batch; 0.005 halves CPU per delivery at high rates "
         "for up to 5 ms more latency per hop)",
     )
-    p.add_argument("--seed", type=int, help="seed for reproducible peer selection")
-    p.add_argument(
+    g.add_argument(
         "--workers",
-        type=_positive_int,
+        type=int_range(1, max(64, (os.cpu_count() or 1) * 4)),
         default=os.cpu_count() or 1,
         metavar="N",
         help="receiver processes sharing the port (default: CPU count; 1 = one process)",
     )
-    p.add_argument(
-        "--stats-interval",
-        type=_positive_float,
-        metavar="S",
-        help="print statistics as JSON lines on stderr every S seconds",
-    )
-    p.add_argument(
+
+
+def _add_io_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("local application")
+    g.add_argument(
         "--stdio",
         action="store_true",
         help="broadcast each stdin line; print each delivered message as JSON",
     )
-    p.add_argument(
+    g.add_argument(
+        "--stats-interval",
+        type=positive_float,
+        metavar="S",
+        help="print statistics as JSON lines on stderr every S seconds",
+    )
+
+
+def _add_operation_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("operation")
+    g.add_argument(
+        "--control",
+        metavar="PATH",
+        help="control socket for the client commands (default: $RUNTIME_DIRECTORY/PORT.sock, "
+        "else /run/gwyh-node/PORT.sock as root, else $XDG_RUNTIME_DIR/gwyh-node/PORT.sock, "
+        "else /tmp/gwyh-node-UID/PORT.sock)",
+    )
+    g.add_argument("--no-control", action="store_true", help="open no control socket")
+    g.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="keep the node id here, so a restarted node rejoins as the same member",
+    )
+    g.add_argument(
         "--log-level",
         default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="stderr log level",
+        choices=logs.LEVELS,
+        help="stderr log level (default info)",
     )
-    return p
+    g.add_argument(
+        "--log-level-file",
+        metavar="FILE",
+        help="file holding a log level, read at start and on SIGHUP (overrides --log-level)",
+    )
+    g.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text lines, or one JSON object a line (default text)",
+    )
+
+
+# ---------------------------------------------------------------- configuration
 
 
 def read_psk_file(path: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            raw = f.read(4096)
-    except OSError as exc:
-        raise CliError(f"cannot read key file {path}: {exc.strerror or exc}") from None
-    key = raw.strip()
-    if not key:
-        raise CliError(f"key file {path} is empty (generate one: {PROG} keygen > {path})")
-    if len(key) < 16:
-        raise CliError(f"key in {path} is shorter than 16 bytes; use {PROG} keygen")
-    return key
+        return keys.read_key_file(path)
+    except keys.KeyFileError as exc:
+        raise CliError(str(exc)) from None
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def _flag_message(text: str) -> str:
+    """Say a Config error in terms of flags: ``max_datagram_bytes`` -> ``--max-datagram``."""
+    for field, flag in FLAG_OF_FIELD.items():
+        if text.startswith(field + " ") or text.startswith(field + ":"):
+            return flag + text[len(field) :]
+    return text
+
+
+def config_from_args(args: argparse.Namespace, node_id: bytes | None = None) -> Config:
     config = Config(
         bind=args.bind,
         advertise=args.advertise,
@@ -225,96 +275,258 @@ def config_from_args(args: argparse.Namespace) -> Config:
         flush_interval_s=args.flush_interval,
         seed=args.seed,
         workers=args.workers,
+        node_id=node_id,
     )
     try:
         return config.validate()
     except ConfigError as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(_flag_message(str(exc))) from None
 
 
 def message_json(msg: Message, received_at: float | None = None) -> bytes:
-    record: dict[str, object] = {"id": msg.id.hex(), "origin": msg.origin.hex(), "hops": msg.hops}
-    if received_at is not None:
-        record["received_at"] = round(received_at, 6)
+    return orjson.dumps(message_record(msg, received_at)) + b"\n"
+
+
+def _read_log_level(path: str) -> str:
     try:
-        record["data"] = msg.data.decode("utf-8")
-    except UnicodeDecodeError:
-        record["data"] = base64.b64encode(msg.data).decode()
-        record["encoding"] = "base64"
-    return orjson.dumps(record) + b"\n"
-
-
-def _stdin_lines(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[bytes | None]) -> None:
-    """Runs in a thread: blocking reads work for pipes, files and terminals alike."""
-    stream = sys.stdin.buffer
-    try:
-        for line in stream:
-            asyncio.run_coroutine_threadsafe(queue.put(line.rstrip(b"\r\n")), loop).result()
-    except (OSError, RuntimeError, ValueError):
-        pass
-    with contextlib.suppress(RuntimeError):
-        asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
-
-
-async def run_node(config: Config, *, stdio: bool, stats_interval: float | None) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    node = Node(config)
-    try:
-        await node.start()
+        with open(path) as f:
+            level = f.read(64).strip().lower()
     except OSError as exc:
-        host, port = config.bind
-        raise CliError(f"cannot bind {host}:{port}: {exc.strerror or exc}") from None
-    host, port = node.address
-    log.info("node %s listening on %s:%d", node.node_id.hex(), host, port)
-    if config.bind[0] in ("0.0.0.0", "::") and config.advertise is None:
-        log.warning(
-            "bound to a wildcard address without --advertise: this node describes itself as "
-            "%s:%d to others; pass --advertise HOST:PORT on a real network",
-            *config.advertised,
+        raise CliError(f"cannot read --log-level-file {path}: {exc.strerror or exc}") from None
+    if level not in logs.LEVELS:
+        raise CliError(f"--log-level-file {path} holds {level!r}; expected one of {logs.LEVELS}")
+    return level
+
+
+# ---------------------------------------------------------------- running a node
+
+
+class NodeProgram:
+    """One ``gwyh-node run``: the node, its control socket, its stdio pumps, its
+    signal handlers, and the watcher that logs what happens."""
+
+    def __init__(self, args: argparse.Namespace, config: Config) -> None:
+        self.args = args
+        self.config = config
+        self.node = Node(config)
+        self.stop = asyncio.Event()
+        self.control: ControlServer | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, self.log_stats)
+        node = self.node
+        try:
+            await node.start()
+        except OSError as exc:
+            host, port = self.config.bind
+            raise CliError(f"cannot bind {host}:{port}: {exc.strerror or exc}") from None
+        try:
+            self._announce()
+            await self._open_control()
+            self.tasks.append(asyncio.create_task(logs.NodeWatcher(node).run()))
+            if self.args.stdio:
+                self.tasks.append(asyncio.create_task(self._pump_stdin()))
+                self.tasks.append(asyncio.create_task(self._pump_stdout()))
+            if self.args.stats_interval:
+                self.tasks.append(asyncio.create_task(self._print_stats()))
+            await self.stop.wait()
+        finally:
+            for task in self.tasks:
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            if self.control is not None:
+                await self.control.close()
+            await node.stop()
+            log.info("node stopped")
+        return 0
+
+    def _announce(self) -> None:
+        host, port = self.node.address
+        log.info(
+            "node %s listening on %s:%d (%s %s)",
+            self.node.node_id.hex(),
+            host,
+            port,
+            PROG,
+            __version__,
+            extra={"fields": {"event": "listening", "node_id": self.node.node_id.hex()}},
         )
-    tasks: list[asyncio.Task[None]] = []
-    if stdio:
-        tasks.append(asyncio.create_task(_pump_stdin(node, loop)))
-        tasks.append(asyncio.create_task(_pump_stdout(node)))
-    if stats_interval:
-        tasks.append(asyncio.create_task(_print_stats(node, stats_interval)))
-    try:
-        await stop.wait()
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await node.stop()
-        log.info("node stopped")
-    return 0
+        for psk in self.config.psks:
+            log.info("accepting key %s", keys.fingerprint(psk))
+        if self.config.bind[0] in ("0.0.0.0", "::") and self.config.advertise is None:
+            log.warning(
+                "bound to a wildcard address without --advertise: this node describes itself "
+                "as %s:%d to others; pass --advertise HOST:PORT on a real network",
+                *self.config.advertised,
+            )
+
+    async def _open_control(self) -> None:
+        if self.args.no_control:
+            return
+        path = self.args.control or default_path(self.node.address[1])
+        server = ControlServer(self.node, path, self.leave, private_dir=not self.args.control)
+        try:
+            await server.start()
+        except ControlError as exc:
+            if self.args.control:
+                raise CliError(f"--control: {exc}") from None
+            log.warning("no control socket: %s (pass --control PATH)", exc)
+            return
+        self.control = server
+        log.info("control socket %s", path)
+
+    # -------------------------------------------------------------- signals
+
+    def leave(self) -> None:
+        log.info("leave requested on the control socket")
+        self.stop.set()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the key files and the log level; a bad file keeps the old."""
+        try:
+            if self.args.log_level_file:
+                level = _read_log_level(self.args.log_level_file)
+                logs.set_level(level)
+                log.info("SIGHUP: log level %s", level)
+            psks = [read_psk_file(p) for p in self.args.psk_file]
+            self.node.set_psks(psks)
+        except (CliError, ConfigError) as exc:
+            log.error("SIGHUP: nothing changed: %s", exc)
+            return
+        if self.control is not None:
+            self.control.keys_reloaded()
+        log.info("SIGHUP: keys now %s", ", ".join(keys.fingerprint(k) for k in psks))
+
+    def log_stats(self) -> None:
+        """SIGUSR1: one statistics line in the log (it never stops the node)."""
+        log.info(
+            "stats %s",
+            orjson.dumps(self.node.stats()).decode(),
+            extra={"fields": {"event": "stats", **self.node.stats()}},
+        )
+
+    # -------------------------------------------------------------- stdio
+
+    async def _pump_stdin(self) -> None:
+        limit = self.node.max_message_bytes
+        try:
+            mode = os.fstat(0).st_mode
+        except OSError:
+            return
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            await self._pump_stdin_pipe(limit)
+        else:
+            # Regular files, /dev/null and terminals cannot all be watched by epoll
+            # (uvloop aborts on /dev/null): a thread reads them with plain read(2).
+            await self._pump_stdin_thread(limit)
+        log.info("stdin closed; still delivering messages")
+
+    async def _pump_stdin_pipe(self, limit: int) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=limit + 2)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while True:
+            try:
+                line = await reader.readuntil(b"\n")
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial:
+                    await self._broadcast_line(exc.partial)
+                return
+            except asyncio.LimitOverrunError:
+                log.error("line not sent: longer than the largest message (%d bytes)", limit)
+                await _skip_line(reader)
+                continue
+            await self._broadcast_line(line)
+
+    async def _pump_stdin_thread(self, limit: int) -> None:
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[bytes] = asyncio.Queue(16)
+        threading.Thread(
+            target=_read_fd_chunks, args=(0, loop, chunks), name="stdin", daemon=True
+        ).start()
+        pending = b""
+        skipping = False
+        while chunk := await chunks.get():
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if not skipping:
+                    await self._broadcast_line(line)
+                skipping = False
+            if len(pending) > limit:
+                if not skipping:
+                    log.error("line not sent: longer than the largest message (%d bytes)", limit)
+                pending, skipping = b"", True
+        if pending and not skipping:
+            await self._broadcast_line(pending)
+
+    async def _broadcast_line(self, line: bytes) -> None:
+        line = line.rstrip(b"\r\n")
+        try:
+            await self.node.broadcast(line)
+        except MessageTooLarge as exc:
+            log.error("line not sent: %s", exc)
+
+    async def _pump_stdout(self) -> None:
+        out = sys.stdout.buffer
+        stream = self.node.message_batches()
+        while True:
+            try:
+                batch = await anext(stream)
+            except StreamOverflow:  # pragma: no cover - a backpressure stream never drops
+                continue
+            now = time.time()  # one wall-clock stamp per batch: when the node handed it out
+            try:
+                out.write(b"".join([message_json(msg, now) for msg in batch]))
+                out.flush()
+            except (BrokenPipeError, ValueError, OSError) as exc:
+                # Nobody reads stdout any more: say so once and stop printing, but keep
+                # running (and stop holding the node up with an unread stream).
+                log.warning("stdout is gone (%s); no longer printing messages", exc)
+                stream.close()
+                with contextlib.suppress(OSError):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+                return
+
+    async def _print_stats(self) -> None:
+        interval = self.args.stats_interval
+        node = self.node
+        while True:
+            await asyncio.sleep(interval)
+            record = {
+                "event": "stats",
+                "time": time.time(),
+                "node": node.node_id.hex(),
+                **node.stats(),
+            }
+            lines = [orjson.dumps(record)]
+            for proc in node.process_stats():  # multiprocess: one line per process
+                lines.append(orjson.dumps({"event": "process", "time": record["time"], **proc}))
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.buffer.write(b"\n".join(lines) + b"\n")
+                sys.stderr.flush()
 
 
-async def _pump_stdin(node: Node, loop: asyncio.AbstractEventLoop) -> None:
-    if stat.S_ISREG(os.fstat(sys.stdin.fileno()).st_mode):
-        # Regular files cannot be watched by epoll; a thread reads them to EOF.
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(1024)
-        threading.Thread(target=_stdin_lines, args=(loop, queue), daemon=True).start()
-        while (line := await queue.get()) is not None:
-            await _broadcast_line(node, line)
-        return
-    limit = node.max_message_bytes + 2
-    reader = asyncio.StreamReader(limit=limit)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+def _read_fd_chunks(fd: int, loop: asyncio.AbstractEventLoop, out: asyncio.Queue[bytes]) -> None:
+    """Runs in a thread: os.read, not sys.stdin, so no Python buffer lock is held at exit."""
     while True:
         try:
-            line = await reader.readuntil(b"\n")
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial:
-                await _broadcast_line(node, exc.partial)
-            return
-        except asyncio.LimitOverrunError:
-            log.error("line not sent: longer than the largest message (%d bytes)", limit - 2)
-            await _skip_line(reader)
+            chunk = os.read(fd, STDIN_CHUNK)
+        except InterruptedError:
             continue
-        await _broadcast_line(node, line)
+        except OSError:
+            chunk = b""
+        try:
+            asyncio.run_coroutine_threadsafe(out.put(chunk), loop).result()
+        except (RuntimeError, asyncio.CancelledError, Exception):
+            return  # the loop is gone
+        if not chunk:
+            return
 
 
 async def _skip_line(reader: asyncio.StreamReader) -> None:
@@ -328,44 +540,21 @@ async def _skip_line(reader: asyncio.StreamReader) -> None:
             return
 
 
-async def _broadcast_line(node: Node, line: bytes) -> None:
-    line = line.rstrip(b"\r\n")
-    try:
-        await node.broadcast(line)
-    except MessageTooLarge as exc:
-        log.error("line not sent: %s", exc)
-
-
-async def _pump_stdout(node: Node) -> None:
-    out = sys.stdout.buffer
-    async for batch in node.message_batches():
-        now = time.time()  # one wall-clock stamp per batch: when the node handed it out
-        out.write(b"".join([message_json(msg, now) for msg in batch]))
-        out.flush()
-
-
-async def _print_stats(node: Node, interval: float) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        record = {"event": "stats", "time": time.time(), "node": node.node_id.hex(), **node.stats()}
-        lines = [orjson.dumps(record)]
-        for proc in node.process_stats():  # multiprocess: one line per process
-            lines.append(orjson.dumps({"event": "process", "time": record["time"], **proc}))
-        sys.stderr.buffer.write(b"\n".join(lines) + b"\n")
-        sys.stderr.flush()
+# ---------------------------------------------------------------- entry points
 
 
 def keygen() -> int:
-    print(base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("="))
+    print(keys.generate())
     return 0
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _keygen(argv: list[str]) -> int:
+    Parser(
+        prog=f"{PROG} keygen",
+        description="Print a new random pre-shared key (32 bytes, base64url) on stdout. "
+        f"Save it with: (umask 077; {PROG} keygen > cluster.key)",
+    ).parse_args(argv)
+    return keygen()
 
 
 def _run_loop(coro: object) -> int:
@@ -377,28 +566,81 @@ def _run_loop(coro: object) -> int:
         return asyncio.run(coro)  # type: ignore[arg-type]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv and argv[0] == "keygen":
-            if len(argv) > 1:
-                _Parser(prog=f"{PROG} keygen").error("keygen takes no arguments")
-            return keygen()
-        if argv and argv[0] == "demo":
-            from gwyh_mp.demo import main as demo_main
+def _reserve_std_fds() -> None:
+    """A closed stdin/stdout/stderr (``<&-``, some supervisors) would let the next socket
+    take fd 0-2 and be read or written as if it were a terminal: hold them on /dev/null."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stdin is None:
+        sys.stdin = open(0, closefd=False)  # noqa: SIM115 - lives as long as the process
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
 
-            return demo_main(argv[1:])
-        if argv and argv[0] == "run":
-            argv = argv[1:]
-        args = build_run_parser().parse_args(argv)
-        _setup_logging(args.log_level)
-        config = config_from_args(args)
-        return _run_loop(run_node(config, stdio=args.stdio, stats_interval=args.stats_interval))
+
+def run(argv: Sequence[str], prog: str = PROG) -> int:
+    args = build_run_parser(prog).parse_args(argv)
+    logs.setup(args.log_level, args.log_format)
+    if args.log_level_file:
+        logs.set_level(_read_log_level(args.log_level_file))
+    data_dir = DataDir(args.data_dir) if args.data_dir else None
+    try:
+        node_id = data_dir.open() if data_dir is not None else None
+        config = config_from_args(args, node_id)
+        return _run_loop(NodeProgram(args, config).run())
+    except IdentityError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        if data_dir is not None:
+            data_dir.close()
+
+
+def _client(name: str, argv: Sequence[str]) -> int:
+    make_parser, command, _ = ctl.COMMANDS[name]
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        return command(args)
+    except ctl.UsageError as exc:
+        parser.error(str(exc))
+    except ControlError as exc:
+        sys.stderr.write(f"{PROG} {name}: error: {exc}\n")
+        return EXIT_RUNTIME
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _reserve_std_fds()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else ""
+    handlers: dict[str, Callable[[list[str]], int]] = {
+        "run": lambda rest: run(rest, f"{PROG} run"),
+        "keygen": _keygen,
+        "demo": _demo,
+    }
+    try:
+        if command in handlers:
+            return handlers[command](argv[1:])
+        if command in ctl.COMMANDS:
+            return _client(command, argv[1:])
+        return run(argv)
     except CliError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         return 130
+
+
+def _demo(argv: list[str]) -> int:
+    from gwyh_mp.demo import main as demo_main  # the demo is not needed to run a node
+
+    return demo_main(argv)
 
 
 if __name__ == "__main__":

@@ -15,31 +15,31 @@ import sys
 import time
 
 from gwyh_mp.api import Node
+from gwyh_mp.cliargs import Parser, int_range, positive_float, positive_int
 from gwyh_mp.config import Config
 from gwyh_mp.protocol.events import Message
 
 
-def _parser() -> argparse.ArgumentParser:
-    from gwyh_mp.cli import _Parser, _positive_float, _positive_int
-
-    p = _Parser(prog="gwyh-node demo", description=__doc__)
-    p.add_argument("--nodes", type=_positive_int, default=5, help="cluster size (default 5)")
-    p.add_argument("--messages", type=_positive_int, default=10, help="broadcasts (default 10)")
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog="gwyh-node demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--nodes", type=int_range(2, 200), default=5, help="cluster size (default 5)")
+    p.add_argument("--messages", type=positive_int, default=10, help="broadcasts (default 10)")
     p.add_argument(
         "--interval",
-        type=_positive_float,
+        type=positive_float,
         default=0.3,
         help="seconds between broadcasts (default 0.3)",
     )
-    p.add_argument("--zones", type=_positive_int, default=1, help="spread nodes over N zones")
+    p.add_argument("--zones", type=positive_int, default=1, help="spread nodes over N zones")
     p.add_argument("--seed", type=int, default=None, help="seed for which node sends what")
     return p
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    if args.nodes < 2:
-        print("gwyh-node demo: error: --nodes must be at least 2", file=sys.stderr)
-        return 2
     key = os.urandom(32)
     rng = random.Random(args.seed)
     out = sys.stdout
@@ -120,7 +120,7 @@ async def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         import uvloop
 

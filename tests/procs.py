@@ -36,6 +36,7 @@ STDIO_FAST = ("--stdio", "--heartbeat-interval", "0.5", "--stats-interval", "0.2
 def write_key(directory: Path, name: str, key: bytes) -> str:
     path = directory / name
     path.write_bytes(key + b"\n")
+    path.chmod(0o600)  # as an operator should: a readable key file gets a warning
     return str(path)
 
 

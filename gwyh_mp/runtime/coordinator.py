@@ -99,6 +99,7 @@ class MultiProcessRuntime(CoreDriver):
         self._stopping = False
         self._reading = True
         self._holder_fd = -1
+        self._port_lock: socket.socket | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -106,7 +107,8 @@ class MultiProcessRuntime(CoreDriver):
         loop = asyncio.get_running_loop()
         self._loop = loop
         # Hold the port (and learn it, for port 0) while the receivers bind beside us.
-        holder = udp.open_socket(self.config.bind, 1 << 16, reuse_port=True)
+        # Exclusive: a busy port is refused even where SO_REUSEPORT would share it.
+        holder, self._port_lock = udp.open_exclusive(self.config.bind, 1 << 16)
         self._holder_fd = holder.fileno()
         try:
             self.address = holder.getsockname()[:2]
@@ -222,6 +224,8 @@ class MultiProcessRuntime(CoreDriver):
 
     async def _shutdown_receivers(self) -> None:
         self._stopping = True
+        if self._port_lock is not None:
+            self._port_lock.close()
         for receiver in self._receivers:
             if receiver.down is not None:
                 with contextlib.suppress(Exception):

@@ -37,6 +37,7 @@ from gwyh_mp.protocol.crypto import AntiReplayWindow, DecryptError, seal
 from gwyh_mp.protocol.dissemination import SeenSet
 from gwyh_mp.protocol.inbound import broadcast_ids_end, open_broadcast, open_control
 from gwyh_mp.runtime import udp
+from gwyh_mp.runtime.mmsg import BatchReceiver, BatchSender
 from gwyh_mp.runtime.shm_ring import ShmRing, ShmRingHandle
 
 # Ring record kinds, coordinator -> receiver.
@@ -104,8 +105,8 @@ class Receiver:
         self.up = up
         self.down = down
         self.parent_pid = parent_pid
-        self.receiver = udp.BatchReceiver(sock, 64)
-        self.sender = udp.BatchSender(sock)
+        self.receiver = BatchReceiver(sock, 64, udp.MAX_DATAGRAM)
+        self.sender = BatchSender(sock)
         self.sessions: dict[int, SessionEntry] = {}
         self.channels: dict[bytes, ChannelEntry] = {}
         self.seen = SeenSet(seen_set_size)
@@ -187,7 +188,7 @@ class Receiver:
                 break
             total += count
             for i in range(count):
-                data = receiver.packet_bytes(i)
+                data = bytes(receiver.packet(i))
                 host, port = receiver.address(i)
                 try:
                     record = self.classify(data, host, port)
@@ -302,10 +303,11 @@ def receiver_main(
         with contextlib.suppress(OSError):
             os.close(fd)
     _die_with_parent()
-    # Ctrl-C and `kill -TERM <group>` reach every process of the node at once: the
-    # coordinator alone decides when receivers stop (after its goodbyes went out).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Ctrl-C, `kill -TERM <group>` and a closed terminal's SIGHUP reach every process
+    # of the node at once: the coordinator alone decides when receivers stop (after its
+    # goodbyes went out) and what a signal means.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     if os.getppid() != parent_pid:
         return
     up = ShmRing.attach(up_handle)

@@ -22,6 +22,7 @@ from gwyh_mp.protocol.events import Event
 from gwyh_mp.protocol.node import NodeCore
 from gwyh_mp.runtime import udp
 from gwyh_mp.runtime.driver import CoreDriver
+from gwyh_mp.runtime.mmsg import BatchReceiver, BatchSender
 
 log = logging.getLogger("gwyh_mp")
 
@@ -38,8 +39,8 @@ class SingleProcessRuntime(CoreDriver):
         self._unsent: deque[tuple[bytes, Addr]] = deque()
         self._writer_armed = False
         self._reading = False
-        self._receiver: udp.BatchReceiver | None = None
-        self._sender: udp.BatchSender | None = None
+        self._receiver: BatchReceiver | None = None
+        self._sender: BatchSender | None = None
         self.address: Addr | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -49,8 +50,8 @@ class SingleProcessRuntime(CoreDriver):
         self._loop = loop
         self._sock = udp.open_socket(self.config.bind, self.config.socket_buffer_bytes)
         self.address = self._sock.getsockname()[:2]
-        self._receiver = udp.BatchReceiver(self._sock, RECV_BATCH)
-        self._sender = udp.BatchSender(self._sock)
+        self._receiver = BatchReceiver(self._sock, RECV_BATCH, udp.MAX_DATAGRAM)
+        self._sender = BatchSender(self._sock)
         now = loop.time()
         self.core = NodeCore(self.config, now, wall_offset_s=time.time() - now)
         self.core.set_bound_port(self.address[1])
@@ -110,7 +111,7 @@ class SingleProcessRuntime(CoreDriver):
             if not count:
                 break
             for i in range(count):
-                receive(receiver.packet_bytes(i), receiver.address(i), now)
+                receive(bytes(receiver.packet(i)), receiver.address(i), now)
             total += count
             if count < receiver.batch:
                 break

@@ -1,13 +1,15 @@
-"""UDP sockets for the runtimes: creation with deep buffers, and batched I/O.
+"""UDP sockets for the runtimes: creation with deep buffers, and claiming a port.
 
-Batching uses recvmmsg/sendmmsg (``gwyh_mp.runtime.mmsg``) where the platform has
-them and plain recvfrom/sendto otherwise; callers see one interface.
+Batched I/O on these sockets is ``gwyh_mp.runtime.mmsg`` (recvmmsg/sendmmsg, with its
+own plain-call fallback); this module only makes the sockets.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
-from collections.abc import Sequence
+import sys
 
 Addr = tuple[str, int]
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
@@ -44,80 +46,30 @@ def open_socket(bind: Addr, buffer_bytes: int, *, reuse_port: bool = False) -> s
     return sock
 
 
-try:
-    from gwyh_mp.runtime.mmsg import BatchReceiver as _MmsgReceiver
-    from gwyh_mp.runtime.mmsg import BatchSender as _MmsgSender
-except ImportError:  # pragma: no cover - module optional during development
-    _MmsgReceiver = None  # type: ignore[assignment,misc]
-    _MmsgSender = None  # type: ignore[assignment,misc]
+def open_exclusive(bind: Addr, buffer_bytes: int) -> tuple[socket.socket, socket.socket | None]:
+    """Open a SO_REUSEPORT socket on ``bind`` for a node whose receivers will share
+    the port, refusing a port anything else holds: ``(socket, port lock)``.
 
-
-class _PlainReceiver:
-    def __init__(self, sock: socket.socket, batch: int) -> None:
-        self._sock = sock
-        self.batch = batch
-        self._packets: list[tuple[bytes, Addr]] = []
-
-    def recv_batch(self) -> int:
-        packets = self._packets
-        packets.clear()
-        recvfrom = self._sock.recvfrom
-        for _ in range(self.batch):
-            try:
-                data, addr = recvfrom(MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                break
-            except ConnectionRefusedError:
-                continue
-            packets.append((data, addr[:2]))
-        return len(packets)
-
-    def packet_bytes(self, i: int) -> bytes:
-        return self._packets[i][0]
-
-    def address(self, i: int) -> Addr:
-        return self._packets[i][1]
-
-
-class _PlainSender:
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-
-    def send_batch(self, items: Sequence[tuple[bytes, Addr]]) -> int:
-        sendto = self._sock.sendto
-        for i, (data, addr) in enumerate(items):
-            try:
-                sendto(data, addr)
-            except (BlockingIOError, InterruptedError):
-                return i
-            except OSError:
-                continue  # unreachable peer, too large: that datagram is lost, not the rest
-        return len(items)
-
-
-class BatchReceiver:
-    """recv_batch() -> count; then packet_bytes(i) and address(i) for i < count."""
-
-    def __init__(self, sock: socket.socket, batch: int = 64) -> None:
-        self.batch = batch
-        if _MmsgReceiver is not None:
-            impl = _MmsgReceiver(sock, batch=batch, bufsize=MAX_DATAGRAM)
-            self.recv_batch = impl.recv_batch
-            self.address = impl.address
-            packet = impl.packet
-            self.packet_bytes = lambda i: bytes(packet(i))
-        else:
-            plain = _PlainReceiver(sock, batch)
-            self.recv_batch = plain.recv_batch
-            self.packet_bytes = plain.packet_bytes
-            self.address = plain.address
-
-
-class BatchSender:
-    """send_batch(items) -> how many were sent (the rest hit a full socket buffer)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        if _MmsgSender is not None:
-            self.send_batch = _MmsgSender(sock).send_batch
-        else:
-            self.send_batch = _PlainSender(sock).send_batch
+    SO_REUSEPORT alone lets a second node of the same user bind a busy port and split
+    its traffic. So the port is first bound without it (fails if any socket holds the
+    address), then the address is locked with an abstract Unix socket named after it
+    (Linux; per network namespace, like the port; released when the process dies),
+    so of two nodes starting at once only the first gets it. Close the lock to
+    release the port for others; it raises EADDRINUSE naming nothing, so callers
+    name the address in their message."""
+    host, port = bind
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((host, port))
+    sock = open_socket(bind, buffer_bytes, reuse_port=True)
+    lock: socket.socket | None = None
+    if sys.platform.startswith("linux"):
+        lock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            lock.bind(f"\0gwyh-node/udp/{host}:{sock.getsockname()[1]}")
+        except OSError:
+            lock.close()
+            sock.close()
+            raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)) from None
+    return sock, lock
