@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 
 from gwyh_mp.config import Config
@@ -53,6 +53,7 @@ class Node:
         self._reading_paused = False
         self._changed = asyncio.Event()
         self.stats_shed_waits = 0  # broadcasts that had to wait for the send queue
+        self.on_message: Callable[[Message], None] | None = None  # observer (metrics)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -219,6 +220,8 @@ class Node:
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, Message):
+            if self.on_message is not None:
+                self.on_message(event)
             self._inbox.append(event)
             self._inbox_ready.set()
             if len(self._inbox) >= self._inbox_limit and not self._reading_paused:

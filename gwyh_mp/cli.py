@@ -183,6 +183,12 @@ def build_run_parser() -> argparse.ArgumentParser:
         help="print statistics as JSON lines on stderr every S seconds",
     )
     p.add_argument(
+        "--metrics",
+        type=_addr,
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics, /healthz and /readyz over HTTP here",
+    )
+    p.add_argument(
         "--stdio",
         action="store_true",
         help="broadcast each stdin line; print each delivered message as JSON",
@@ -256,7 +262,13 @@ def _stdin_lines(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[bytes | N
         asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
 
 
-async def run_node(config: Config, *, stdio: bool, stats_interval: float | None) -> int:
+async def run_node(
+    config: Config,
+    *,
+    stdio: bool,
+    stats_interval: float | None,
+    metrics: tuple[str, int] | None = None,
+) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -275,6 +287,17 @@ async def run_node(config: Config, *, stdio: bool, stats_interval: float | None)
             "%s:%d to others; pass --advertise HOST:PORT on a real network",
             *config.advertised,
         )
+    metrics_server = None
+    if metrics is not None:
+        from gwyh_mp.metrics import MetricsServer
+
+        try:
+            metrics_server = await MetricsServer(node).start(*metrics)
+        except OSError as exc:
+            await node.stop()
+            where = f"{metrics[0]}:{metrics[1]}"
+            raise CliError(f"--metrics: cannot listen on {where}: {exc.strerror or exc}") from None
+        log.info("metrics on http://%s:%d/metrics", *metrics_server.address)
     tasks: list[asyncio.Task[None]] = []
     if stdio:
         tasks.append(asyncio.create_task(_pump_stdin(node, loop)))
@@ -287,6 +310,8 @@ async def run_node(config: Config, *, stdio: bool, stats_interval: float | None)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if metrics_server is not None:
+            await metrics_server.stop()
         await node.stop()
         log.info("node stopped")
     return 0
@@ -393,7 +418,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_run_parser().parse_args(argv)
         _setup_logging(args.log_level)
         config = config_from_args(args)
-        return _run_loop(run_node(config, stdio=args.stdio, stats_interval=args.stats_interval))
+        return _run_loop(
+            run_node(
+                config,
+                stdio=args.stdio,
+                stats_interval=args.stats_interval,
+                metrics=args.metrics,
+            )
+        )
     except CliError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return EXIT_RUNTIME

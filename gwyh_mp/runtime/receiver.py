@@ -137,12 +137,13 @@ class Receiver:
                     break
                 select.select([], [self.sock], [], 0.01)
         self.bump("packets_out", done)
+        self.bump("bytes_out", sum([len(d) for d, _ in datagrams[:done]]))
 
     # ------------------------------------------------------------ network -> coordinator
 
     def receive(self) -> int:
         receiver = self.receiver
-        total = 0
+        total = nbytes = 0
         pending = self.pending
         while total < RECV_BUDGET:
             try:
@@ -154,6 +155,7 @@ class Receiver:
             total += count
             for i in range(count):
                 data = receiver.packet_bytes(i)
+                nbytes += len(data)
                 host, port = receiver.address(i)
                 try:
                     record = self.classify(data, host, port)
@@ -165,6 +167,7 @@ class Receiver:
             if count < receiver.batch:
                 break
         self.bump("packets_in", total)
+        self.bump("bytes_in", nbytes)
         return total
 
     def classify(self, data: bytes, host: str, port: int) -> bytes | None:

@@ -100,7 +100,7 @@ class SingleProcessRuntime(CoreDriver):
         assert core is not None and receiver is not None and loop is not None
         now = loop.time()
         receive = core.receive_datagram
-        total = 0
+        total = nbytes = 0
         while total < MAX_RECV_PER_WAKEUP:
             try:
                 count = receiver.recv_batch()
@@ -110,10 +110,13 @@ class SingleProcessRuntime(CoreDriver):
             if not count:
                 break
             for i in range(count):
-                receive(receiver.packet_bytes(i), receiver.address(i), now)
+                data = receiver.packet_bytes(i)
+                nbytes += len(data)
+                receive(data, receiver.address(i), now)
             total += count
             if count < receiver.batch:
                 break
+        core.stats.bump("bytes_in", nbytes)
         self.flush_after_receive()
 
     def _flush(self) -> None:
@@ -123,6 +126,7 @@ class SingleProcessRuntime(CoreDriver):
             return
         datagrams = core.datagrams_to_send(loop.time())
         if datagrams:
+            core.stats.bump("bytes_out", sum([len(d) for d, _ in datagrams]))
             if self._unsent:
                 self._unsent.extend(datagrams)
             else:
