@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
@@ -18,6 +19,7 @@ from gwyh_mp.config import Config
 from gwyh_mp.protocol.events import Event, Member, MemberDown, MemberUp, Message, ProviderChanged
 from gwyh_mp.protocol.node import MessageTooLarge, NotRunning
 from gwyh_mp.runtime.coordinator import MultiProcessRuntime
+from gwyh_mp.runtime.seeds import SeedResolver, split_seeds
 from gwyh_mp.runtime.single import SingleProcessRuntime
 
 MemberEvent = MemberUp | MemberDown
@@ -37,10 +39,14 @@ class Node:
     def __init__(self, config: Config) -> None:
         self.config = config.validate()
         self._runtime: SingleProcessRuntime | MultiProcessRuntime
+        # Seeds given by name reach the core once resolved (runtime/seeds.py).
+        ip_seeds, self._seed_names = split_seeds(config.bootstrap)
+        core_config = config.replace(bootstrap=ip_seeds) if self._seed_names else config
         if config.workers > 1:
-            self._runtime = MultiProcessRuntime(config, self._on_event)
+            self._runtime = MultiProcessRuntime(core_config, self._on_event)
         else:
-            self._runtime = SingleProcessRuntime(config, self._on_event)
+            self._runtime = SingleProcessRuntime(core_config, self._on_event)
+        self._seeds: SeedResolver | None = None
         # A deque, not an asyncio.Queue: a batch already read from the socket must be
         # delivered even when it overshoots the bound (reading pauses right after).
         self._inbox: deque[Message] = deque()
@@ -62,12 +68,25 @@ class Node:
             raise RuntimeError("node already started")
         await self._runtime.start()
         self._started = True
+        if self._seed_names:
+            family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
+            self._seeds = SeedResolver(
+                self.config.bootstrap, family, self._set_seeds, lambda: not self._providers
+            )
+            await self._seeds.start()
         return self
+
+    def _set_seeds(self, addrs: list[tuple[str, int]]) -> None:
+        loop, core = asyncio.get_running_loop(), self._core()
+        core.set_seeds(addrs, loop.time())
+        self._runtime.schedule_flush()
 
     async def stop(self) -> None:
         """Leave the cluster gracefully and close the socket. Idempotent."""
         if self._started and not self._stopped:
             self._stopped = True
+            if self._seeds is not None:
+                await self._seeds.stop()
             await self._runtime.stop()
 
     async def __aenter__(self) -> Node:

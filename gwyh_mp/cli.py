@@ -32,6 +32,7 @@ from gwyh_mp.config import Config, ConfigError, parse_addr
 from gwyh_mp.protocol.events import Message
 from gwyh_mp.protocol.node import MessageTooLarge
 from gwyh_mp.protocol.selection import Strategy
+from gwyh_mp.runtime.host import socket_buffer_warnings, usable_cpus
 
 log = logging.getLogger("gwyh_mp.cli")
 PROG = "gwyh-node"
@@ -122,7 +123,7 @@ def build_run_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="HOST:PORT",
-        help="seed peer; repeat for several",
+        help="seed peer: IP address or DNS name (re-resolved while isolated); repeat",
     )
     p.add_argument("--zone", help="zone label of this node (datacenter, rack)")
     p.add_argument(
@@ -172,9 +173,18 @@ def build_run_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers",
         type=_positive_int,
-        default=os.cpu_count() or 1,
+        default=usable_cpus(),
         metavar="N",
-        help="receiver processes sharing the port (default: CPU count; 1 = one process)",
+        help="receiver processes sharing the port (default: the CPUs this process may use, "
+        "after affinity and cgroup quota; 1 = one process)",
+    )
+    p.add_argument(
+        "--ring-bytes",
+        type=_positive_int,
+        default=Config().ring_bytes,
+        metavar="BYTES",
+        help="size of each of a receiver's two /dev/shm rings (default 16 MiB; shrunk "
+        "with a warning when /dev/shm is too small)",
     )
     p.add_argument(
         "--stats-interval",
@@ -231,6 +241,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         flush_interval_s=args.flush_interval,
         seed=args.seed,
         workers=args.workers,
+        ring_bytes=args.ring_bytes,
     )
     try:
         return config.validate()
@@ -276,11 +287,15 @@ async def run_node(
     node = Node(config)
     try:
         await node.start()
+    except ConfigError as exc:  # e.g. /dev/shm too small for the receivers' rings
+        raise CliError(str(exc)) from None
     except OSError as exc:
         host, port = config.bind
         raise CliError(f"cannot bind {host}:{port}: {exc.strerror or exc}") from None
     host, port = node.address
     log.info("node %s listening on %s:%d", node.node_id.hex(), host, port)
+    for warning in socket_buffer_warnings(config.socket_buffer_bytes):
+        log.warning("%s", warning)
     if config.bind[0] in ("0.0.0.0", "::") and config.advertise is None:
         log.warning(
             "bound to a wildcard address without --advertise: this node describes itself as "

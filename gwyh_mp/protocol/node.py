@@ -1387,6 +1387,13 @@ class NodeCore:
         wall_ns = int((now + self.wall_offset_s) * 1e9)
         self._outbox.append((self.handshaker.initiate(addr, now, wall_ns, self.incarnation), addr))
 
+    def set_seeds(self, addrs: list[Addr], now: float) -> None:
+        """The runtime resolved the seed names (again): bootstrap from these from now
+        on, and at once if this node has no provider."""
+        self._bootstrap_addrs = set(addrs)
+        if self._running and not self.providers:
+            self._bootstrap(now)
+
     def _bootstrap(self, now: float) -> None:
         for addr in sorted(self._bootstrap_addrs):
             if addr != self._advertised:

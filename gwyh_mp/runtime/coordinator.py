@@ -28,13 +28,13 @@ from gwyh_mp.protocol.events import Event
 from gwyh_mp.protocol.node import NodeCore
 from gwyh_mp.runtime import udp
 from gwyh_mp.runtime.driver import CoreDriver
+from gwyh_mp.runtime.host import fit_rings, min_ring_bytes, shm_free_bytes
 from gwyh_mp.runtime.receiver import receiver_main
 from gwyh_mp.runtime.shm_ring import ShmRing
 
 log = logging.getLogger("gwyh_mp")
 
 Addr = tuple[str, int]
-RING_BYTES = 16 << 20
 RESTART_DELAY_S = 0.05
 SENDS_PER_RECORD = 64  # keeps one ring record far below the ring's record size limit
 _dumps = marshal.dumps
@@ -63,6 +63,7 @@ class MultiProcessRuntime(CoreDriver):
         self._stopping = False
         self._reading = True
         self._holder_fd = -1
+        self._ring_bytes = config.ring_bytes
 
     # ------------------------------------------------------------ lifecycle
 
@@ -73,6 +74,10 @@ class MultiProcessRuntime(CoreDriver):
         holder = udp.open_socket(self.config.bind, 1 << 16, reuse_port=True)
         self._holder_fd = holder.fileno()
         try:
+            smallest = min_ring_bytes(self.config.max_datagram_bytes, SENDS_PER_RECORD)
+            self._ring_bytes = fit_rings(
+                len(self._workers), self.config.ring_bytes, smallest, shm_free_bytes()
+            )
             self.address = holder.getsockname()[:2]
             now = loop.time()
             self.core = NodeCore(
@@ -107,8 +112,8 @@ class MultiProcessRuntime(CoreDriver):
         assert self._loop is not None and self.address is not None
         # Named after the node's pid, so an operator (or a test) can tell them apart.
         tag = f"gwyh_{os.getpid()}_{worker.index}_{worker.restarts}"
-        worker.up = ShmRing.create(RING_BYTES, name=f"{tag}_up")
-        worker.down = ShmRing.create(RING_BYTES, name=f"{tag}_down")
+        worker.up = ShmRing.create(self._ring_bytes, name=f"{tag}_up")
+        worker.down = ShmRing.create(self._ring_bytes, name=f"{tag}_down")
         worker.stats = {}
         process = self._ctx.Process(
             target=receiver_main,
