@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Generic, TypeVar
 
@@ -41,6 +42,7 @@ from gwyh_mp.protocol.crypto import PskKeyring
 from gwyh_mp.protocol.events import Event, Member, MemberDown, MemberUp, Message, ProviderChanged
 from gwyh_mp.protocol.node import MessageTooLarge, NotRunning
 from gwyh_mp.runtime.coordinator import MultiProcessRuntime
+from gwyh_mp.runtime.seeds import SeedResolver, split_seeds
 from gwyh_mp.runtime.single import SingleProcessRuntime
 
 MemberEvent = MemberUp | MemberDown
@@ -222,10 +224,14 @@ class Node:
     def __init__(self, config: Config) -> None:
         self.config = config.validate()
         self._runtime: SingleProcessRuntime | MultiProcessRuntime
+        # Seeds given by name reach the core once resolved (runtime/seeds.py).
+        ip_seeds, self._seed_names = split_seeds(config.bootstrap)
+        core_config = config.replace(bootstrap=ip_seeds) if self._seed_names else config
         if config.workers > 1:
-            self._runtime = MultiProcessRuntime(config, self._on_event)
+            self._runtime = MultiProcessRuntime(core_config, self._on_event)
         else:
-            self._runtime = SingleProcessRuntime(config, self._on_event)
+            self._runtime = SingleProcessRuntime(core_config, self._on_event)
+        self._seeds: SeedResolver | None = None
         # Fan-out: weak references, so an abandoned stream is collected and unregistered.
         self._message_streams: list[weakref.ref[_Stream[Message]]] = []
         self._event_streams: list[weakref.ref[_Stream[MemberEvent]]] = []
@@ -238,6 +244,7 @@ class Node:
         self._reading_paused = False
         self._changed = asyncio.Event()
         self.stats_shed_waits = 0  # broadcasts that had to wait for the send queue
+        self.on_message: Callable[[Message], None] | None = None  # observer (metrics)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -246,12 +253,25 @@ class Node:
             raise RuntimeError("node already started")
         await self._runtime.start()
         self._started = True
+        if self._seed_names:
+            family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
+            self._seeds = SeedResolver(
+                self.config.bootstrap, family, self._set_seeds, lambda: not self._providers
+            )
+            await self._seeds.start()
         return self
+
+    def _set_seeds(self, addrs: list[tuple[str, int]]) -> None:
+        loop, core = asyncio.get_running_loop(), self._core()
+        core.set_seeds(addrs, loop.time())
+        self._runtime.schedule_flush()
 
     async def stop(self) -> None:
         """Leave the cluster gracefully and close the socket. Idempotent."""
         if self._started and not self._stopped:
             self._stopped = True
+            if self._seeds is not None:
+                await self._seeds.stop()
             await self._runtime.stop()
             for stream in self._live(self._message_streams) + self._live(self._event_streams):
                 stream.end()  # readers finish what is queued, then their loops end
@@ -471,6 +491,8 @@ class Node:
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, Message):
+            if self.on_message is not None:
+                self.on_message(event)
             pause = False
             delivered = False
             for ref in self._message_streams:

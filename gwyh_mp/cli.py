@@ -39,10 +39,12 @@ from gwyh_mp.cliargs import (
 from gwyh_mp.config import Config, ConfigError
 from gwyh_mp.control import ControlError, ControlServer, default_path, message_record
 from gwyh_mp.identity import DataDir, IdentityError
+from gwyh_mp.metrics import MetricsServer
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.events import Message
 from gwyh_mp.protocol.node import MessageTooLarge
 from gwyh_mp.protocol.selection import Strategy
+from gwyh_mp.runtime.host import socket_buffer_warnings, usable_cpus
 
 log = logging.getLogger("gwyh_mp.cli")
 PROG = "gwyh-node"
@@ -129,7 +131,7 @@ def _add_network_options(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="HOST:PORT",
-        help="seed peer; repeat for several",
+        help="seed peer: IP address or DNS name (re-resolved while isolated); repeat",
     )
 
 
@@ -187,9 +189,18 @@ def _add_tuning_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--workers",
         type=int_range(1, max(64, (os.cpu_count() or 1) * 4)),
-        default=os.cpu_count() or 1,
+        default=usable_cpus(),
         metavar="N",
-        help="receiver processes sharing the port (default: CPU count; 1 = one process)",
+        help="receiver processes sharing the port (default: the CPUs this process may use, "
+        "after affinity and cgroup quota; 1 = one process)",
+    )
+    g.add_argument(
+        "--ring-bytes",
+        type=int_range(1 << 20, 1 << 30),
+        default=Config().ring_bytes,
+        metavar="BYTES",
+        help="size of each of a receiver's two /dev/shm rings (default 16 MiB; shrunk "
+        "with a warning when /dev/shm is too small)",
     )
 
 
@@ -205,6 +216,12 @@ def _add_io_options(p: argparse.ArgumentParser) -> None:
         type=positive_float,
         metavar="S",
         help="print statistics as JSON lines on stderr every S seconds",
+    )
+    g.add_argument(
+        "--metrics",
+        type=addr,
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics, /healthz and /readyz over HTTP here",
     )
 
 
@@ -276,6 +293,7 @@ def config_from_args(args: argparse.Namespace, node_id: bytes | None = None) -> 
         seed=args.seed,
         workers=args.workers,
         node_id=node_id,
+        ring_bytes=args.ring_bytes,
     )
     try:
         return config.validate()
@@ -322,11 +340,15 @@ class NodeProgram:
         node = self.node
         try:
             await node.start()
+        except ConfigError as exc:  # e.g. /dev/shm too small for the receivers' rings
+            raise CliError(str(exc)) from None
         except OSError as exc:
             host, port = self.config.bind
             raise CliError(f"cannot bind {host}:{port}: {exc.strerror or exc}") from None
+        metrics_server = None
         try:
             self._announce()
+            metrics_server = await self._open_metrics()
             await self._open_control()
             self.tasks.append(asyncio.create_task(logs.NodeWatcher(node).run()))
             if self.args.stdio:
@@ -341,6 +363,8 @@ class NodeProgram:
             await asyncio.gather(*self.tasks, return_exceptions=True)
             if self.control is not None:
                 await self.control.close()
+            if metrics_server is not None:
+                await metrics_server.stop()
             await node.stop()
             log.info("node stopped")
         return 0
@@ -358,12 +382,27 @@ class NodeProgram:
         )
         for psk in self.config.psks:
             log.info("accepting key %s", keys.fingerprint(psk))
+        for warning in socket_buffer_warnings(self.config.socket_buffer_bytes):
+            log.warning("%s", warning)
         if self.config.bind[0] in ("0.0.0.0", "::") and self.config.advertise is None:
             log.warning(
                 "bound to a wildcard address without --advertise: this node describes itself "
                 "as %s:%d to others; pass --advertise HOST:PORT on a real network",
                 *self.config.advertised,
             )
+
+    async def _open_metrics(self) -> MetricsServer | None:
+        where = self.args.metrics
+        if where is None:
+            return None
+        try:
+            server = await MetricsServer(self.node).start(*where)
+        except OSError as exc:
+            raise CliError(
+                f"--metrics: cannot listen on {where[0]}:{where[1]}: {exc.strerror or exc}"
+            ) from None
+        log.info("metrics on http://%s:%d/metrics", *server.address)
+        return server
 
     async def _open_control(self) -> None:
         if self.args.no_control:

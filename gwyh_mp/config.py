@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.selection import Strategy
 
 Addr = tuple[str, int]
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
 
 class ConfigError(ValueError):
@@ -128,6 +130,9 @@ class Config:
     backpressure to the network reader."""
     workers: int = 1
     """Receiver processes sharing the port (multiprocess runtime)."""
+    ring_bytes: int = 16 << 20
+    """Each receiver's two shared-memory rings (to and from the coordinator), in /dev/shm.
+    Shrunk (halved, with a warning) at start when /dev/shm cannot hold them all."""
 
     # -- presets ---------------------------------------------------------------------
     @classmethod
@@ -177,7 +182,7 @@ class Config:
         if self.advertise is not None:
             _check_addr("advertise", self.advertise)
         for addr in self.bootstrap:
-            _check_addr("bootstrap", addr)
+            _check_addr("bootstrap", addr, names=True)
         if self.zone is not None and len(self.zone.encode()) > wire.MAX_ZONE_BYTES:
             raise ConfigError(f"zone must be at most {wire.MAX_ZONE_BYTES} bytes of UTF-8")
         if self.node_id is not None and len(self.node_id) != wire.NODE_ID_BYTES:
@@ -234,6 +239,7 @@ class Config:
         _positive_int("socket_buffer_bytes", self.socket_buffer_bytes)
         _positive_int("message_queue_size", self.message_queue_size)
         _positive_int("workers", self.workers, maximum=max(64, (os.cpu_count() or 1) * 4))
+        _positive_int("ring_bytes", self.ring_bytes, minimum=1 << 20, maximum=1 << 30)
         return self
 
     @property
@@ -247,7 +253,8 @@ class Config:
         return host, port
 
 
-def _check_addr(name: str, addr: Addr) -> None:
+def _check_addr(name: str, addr: Addr, *, names: bool = False) -> None:
+    """``names``: a DNS name is fine too (seeds; the runtime resolves them)."""
     if not (isinstance(addr, tuple) and len(addr) == 2 and isinstance(addr[1], int)):
         raise ConfigError(f"{name} must be a (host, port) tuple, got {addr!r}")
     host, port = addr
@@ -258,6 +265,12 @@ def _check_addr(name: str, addr: Addr) -> None:
     try:
         ipaddress.ip_address(host)
     except ValueError:
+        if names:
+            if _HOSTNAME.fullmatch(host):
+                return
+            raise ConfigError(
+                f"{name} host {host!r} is neither an IP address nor a DNS name"
+            ) from None
         if host != "localhost":
             raise ConfigError(
                 f"{name} host {host!r} must be an IP address (or localhost)"

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import orjson
@@ -44,10 +44,11 @@ class NodeProcess:
     """A ``gwyh-node`` subprocess whose stdout JSON lines and stderr lines are read
     by background threads, so a test can wait for conditions without blocking."""
 
-    def __init__(self, args: list[str], *, stdin: bool = True) -> None:
+    def __init__(self, args: list[str], *, stdin: bool = True, prefix: Sequence[str] = ()) -> None:
+        """``prefix``: a command that execs the node (``ip netns exec NS``)."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            NODE_CMD + args,
+            [*prefix, *NODE_CMD, *args],
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

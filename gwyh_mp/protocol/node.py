@@ -651,6 +651,13 @@ class NodeCore:
         are skipped. Returns how many records changed the table."""
         return self.membership.learn(records)
 
+    def set_seeds(self, addrs: list[Addr], now: float) -> None:
+        """The runtime resolved the seed names (again): bootstrap from these from now
+        on, and at once if this node has no provider."""
+        self.peers.seeds = set(addrs)
+        if self._running and not self.providers:
+            self.peers.bootstrap(now)
+
     # ------------------------------------------------------------------ sending
 
     def _queue_control(self, peer_id: bytes, ftype: FrameType, body: bytes = b"") -> None:

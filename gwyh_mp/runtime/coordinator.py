@@ -35,6 +35,7 @@ from gwyh_mp.protocol.offload import (
 )
 from gwyh_mp.runtime import udp
 from gwyh_mp.runtime.driver import CoreDriver
+from gwyh_mp.runtime.host import fit_rings, min_ring_bytes, shm_free_bytes
 from gwyh_mp.runtime.receiver import (
     BROADCAST,
     CHANNEL_KEY,
@@ -54,7 +55,6 @@ from gwyh_mp.runtime.shm_ring import ShmRing
 log = logging.getLogger("gwyh_mp")
 
 Addr = tuple[str, int]
-RING_BYTES = 16 << 20
 RESTART_DELAY_S = 0.05
 SENDS_PER_RECORD = 64  # keeps one ring record far below the ring's record size limit
 _dumps = marshal.dumps
@@ -100,6 +100,7 @@ class MultiProcessRuntime(CoreDriver):
         self._reading = True
         self._holder_fd = -1
         self._port_lock: socket.socket | None = None
+        self._ring_bytes = config.ring_bytes
 
     # ------------------------------------------------------------ lifecycle
 
@@ -111,6 +112,10 @@ class MultiProcessRuntime(CoreDriver):
         holder, self._port_lock = udp.open_exclusive(self.config.bind, 1 << 16)
         self._holder_fd = holder.fileno()
         try:
+            smallest = min_ring_bytes(self.config.max_datagram_bytes, SENDS_PER_RECORD)
+            self._ring_bytes = fit_rings(
+                len(self._receivers), self.config.ring_bytes, smallest, shm_free_bytes()
+            )
             self.address = holder.getsockname()[:2]
             now = loop.time()
             self.core = NodeCore(
@@ -145,8 +150,8 @@ class MultiProcessRuntime(CoreDriver):
         assert self._loop is not None and self.address is not None
         # Named after the node's pid, so an operator (or a test) can tell them apart.
         tag = f"gwyh_{os.getpid()}_{receiver.index}_{receiver.restarts}"
-        receiver.up = ShmRing.create(RING_BYTES, name=f"{tag}_up")
-        receiver.down = ShmRing.create(RING_BYTES, name=f"{tag}_down")
+        receiver.up = ShmRing.create(self._ring_bytes, name=f"{tag}_up")
+        receiver.down = ShmRing.create(self._ring_bytes, name=f"{tag}_down")
         receiver.stats = {}
         process = self._ctx.Process(
             target=receiver_main,

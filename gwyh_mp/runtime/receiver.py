@@ -172,12 +172,13 @@ class Receiver:
                     break
                 select.select([], [self.sock], [], 0.01)
         self.bump("packets_out", done)
+        self.bump("bytes_out", sum([len(d) for d, _ in datagrams[:done]]))
 
     # ------------------------------------------------------------ network -> coordinator
 
     def receive(self) -> int:
         receiver = self.receiver
-        total = 0
+        total = nbytes = 0
         pending = self.pending
         while total < RECV_BUDGET:
             try:
@@ -189,6 +190,7 @@ class Receiver:
             total += count
             for i in range(count):
                 data = bytes(receiver.packet(i))
+                nbytes += len(data)
                 host, port = receiver.address(i)
                 try:
                     record = self.classify(data, host, port)
@@ -200,6 +202,7 @@ class Receiver:
             if count < receiver.batch:
                 break
         self.bump("packets_in", total)
+        self.bump("bytes_in", nbytes)
         return total
 
     def classify(self, data: bytes, host: str, port: int) -> bytes | None:

@@ -101,7 +101,7 @@ class SingleProcessRuntime(CoreDriver):
         assert core is not None and receiver is not None and loop is not None
         now = loop.time()
         receive = core.receive_datagram
-        total = 0
+        total = nbytes = 0
         while total < MAX_RECV_PER_WAKEUP:
             try:
                 count = receiver.recv_batch()
@@ -111,10 +111,13 @@ class SingleProcessRuntime(CoreDriver):
             if not count:
                 break
             for i in range(count):
-                receive(bytes(receiver.packet(i)), receiver.address(i), now)
+                data = bytes(receiver.packet(i))
+                nbytes += len(data)
+                receive(data, receiver.address(i), now)
             total += count
             if count < receiver.batch:
                 break
+        core.stats.bump("bytes_in", nbytes)
         self.flush_after_receive()
 
     def _flush(self) -> None:
@@ -124,6 +127,7 @@ class SingleProcessRuntime(CoreDriver):
             return
         datagrams = core.datagrams_to_send(loop.time())
         if datagrams:
+            core.stats.bump("bytes_out", sum([len(d) for d, _ in datagrams]))
             if self._unsent:
                 self._unsent.extend(datagrams)
             else:
