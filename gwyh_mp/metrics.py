@@ -288,12 +288,12 @@ class NodeCollector(Collector):
         cpu = CounterMetricFamily(
             "gwyh_process_cpu_seconds",
             "CPU time (user + system) of each process of the node",
-            labels=["role", "worker"],
+            labels=["role", "receiver"],
         )
         rss = GaugeMetricFamily(
             "gwyh_process_resident_memory_bytes",
             "Resident memory of each process of the node",
-            labels=["role", "worker"],
+            labels=["role", "receiver"],
         )
         with contextlib.suppress(psutil.Error):
             times = self._own.cpu_times()
@@ -302,23 +302,23 @@ class NodeCollector(Collector):
         ring = GaugeMetricFamily(
             "gwyh_ring_used_bytes",
             "Bytes waiting in the shared-memory rings between coordinator and receivers",
-            labels=["worker", "direction"],
+            labels=["receiver", "direction"],
         )
         restarts = CounterMetricFamily(
-            "gwyh_receiver_restarts", "Receivers replaced after they died", labels=["worker"]
+            "gwyh_receiver_restarts", "Receivers replaced after they died", labels=["receiver"]
         )
         for record in receivers:
-            worker = str(record["role"]).removeprefix("receiver-")
+            index = str(record["role"]).removeprefix("receiver-")
             # A receiver being restarted has no process yet: it keeps its last figure.
             if "cpu_s" in record:
                 cpu_s = self._monotonic.value(record["role"], "cpu_s", record["cpu_s"])
             else:
                 cpu_s = self._monotonic.last(record["role"], "cpu_s")
-            cpu.add_metric(["receiver", worker], cpu_s)
-            rss.add_metric(["receiver", worker], int(record.get("rss_bytes", 0)))
-            ring.add_metric([worker, "up"], int(record.get("up_ring_bytes", 0)))
-            ring.add_metric([worker, "down"], int(record.get("down_ring_bytes", 0)))
-            restarts.add_metric([worker], int(record.get("restarts", 0)))
+            cpu.add_metric(["receiver", index], cpu_s)
+            rss.add_metric(["receiver", index], int(record.get("rss_bytes", 0)))
+            ring.add_metric([index, "up"], int(record.get("up_ring_bytes", 0)))
+            ring.add_metric([index, "down"], int(record.get("down_ring_bytes", 0)))
+            restarts.add_metric([index], int(record.get("restarts", 0)))
         yield cpu
         yield rss
         yield ring

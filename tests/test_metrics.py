@@ -38,8 +38,8 @@ STABLE = [
     ("gwyh_subscribers", ()),
     ("gwyh_message_queue_messages", ()),
     ("gwyh_send_backlog_bytes", ()),
-    ("gwyh_process_cpu_seconds_total", (("role", "coordinator"), ("worker", ""))),
-    ("gwyh_process_resident_memory_bytes", (("role", "coordinator"), ("worker", ""))),
+    ("gwyh_process_cpu_seconds_total", (("receiver", ""), ("role", "coordinator"))),
+    ("gwyh_process_resident_memory_bytes", (("receiver", ""), ("role", "coordinator"))),
     ("gwyh_message_hops_bucket", (("le", "+Inf"),)),
     ("gwyh_message_hops_count", ()),
 ]
@@ -183,8 +183,8 @@ def test_node_process_with_workers_serves_the_whole_node(tmp_path: Path) -> None
             lambda p: scrape(*where)[("gwyh_datagrams_received_total", ())] > 0, 10
         )
         for worker in ("0", "1"):
-            labels = (("role", "receiver"), ("worker", worker))
+            labels = (("receiver", worker), ("role", "receiver"))
             assert ("gwyh_process_cpu_seconds_total", labels) in samples
             assert samples[("gwyh_process_resident_memory_bytes", labels)] > 0
-            assert ("gwyh_ring_used_bytes", (("direction", "up"), ("worker", worker))) in samples
+            assert ("gwyh_ring_used_bytes", (("direction", "up"), ("receiver", worker))) in samples
         assert http_get(*where, "/healthz")[0] == 200

@@ -2,7 +2,7 @@
 
 Receiver processes hand decoded events to the coordinator (and the coordinator
 hands send jobs back) through one :class:`ShmRing` per direction and per
-worker.  The point is batching: a whole batch of records costs one header
+receiver.  The point is batching: a whole batch of records costs one header
 store and at most one wakeup syscall, instead of a pickle + pipe write +
 semaphore per item as with :class:`multiprocessing.Queue`.
 
