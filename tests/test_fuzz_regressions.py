@@ -9,6 +9,10 @@ from __future__ import annotations
 import random
 import tracemalloc
 
+import pytest
+
+from bench import fuzz_targets
+from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.framing import (
     DEFAULT_MIN_FRAGMENT_BYTES,
     REJECT_BAD_FRAGMENT_SIZE,
@@ -104,3 +108,37 @@ def test_a_message_in_1_byte_fragments_never_completes_so_is_never_relayed() -> 
     results = [r.add("insider", b"t" * 16, i, size, size, b"y", 0.0) for i in range(1000)]
     assert {res.reason for res in results} == {REJECT_BAD_FRAGMENT_SIZE}
     assert len(r) == 0 and not r.is_completed(b"t" * 16)
+
+
+# -- wire: member records the node could never send to (issue 11 item 4) -------------
+# Found by `python -m bench fuzz --target member` (and --target datagram, in a PEERS frame):
+# decode_member accepted a host that socket.sendto() refuses with UnicodeError from IDNA,
+# and port 0 (EINVAL); gossiped, either broke the node's send path at every retry.
+
+MEMBER_CRASH_IDNA = bytes.fromhex(
+    "6e6e6e6e6e6e6e6e6e6e6e6e6e6e6e6e00000007011b580465752d3008302e2e30302e3039"
+)
+
+
+def test_fuzz_crash_member_host_refused_by_idna() -> None:
+    with pytest.raises(wire.WireError):
+        wire.decode_member(MEMBER_CRASH_IDNA)
+    fuzz_targets.member(MEMBER_CRASH_IDNA)  # every invariant of the target holds again
+
+
+@pytest.mark.parametrize(
+    ("host", "port"),
+    [("a..b", 7000), (".a", 7000), ("a" * 64, 7000), ("10.0.0.1", 0)],
+)
+def test_unsendable_member_addresses_are_malformed(host: str, port: int) -> None:
+    record = wire.MemberRecord(b"n" * 16, 1, wire.MemberState.UP, host, port, None)
+    with pytest.raises(wire.WireError):
+        wire.decode_member(record.encode())
+    with pytest.raises(wire.WireError):
+        wire.decode_members(wire.encode_members([record]))
+
+
+def test_sendable_member_addresses_still_decode() -> None:
+    for host in ("10.0.0.1", "node-3.example.org", "node.example.org.", "::1", ""):
+        record = wire.MemberRecord(b"n" * 16, 1, wire.MemberState.UP, host, 1, "z")
+        assert wire.decode_member(record.encode()) == (record, len(record.encode()))
