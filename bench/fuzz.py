@@ -8,7 +8,7 @@ datagram from an outsider into a whole NodeCore). Each asserts the invariants th
 relies on, not only the absence of exceptions.
 
 libFuzzer ends the process with exit() when it is done, so the fuzzing runs in a child
-process (``python -m bench.fuzz --child``) whose gwyh_mp imports are instrumented for
+process (``python -m bench.fuzz --child``) whose gwyh_mp.protocol imports are instrumented for
 coverage; this parent reads libFuzzer's report and prints (or writes) a JSON summary.
 A crash leaves its input under --artifacts; ``--replay FILE`` runs one input again, and
 every crash found belongs in tests/test_fuzz_regressions.py.
@@ -147,7 +147,7 @@ def _child(target: str, libfuzzer_args: list[str]) -> None:
             "atheris is not installed: pip install -e '.[fuzz]' (it ships wheels for "
             "CPython 3.11 on Linux x86-64)"
         ) from None
-    with atheris.instrument_imports(include=["gwyh_mp"]):
+    with atheris.instrument_imports(include=["gwyh_mp.protocol"]):
         from bench.fuzz_targets import TARGETS, seeds
     corpus = Path(libfuzzer_args[0])
     for k, seed in enumerate(seeds(target)):
