@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gwyh_mp.protocol.framing import (
-    FRAGMENT_OVERHEAD_BYTES,
     MAX_NAK_INDEXES,
     MESSAGE_OVERHEAD_BYTES,
     REJECT_BAD_FRAGMENT_SIZE,
@@ -274,13 +273,13 @@ def test_requester_heaviest_with_nothing_to_give_is_rejected() -> None:
 
 
 def test_peer_budget_evicts_own_oldest_only() -> None:
-    r = make_reassembler(max_bytes_per_peer=303 * KIB, max_total_bytes=4 * MIB)
+    r = make_reassembler(max_bytes_per_peer=302 * KIB, max_total_bytes=4 * MIB)
     assert r.add("other", b"o", 0, 2, 200 * KIB, bytes(100 * KIB), 0).is_new
     for k in range(5):
         assert r.add("p", bytes([k]), 0, 2, 100 * KIB, bytes(50 * KIB), k).is_new
     assert [bytes([k]) in r for k in range(5)] == [False, False, True, True, True]
     assert b"o" in r
-    assert r.peer_bytes("p") <= 303 * KIB
+    assert r.peer_bytes("p") <= 302 * KIB
     assert r.stats["evicted:peer_budget"] == 2
 
 
@@ -326,7 +325,7 @@ def test_expiry_frees_memory_and_measures_from_last_progress() -> None:
     r.add("p", b"b", 0, 10, 10_000, frags[0], 0.0)
     r.add("p", b"a", 1, 10, 10_000, frags[1], 3.0)  # progress on "a"
     r.add("p", b"a", 1, 10, 10_000, frags[1], 4.0)  # duplicate: not progress
-    assert r.total_bytes == 2 * (10_000 + 10 * FRAGMENT_OVERHEAD_BYTES + MESSAGE_OVERHEAD_BYTES)
+    assert r.total_bytes == 2 * (10_000 + 10 + MESSAGE_OVERHEAD_BYTES)
     assert r.next_timer(4.0) == pytest.approx(0.1)  # "b" NAK is due (overdue)
     assert r.expire(4.9) == 0
     assert r.expire(5.0) == 1 and b"b" not in r and b"a" in r

@@ -88,6 +88,17 @@ def test_honest_fragments_still_reassemble_in_any_order() -> None:
     assert len(r) == 0 and r.total_bytes == 0
 
 
+def test_two_max_size_messages_from_one_peer_still_fit_its_budget() -> None:
+    """Storing fragments as they arrive did not change what is charged: the node's
+    per-peer budget (2 x max_message_bytes + 64 KiB) still holds two 16 MiB messages."""
+    r = Reassembler(max_bytes_per_peer=2 * 16 * MIB + 65_536, max_total_bytes=256 * MIB)
+    frag = 1298  # fragment_bytes at the default 1400-byte datagrams
+    count = -(-16 * MIB // frag)
+    for msg_id in (b"a" * 16, b"b" * 16):
+        assert r.add("p", msg_id, 0, count, 16 * MIB, bytes(frag), 0.0).is_new
+    assert b"a" * 16 in r and b"b" * 16 in r and r.stats["evicted:peer_budget"] == 0
+
+
 def test_fragment_nak_answers_come_from_what_arrived() -> None:
     r = Reassembler()
     data = bytes(range(256)) * 20
