@@ -53,8 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.runs < 1 or args.seconds < 0 or args.max_len < 1:
-        raise SystemExit("--runs and --max-len must be >= 1 and --seconds >= 0")
+    for flag, value, low in (("--runs", args.runs, 1), ("--max-len", args.max_len, 1)):
+        if value < low:
+            raise SystemExit(f"{flag} must be >= {low}, got {value}")
+    if args.seconds < 0:
+        raise SystemExit(f"--seconds must be >= 0, got {args.seconds}")
     if args.replay is not None:
         return _replay(args.target, args.replay)
     with tempfile.TemporaryDirectory(prefix="gwyh-fuzz-") as scratch:
