@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
 import struct
 import time
@@ -19,7 +20,16 @@ from pathlib import Path
 import pytest
 
 from gwyh_mp.protocol import wire
-from tests.procs import NodeProcess, free_udp_port, node_args, node_processes, wait_all, write_key
+from tests.procs import (
+    STDIO_FAST,
+    NodeProcess,
+    free_udp_port,
+    node_args,
+    node_processes,
+    wait_all,
+    write_key,
+)
+from tests.test_multiprocess import receivers
 
 pytestmark = pytest.mark.attack
 
@@ -154,12 +164,53 @@ def test_junk_flood_at_full_rate_leaves_honest_delivery_at_100_percent(
         drops = {
             k: sum(int(s.get(k, 0) or 0) for s in stats)
             for k in stats[0]
-            if k.startswith("drop") or k.startswith("hello")
+            if k.startswith(("drop", "handshake_hello"))
         }
         print(
             f"\njunk flood, --workers {workers}: {sent} datagrams in {flood_s:.1f} s "
             f"({sent / flood_s:,.0f}/s) against 3 nodes; honest delivery {delivered}/"
             f"{sum(sum(e.values()) for e in expected.values())}; node counters {drops}"
         )
+        for proc in procs:
+            assert proc.terminate() == 0
+
+
+def test_receiver_killed_mid_stream_loses_nothing(tmp_path: Path) -> None:
+    """Fault: SIGKILL one receiver process of a --workers 2 node while two peers stream
+    to it; every line still arrives everywhere exactly once (retransmission and NAKs
+    cover what the dead receiver held, the coordinator restarts it)."""
+    key = write_key(tmp_path, "k", KEY)
+    ports = [free_udp_port() for _ in range(3)]
+    with node_processes() as procs:
+        for i, port in enumerate(ports):
+            boot = ["--bootstrap", f"127.0.0.1:{ports[0]}"] if i else []
+            workers = ["--workers", "2" if i == 0 else "1"]
+            procs.append(NodeProcess(node_args(port, key, *STDIO_FAST, *workers, *boot)))
+        hub = procs[0]
+        assert wait_all(procs, lambda p: p.last_stats().get("providers") == 2, 60)
+        assert hub.wait_for(lambda p: len(receivers(p)) == 2, 30)
+        tag = os.urandom(4).hex()
+        lines = [(procs[s], f"stream {tag} {s}:{k}") for k in range(100) for s in (1, 2)]
+        victim = ""
+        for n, (proc, line) in enumerate(lines):
+            proc.send_line(line.encode())
+            if n == len(lines) // 2:  # the receiver the kernel gives the most traffic dies
+                busiest = max(receivers(hub).items(), key=lambda r: int(r[1].get("packets_in", 0)))
+                victim = busiest[0]
+                os.kill(int(busiest[1]["pid"]), signal.SIGKILL)  # type: ignore[arg-type]
+            time.sleep(0.01)  # ~100 lines/s: a stream, not one burst
+        for i, proc in enumerate(procs):
+            want = Counter(line for p, line in lines if p is not proc)
+            assert proc.wait_for(lambda p, w=want: all(_received(p)[k] for k in w), 30), (
+                i,
+                sum(want.values()),
+                sum(_received(proc)[k] for k in want),
+                proc.stderr_lines[-5:],
+            )
+        time.sleep(0.5)
+        for proc in procs:
+            got = _received(proc)
+            assert all(got[line] == 1 for p, line in lines if p is not proc)
+        assert hub.wait_for(lambda p: receivers(p)[victim].get("restarts") == 1, 30)
         for proc in procs:
             assert proc.terminate() == 0
