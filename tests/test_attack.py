@@ -1,4 +1,5 @@
-"""Attack-and-fault scenarios against real ``gwyh-node`` processes on 127.0.0.1.
+"""Attack-and-fault scenarios: real ``gwyh-node`` processes on 127.0.0.1, and the
+simulated cluster where an insider's forged traffic has to be made up inside a core.
 
 Marked ``attack`` so they run alone (``pytest -m attack``) as well as with the suite.
 Each scenario is bounded in time and count and asserts an outcome, never a speed; what
@@ -29,6 +30,7 @@ from tests.procs import (
     wait_all,
     write_key,
 )
+from tests.test_large_messages import delivered, inject_fragment, sim_cluster
 from tests.test_multiprocess import receivers
 
 pytestmark = pytest.mark.attack
@@ -214,3 +216,34 @@ def test_receiver_killed_mid_stream_loses_nothing(tmp_path: Path) -> None:
         assert hub.wait_for(lambda p: receivers(p)[victim].get("restarts") == 1, 30)
         for proc in procs:
             assert proc.terminate() == 0
+
+
+def test_insider_1_byte_fragment_flood_holds_nothing_and_is_not_relayed() -> None:
+    """Issue 11 item 2: a key holder sends first fragments claiming 16 MiB in 1-byte
+    fragments, 200 per second for 5 s. Before, each made every hop allocate and zero
+    32 MiB and was forwarded; now each is rejected on arrival, nothing is held, no hop
+    passes it on, and honest messages meanwhile arrive intact."""
+    net, (victim, attacker, honest) = sim_cluster(3)
+    rng = random.Random(5)
+    total = 16 * 1024 * 1024
+    injected = 0
+    honest_msgs: dict[bytes, bytes] = {}
+    for tick in range(50):  # 5 simulated seconds, 20 forged fragments per 0.1 s
+        for _ in range(20):
+            inject_fragment(attacker, rng.randbytes(16), 0, total, total, b"x")
+            injected += 1
+        net.pump(attacker)
+        if tick % 10 == 0:
+            data = rng.randbytes(64 * 1024)
+            honest_msgs[net.broadcast(honest.addr, data)] = data
+        net.run_for(0.1)
+    assert net.run_until_true(
+        lambda: all(delivered(victim, m) for m in honest_msgs), timeout_s=10, step_s=0.05
+    )
+    for msg_id, data in honest_msgs.items():
+        assert delivered(victim, msg_id) == [data]
+    for node in (victim, honest):
+        r = node.core.reassembler
+        assert len(r) == 0 and r.held_bytes == 0 and r.total_bytes == 0
+        # Every forged fragment was seen once, straight from the attacker: no hop relayed it.
+        assert r.stats["rejected:bad_fragment_size"] == injected, dict(r.stats)
