@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "large": ("bench.large", "large-message goodput and delivery under loss"),
     "ipc": ("bench.ipc", "inter-process hand-off: shared-memory ring vs multiprocessing.Queue"),
     "udp": ("bench.udp", "batched recvmmsg/sendmmsg vs plain socket calls"),
+    "fuzz": ("bench.fuzz", "coverage-guided fuzzing of the decoders, handshake and reassembler"),
 }
 
 

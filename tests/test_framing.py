@@ -35,6 +35,7 @@ def make_reassembler(**overrides: float) -> Reassembler:
         "max_total_bytes": 8 * MIB,
         "incomplete_timeout_s": 10.0,
         "nak_delay_s": 0.1,
+        "min_fragment_bytes": 1,  # the tests use tiny fragments to keep counts readable
     }
     params.update(overrides)
     return Reassembler(**params)  # type: ignore[arg-type]

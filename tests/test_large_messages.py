@@ -553,7 +553,9 @@ def test_partly_received_message_survives_budget_pressure_from_its_peer() -> Non
 
 
 def test_reassembler_expiry_deadline_is_served_when_due() -> None:
-    r = Reassembler(max_message_bytes=MIB, incomplete_timeout_s=30.0, nak_delay_s=1000.0)
+    r = Reassembler(
+        max_message_bytes=MIB, incomplete_timeout_s=30.0, nak_delay_s=1000.0, min_fragment_bytes=1
+    )
     start = 43.27670679050534
     r.add("peer", b"m" * 16, 0, 2, 2, b"x", start)
     due = r.next_timer(start)

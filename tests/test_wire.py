@@ -47,9 +47,20 @@ zones = st.one_of(
     st.none(),
     st.text(max_size=MAX_ZONE_BYTES).filter(lambda z: len(z.encode()) <= MAX_ZONE_BYTES),
 )
+
+
+def _sendable(host: str) -> bool:
+    """decode_member drops hosts that sendto() would refuse with a UnicodeError (a..b)."""
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
 ascii_hosts = st.text(
     alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=wire.MAX_HOST_BYTES
-)
+).filter(_sendable)
 mac_lists = st.lists(b32, min_size=1, max_size=wire.MAX_PSKS_PER_HELLO)
 records = st.builds(
     MemberRecord,
@@ -57,7 +68,7 @@ records = st.builds(
     incarnation=u32,
     state=st.sampled_from(list(MemberState)),
     host=ascii_hosts,
-    port=st.integers(0, 0xFFFF),
+    port=st.integers(1, 0xFFFF),  # port 0 is dropped too
     zone=zones,
 )
 

@@ -34,6 +34,11 @@ MAX_MSG_ID_BYTES: Final = 64
 # Approximate CPython bookkeeping cost of one in-progress message (object, dict slots),
 # charged to the budget so that many tiny partial messages cannot dodge the memory bound.
 MESSAGE_OVERHEAD_BYTES: Final = 512
+# Smallest regular (non-last) fragment accepted. The node's own fragments are never
+# smaller than 474 bytes (576-byte datagrams, the configured minimum, less headers), so
+# honest traffic always passes; the floor caps ``count`` at ``total_len / 256 + 1`` and so
+# the per-fragment work a header can demand (issue 11 item 2: 1-byte fragments).
+DEFAULT_MIN_FRAGMENT_BYTES: Final = 256
 
 Fragment = bytes | bytearray | memoryview
 
@@ -164,21 +169,24 @@ def _clean_indexes(indexes: Iterable[int], count: int) -> list[int]:
 
 
 class _Partial:
-    """One message being reassembled."""
+    """One message being reassembled.
+
+    Fragments are kept as received (index -> bytes) and joined on completion, so what a
+    message holds grows with the bytes that arrived, never with what its header claims.
+    """
 
     __slots__ = (
-        "buf",
         "cost_bytes",
         "count",
         "first_missing",
         "frag_size",
-        "have",
+        "held_bytes",
         "last_peer",
         "last_progress",
         "msg_id",
         "nak_base",
         "owner",
-        "received",
+        "parts",
         "total_len",
     )
 
@@ -198,24 +206,36 @@ class _Partial:
         self.total_len = total_len
         self.frag_size = frag_size
         self.cost_bytes = cost_bytes
-        self.buf = bytearray(total_len)
-        self.have = bytearray(count)  # one flag byte per fragment: bytearray.find(0) is C-fast
-        self.received = 0
+        self.parts: dict[int, bytes] = {}
+        self.held_bytes = 0  # fragment bytes in parts
         self.first_missing = 0
         self.last_progress = now
         self.nak_base = now  # max(last progress, last NAK): next NAK is due nak_delay_s later
         self.last_peer = owner  # where NAKs go: the most recent peer that delivered data
 
     def missing(self, limit: int) -> list[int]:
+        # Steps over at most len(parts) received indexes: work bounded by what arrived.
         out: list[int] = []
-        pos = self.first_missing
-        while len(out) < limit:
-            pos = self.have.find(0, pos)
-            if pos < 0:
-                break
-            out.append(pos)
-            pos += 1
+        parts = self.parts
+        for pos in range(self.first_missing, self.count):
+            if pos not in parts:
+                out.append(pos)
+                if len(out) >= limit:
+                    break
         return out
+
+    def store(self, index: int, data: Fragment) -> None:
+        self.parts[index] = bytes(data)
+        self.held_bytes += len(data)
+        if index == self.first_missing:
+            pos = index + 1
+            while pos in self.parts:
+                pos += 1
+            self.first_missing = pos
+
+    def joined(self) -> bytearray:
+        parts = self.parts
+        return bytearray().join(parts[i] for i in range(self.count))
 
 
 class Reassembler:
@@ -226,8 +246,12 @@ class Reassembler:
     NEW (forwarded) exactly once and the message COMPLETEs exactly once. The peer
     that first introduced a message owns it and its budget pays for the buffer.
 
-    Memory: a message reserves ``total_len + count + MESSAGE_OVERHEAD_BYTES`` when its
-    first fragment arrives, and only then is its buffer allocated. Over the per-peer
+    Memory: a message's first fragment books ``total_len + count + MESSAGE_OVERHEAD_BYTES``
+    against the budgets (what completing it would need), but only the fragments that
+    arrive are stored, so memory and work follow the bytes received, not the header's
+    claim. Regular fragments under min_fragment_bytes are rejected, which bounds ``count``
+    for any claimed length and the per-fragment bookkeeping (~100 B of CPython objects,
+    not charged) to under 40 % of the bytes held. Over the per-peer
     budget, the owner loses its own least recently progressed message; over the total
     budget, the heaviest peer does (the requester counts with its new reservation and
     wins ties), so a flooder, capped by its per-peer budget, can only push out peers
@@ -238,13 +262,13 @@ class Reassembler:
     def __init__(
         self,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        # Worst-case reservation of a max-size message is ~2x its size (1-byte fragments
-        # need one flag byte each); the default lets even that through.
+        # Two max-size messages in flight from one peer fit the default.
         max_bytes_per_peer: int = 2 * DEFAULT_MAX_MESSAGE_BYTES + 64 * 1024,
         max_total_bytes: int = 8 * DEFAULT_MAX_MESSAGE_BYTES,
         incomplete_timeout_s: float = 30.0,
         nak_delay_s: float = 0.2,
         max_completed_ids: int = 16_384,
+        min_fragment_bytes: int = DEFAULT_MIN_FRAGMENT_BYTES,
     ) -> None:
         if not 0 <= max_message_bytes <= FragmentHeader.TOTAL_LEN_MAX:
             raise ValueError("max_message_bytes must fit a u32")
@@ -252,6 +276,9 @@ class Reassembler:
             raise ValueError("need 0 < max_bytes_per_peer <= max_total_bytes")
         if incomplete_timeout_s <= 0 or nak_delay_s <= 0 or max_completed_ids < 1:
             raise ValueError("timeouts and max_completed_ids must be positive")
+        if min_fragment_bytes < 1:
+            raise ValueError("min_fragment_bytes must be >= 1")
+        self.min_fragment_bytes = min_fragment_bytes
         self.max_message_bytes = max_message_bytes
         self.max_bytes_per_peer = max_bytes_per_peer
         self.max_total_bytes = max_total_bytes
@@ -275,6 +302,11 @@ class Reassembler:
     def total_bytes(self) -> int:
         """Bytes currently reserved by incomplete messages (<= max_total_bytes)."""
         return self._total_bytes
+
+    @property
+    def held_bytes(self) -> int:
+        """Fragment bytes actually stored (<= bytes received; O(messages) to compute)."""
+        return sum(m.held_bytes for m in self._partials.values())
 
     def peer_bytes(self, peer: Hashable) -> int:
         return self._peer_bytes.get(peer, 0)
@@ -312,7 +344,7 @@ class Reassembler:
         m = self._partials.get(msg_id)
         if m is None:
             frag_size = _infer_fragment_size(index, count, total_len, size)
-            if frag_size is None:
+            if frag_size is None or (count > 1 and frag_size < self.min_fragment_bytes):
                 return self._reject(REJECT_BAD_FRAGMENT_SIZE)
             if count == 1:  # nothing to buffer
                 self._mark_completed(msg_id)
@@ -326,22 +358,17 @@ class Reassembler:
             expected = m.frag_size if index < count - 1 else total_len - (count - 1) * m.frag_size
             if size != expected:
                 return self._reject(REJECT_BAD_FRAGMENT_SIZE)
-            if m.have[index]:
+            if index in m.parts:
                 self.stats["duplicates"] += 1
                 return _DUPLICATE
 
-        offset = index * m.frag_size
-        m.buf[offset : offset + size] = data
-        m.have[index] = 1
-        m.received += 1
-        if m.received == m.count:
+        m.store(index, data)
+        if len(m.parts) == m.count:
             self._drop(m)
             self._mark_completed(msg_id)
-            return AddResult(AddKind.COMPLETE, data=m.buf)
+            return AddResult(AddKind.COMPLETE, data=m.joined())
 
         self.stats["new_fragments"] += 1
-        if index == m.first_missing:
-            m.first_missing = m.have.find(0, index + 1)
         m.last_progress = now
         m.nak_base = max(m.nak_base, now)
         m.last_peer = peer
@@ -354,19 +381,13 @@ class Reassembler:
         """Fragments of a still-incomplete message that this hop already holds.
 
         Lets a cut-through relay answer NAKs from downstream before it has the whole
-        message. Copies, so the buffer can later be handed out whole.
+        message. The stored fragments are immutable, so no copy is made.
         """
         m = self._partials.get(msg_id)
         if m is None:
             return []
-        out: list[tuple[int, bytes]] = []
-        last = m.count - 1
-        for i in _clean_indexes(indexes, m.count):
-            if m.have[i]:
-                offset = i * m.frag_size
-                size = m.frag_size if i < last else m.total_len - last * m.frag_size
-                out.append((i, bytes(m.buf[offset : offset + size])))
-        return out
+        parts = m.parts
+        return [(i, parts[i]) for i in _clean_indexes(indexes, m.count) if i in parts]
 
     # -- timers --------------------------------------------------------------------
 

@@ -361,10 +361,13 @@ def decode_member(buf: bytes | memoryview, offset: int = 0) -> tuple[MemberRecor
     offset += 1
     if host_len > MAX_HOST_BYTES or offset + host_len > len(buf):
         raise WireError("bad host length")
+    if port == 0:
+        raise WireError("member port 0")  # sendto() refuses it (EINVAL): never learn it
     try:
         host = bytes(buf[offset : offset + host_len]).decode("ascii")
-    except UnicodeDecodeError as exc:
-        raise WireError("host is not ASCII") from exc
+        host.encode("idna")  # what sendto() does with a name; refused names (a..b) are dropped
+    except UnicodeError as exc:
+        raise WireError("host is not a usable ASCII name") from exc
     record = MemberRecord(
         node_id=node_id,
         incarnation=incarnation,
