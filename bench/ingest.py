@@ -33,8 +33,13 @@ from pathlib import Path
 import psutil
 
 from bench.ceiling import measure_naive_floor
-from bench.cluster import free_port
-from bench.common import machine_description, node_command, set_big_buffers, write_json
+from bench.common import (
+    free_udp_port,
+    machine_description,
+    node_command,
+    set_big_buffers,
+    write_json,
+)
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.crypto import PskKeyring, ids_digest, nonce, seal
 from gwyh_mp.protocol.handshake import Established, Handshaker
@@ -173,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="gwyh-ingest-"))
     key_path = workdir / "key"
     key_path.write_bytes(KEY + b"\n")
-    port = free_port()
+    port = free_udp_port()
     target = ("127.0.0.1", port)
     out_path = workdir / "node.out"
     with open(out_path, "wb") as out, open(workdir / "node.err", "wb") as err:

@@ -46,8 +46,15 @@ from typing import Any
 import orjson
 
 from bench.ceiling import measure_udp_pair, measure_udp_send
-from bench.cluster import ClusterNode, free_port, rcvbuf_errors
-from bench.common import machine_description, write_json
+from bench.common import (
+    ClusterNode,
+    counter_delta,
+    free_udp_port,
+    last_json_line,
+    machine_description,
+    rcvbuf_errors,
+    write_json,
+)
 
 KEY = b"bench-large-key-0123456789abcdef0123"
 MIB = 1024 * 1024
@@ -139,21 +146,11 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 self.relay.kill()
                 self.relay.wait(5)
-            relay_stats = _last_json_line(self.relay_err)
+            relay_stats = last_json_line(self.relay_err, tail_bytes=None)
         for path in self.workdir.iterdir():
             path.unlink()
         self.workdir.rmdir()
         return relay_stats
-
-
-def _last_json_line(path: Path | None) -> dict[str, Any] | None:
-    if path is None or not path.exists():
-        return None
-    for line in reversed(path.read_bytes().splitlines()):
-        if line.startswith(b"{"):
-            with contextlib.suppress(orjson.JSONDecodeError):
-                return orjson.loads(line)
-    return None
 
 
 def start_relay(
@@ -194,7 +191,7 @@ def start_cluster(
     workdir = Path(tempfile.mkdtemp(prefix="gwyh-large-"))
     key_path = workdir / "cluster.key"
     key_path.write_bytes(KEY + b"\n")
-    ports = [free_port() for _ in range(n)]
+    ports = [free_udp_port() for _ in range(n)]
     relay = relay_err = None
     advertise = [f"127.0.0.1:{p}" for p in ports]
     if loss is not None:
@@ -386,7 +383,7 @@ def part_goodput(args: argparse.Namespace, log: list[str]) -> dict[str, Any]:
                         "goodput_vs_raw_udp": round(result["goodput_mib_s"] / raw, 4)
                         if result["goodput_mib_s"] and raw
                         else None,
-                        "rcvbuf_errors": after - before if before >= 0 else None,
+                        "rcvbuf_errors": counter_delta(before, after),
                         "node_counters": node_counters(cluster),
                     }
                 )
@@ -437,7 +434,7 @@ def part_loss(args: argparse.Namespace, log: list[str]) -> list[dict[str, Any]]:
                     result.update(
                         {
                             "size": size,
-                            "rcvbuf_errors": after - before if before >= 0 else None,
+                            "rcvbuf_errors": counter_delta(before, after),
                             "node_counters": node_counters(cluster),
                         }
                     )
@@ -617,7 +614,7 @@ def part_chain(args: argparse.Namespace, log: list[str]) -> dict[str, Any]:
     hops = args.chain_hops
     n = hops + 1
     workdir = Path(tempfile.mkdtemp(prefix="gwyh-chain-"))
-    ports = [free_port() for _ in range(n)]
+    ports = [free_udp_port() for _ in range(n)]
     procs = [
         ChainProc(i, ports[i], ports[i - 1] if i else 0, args.max_datagram, workdir)
         for i in range(n)

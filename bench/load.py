@@ -69,8 +69,16 @@ from pathlib import Path
 import orjson
 import psutil
 
-from bench.cluster import free_port, rcvbuf_errors
-from bench.common import last_stats_line, machine_description, node_command, write_json
+from bench.common import (
+    STATS_PREFIX,
+    free_udp_port,
+    last_json_line,
+    machine_description,
+    node_command,
+    percentile_summary,
+    rcvbuf_errors,
+    write_json,
+)
 from bench.virtual_peers import (
     PeerDriver,
     VirtualPeer,
@@ -88,7 +96,7 @@ JOIN_CHECK_S = 0.05
 JOIN_MAX_LAG_S = 0.25
 DRAIN_QUIET_S = 3.0
 SAMPLE_S = 1.0
-PERCENTILES = (("p50", 500), ("p90", 900), ("p99", 990), ("p99_9", 999))  # per mille
+LATENCY_POINTS = (50, 90, 99, 99.9)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -223,20 +231,8 @@ def parse_pair(text: str) -> tuple[float, float]:
 
 
 def percentiles_ms(values_ns: array | list[int]) -> dict[str, float | int | None]:
-    """Nearest-rank percentiles of ns samples, in ms; None when there are none."""
-    values = sorted(values_ns)
-    n = len(values)
-    out: dict[str, float | int | None] = {"count": n}
-    if not n:
-        out.update({name: None for name, _ in PERCENTILES})
-        out.update({"max": None, "mean": None})
-        return out
-    for name, q in PERCENTILES:
-        rank = max(1, -(-q * n // 1000))  # ceil in integers: 99.9 % of 1000 is rank 999
-        out[name] = round(values[rank - 1] / 1e6, 3)
-    out["max"] = round(values[-1] / 1e6, 3)
-    out["mean"] = round(sum(values) / n / 1e6, 3)
-    return out
+    """Nearest-rank latency percentiles of ns samples, in ms."""
+    return percentile_summary(values_ns, LATENCY_POINTS, scale=1e-6)
 
 
 def ratio(num: int, den: int) -> float | None:
@@ -270,7 +266,7 @@ class NodeUnderTest:
         return chunk[:cut].splitlines()
 
     def last_stats(self) -> dict[str, object]:
-        latest = last_stats_line(self.err_path)
+        latest = last_json_line(self.err_path, STATS_PREFIX)
         if latest is not None:
             self.stats = latest
         return self.stats
@@ -297,7 +293,7 @@ class NodeUnderTest:
 def spawn_node(
     args: argparse.Namespace, workdir: Path, key_path: Path
 ) -> tuple[NodeUnderTest, tuple[str, int]]:
-    port = free_port()
+    port = free_udp_port()
     cmd = node_command(port, key_path, "--stats-interval", "1")
     if args.heartbeat_interval is not None:
         cmd += ["--heartbeat-interval", str(args.heartbeat_interval)]
@@ -1009,12 +1005,9 @@ class _Abort(Exception):
     pass
 
 
-def _spread(xs: list[float]) -> dict[str, float | None]:
-    if not xs:
-        return {"p50": None, "p90": None, "max": None}
-    v = sorted(xs)
-    pick = lambda q: v[max(0, math.ceil(q * len(v)) - 1)]  # noqa: E731
-    return {"p50": round(pick(0.5), 3), "p90": round(pick(0.9), 3), "max": round(v[-1], 3)}
+def _spread(xs: list[float]) -> dict[str, float | int | None]:
+    """Spread of durations in seconds: p50, p90, p99, max."""
+    return percentile_summary(xs, (50, 90, 99))
 
 
 # ---------------------------------------------------------------------------- plots

@@ -50,7 +50,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import machine_description, write_json
+from bench.common import machine_description, percentile, write_json
 from gwyh_mp.config import Config, ConfigError
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.events import Event, MemberDown, Message
@@ -231,12 +231,6 @@ class Recorder:
 
 
 # ---------------------------------------------------------------------------- statistics
-
-
-def percentile(sorted_values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile of an already sorted, non-empty sequence."""
-    rank = max(1, math.ceil(p / 100.0 * len(sorted_values)))
-    return sorted_values[rank - 1]
 
 
 def summarize(values: Sequence[float | None], digits: int = 6) -> dict[str, float | int | None]:

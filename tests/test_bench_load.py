@@ -7,7 +7,6 @@ the figures it reports agree with each other, never performance.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 
 from bench import load
 from bench.virtual_peers import ensure_fd_limit
+from tests.procs import free_udp_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--duration", "2", "--rate", "10", "--settle", "0.5", "--drain", "4", "--quiet"]
@@ -119,16 +119,10 @@ def test_spawned_node_reports_consistent_figures(tmp_path: Path) -> None:
     assert sorted(Path(p).name for p in result["plots"]) == pngs
 
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_target_mode_measures_at_virtual_peers(tmp_path: Path) -> None:
     key = tmp_path / "k.key"
     key.write_bytes(b"a-test-key-for-bench-load-0123456789\n")
-    port = _free_udp_port()
+    port = free_udp_port()
     node = subprocess.Popen(
         [
             sys.executable, "-m", "gwyh_mp.cli", "--bind", f"127.0.0.1:{port}",
