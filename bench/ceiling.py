@@ -61,21 +61,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sizes",
         default="64,512,1200,8192",
-        help="comma-separated plaintext payload sizes in bytes (default: %(default)s)",
+        help="comma-separated plaintext payload sizes in bytes",
     )
     parser.add_argument(
         "--seconds",
         type=float,
         default=1.0,
-        help="duration unit per measurement in seconds (default: %(default)s)",
+        help="duration unit per measurement in seconds",
     )
     parser.add_argument(
         "--fanout",
         type=int,
         default=5,
-        help="subscribers per message in the naive floor (default: %(default)s)",
+        help="subscribers per message in the naive floor",
     )
-    parser.add_argument("--json", metavar="FILE", help="also write the JSON result here")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.fanout <= 64:
         print("--fanout must be in 1..64", file=sys.stderr)
         return 2
-    result = measure_ceiling(sizes, args.seconds, args.fanout, progress=True)
+    result = measure_ceiling(sizes, args.seconds, args.fanout, progress=not args.quiet)
     print_table(result)
     write_json(args.json, result)
     return 0
@@ -528,34 +527,39 @@ def measure_naive_floor(
 
 
 def _k(x: float) -> str:
-    return f"{x / 1000:.0f}k" if x >= 10_000 else f"{x / 1000:.1f}k"
+    return f"{x / 1000:.0f}" if x >= 10_000 else f"{x / 1000:.1f}"
 
 
 def print_table(result: dict) -> None:
-    """Short human summary on stderr (stdout carries the JSON)."""
-    out = sys.stderr
-    print(
-        f"{'size':>6} {'sendto':>7} {'send':>7} {'pair tx':>8} {'pair rx':>8} {'drop%':>6}"
-        f" {'sb enc':>7} {'sb open':>7} {'box enc':>7} {'box opn':>7} {'b2b':>7}"
-        f" {'floor/s':>8} {'us/msg':>7}",
-        file=out,
-    )
+    """Short human summary on stdout: rates in thousands per second (k/s)."""
+    out = sys.stdout
+    for row in (
+        ("payload", "sendto", "send", "UDP pair", "UDP pair", "UDP pair", "secretbox",
+         "secretbox", "box", "box", "blake2b", "floor", "floor"),
+        ("bytes", "k/s", "k/s", "sent k/s", "recv k/s", "drop %", "seal k/s", "open k/s",
+         "seal k/s", "open k/s", "k/s", "msg k/s", "CPU us/msg"),
+    ):  # fmt: skip
+        print(" ".join(f"{h:>{10 if i else 7}}" for i, h in enumerate(row)), file=out)
     for r in result["results"]:
         udp, c, f = r["udp"], r["crypto"], r["naive_floor"]
-        print(
-            f"{r['payload_size']:>6} {_k(udp['sendto_unread_sink']['sent_pps']):>7}"
-            f" {_k(udp['send_connected_unread_sink']['sent_pps']):>7}"
-            f" {_k(udp['pair']['sent_pps']):>8} {_k(udp['pair']['recv_pps']):>8}"
-            f" {udp['pair']['drop_pct']:>6.1f}"
-            f" {_k(c['secretbox_easy_encrypt_ops_s']):>7} {_k(c['secretbox_open_easy_ops_s']):>7}"
-            f" {_k(c['box_easy_afternm_ops_s']):>7} {_k(c['box_open_easy_afternm_ops_s']):>7}"
-            f" {_k(c['blake2b_keyed_ops_s']):>7}"
-            f" {_k(f['msgs_per_s']):>8} {f['cpu_us_per_msg']:>7.1f}",
-            file=out,
+        cells = (
+            _k(udp["sendto_unread_sink"]["sent_pps"]),
+            _k(udp["send_connected_unread_sink"]["sent_pps"]),
+            _k(udp["pair"]["sent_pps"]),
+            _k(udp["pair"]["recv_pps"]),
+            f"{udp['pair']['drop_pct']:.1f}",
+            _k(c["secretbox_easy_encrypt_ops_s"]),
+            _k(c["secretbox_open_easy_ops_s"]),
+            _k(c["box_easy_afternm_ops_s"]),
+            _k(c["box_open_easy_afternm_ops_s"]),
+            _k(c["blake2b_keyed_ops_s"]),
+            _k(f["msgs_per_s"]),
+            f"{f['cpu_us_per_msg']:.1f}",
         )
+        print(f"{r['payload_size']:>7} " + " ".join(f"{x:>10}" for x in cells), file=out)
     p = result["params"]
     print(
-        f"x25519 scalarmult: {_k(result['x25519']['scalarmult_ops_s'])}/s;"
+        f"x25519 scalarmult: {_k(result['x25519']['scalarmult_ops_s'])} k/s;"
         f" floor = recv + decrypt + {p['fanout']} x (encrypt + sendto), one process;"
         f" total {result['elapsed_s']:.1f} s",
         file=out,

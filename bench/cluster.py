@@ -44,23 +44,26 @@ KEY = b"bench-cluster-key-0123456789abcdef"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nodes", type=int, default=10)
+    parser.add_argument("--nodes", type=int, default=10, help="gwyh-node processes")
     parser.add_argument("--rate", type=float, default=4500.0, help="offered msgs/s (0 = unpaced)")
     parser.add_argument("--count", type=int, default=25_000, help="broadcasts in total")
     parser.add_argument("--size", type=int, default=512, help="payload bytes")
     parser.add_argument("--senders", type=int, default=1, help="how many nodes originate")
-    parser.add_argument("--subscriptions", type=int, default=5)
+    parser.add_argument("--subscriptions", type=int, default=5, help="providers per node")
     parser.add_argument("--workers", type=int, default=1, help="receiver processes per node")
-    parser.add_argument("--max-datagram", type=int, default=1400)
+    parser.add_argument(
+        "--max-datagram", type=int, default=1400, help="the nodes' --max-datagram (bytes)"
+    )
     parser.add_argument(
         "--flush-interval",
         type=float,
         default=0.0,
         help="the nodes' --flush-interval (coalescing window under load, seconds)",
     )
-    parser.add_argument("--floor-seconds", type=float, default=1.0)
+    parser.add_argument(
+        "--floor-seconds", type=float, default=1.0, help="seconds measuring the naive floor"
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="hard cap on the run (s)")
-    parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
 
 
@@ -272,7 +275,6 @@ def run(args: argparse.Namespace) -> int:
             f"rcvbuf errors {result['rcvbuf_errors']}, latency ms p50 "
             f"{result['latency_ms']['p50']} p99 {result['latency_ms']['p99']} "
             f"max {result['latency_ms']['max']}",
-            file=sys.stderr,
         )
         return 0 if complete and lost == 0 else 1
     finally:

@@ -72,15 +72,19 @@ def machine_description() -> dict:
     }
 
 
-def write_json(path: str | None, result: dict) -> None:
-    """Print `result` as indented JSON on stdout; also write it to `path` if given."""
+def write_json(path: str | os.PathLike[str] | None, result: dict) -> None:
+    """Write `result` as indented JSON to `path` ("-": stdout); nothing without a path.
+    The human table goes to stdout, so JSON joins it only when asked for."""
+    if path is None:
+        return
     data = orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
-    sys.stdout.write(data.decode() + "\n")
-    sys.stdout.flush()
-    if path:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data + b"\n")
+    if str(path) == "-":
+        sys.stdout.write(data.decode() + "\n")
+        sys.stdout.flush()
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data + b"\n")
 
 
 def set_big_buffers(sock: socket.socket, nbytes: int = 8 << 20) -> tuple[int, int]:
@@ -130,6 +134,32 @@ def counter_delta(before: int | None, after: int | None) -> int | None:
     return None if before is None or after is None else after - before
 
 
+def udp_drops(ports: set[int]) -> dict[int, int] | None:
+    """Datagrams the kernel dropped (full receive buffer) per local port, for the IPv4
+    UDP sockets bound to ``ports``: the ``drops`` column of /proc/net/udp. Sockets
+    sharing a port (SO_REUSEPORT workers) are summed. None where unavailable."""
+    try:
+        with open("/proc/net/udp", encoding="ascii") as f:
+            next(f)
+            out: dict[int, int] = {}
+            for line in f:
+                fields = line.split()
+                port = int(fields[1].rpartition(":")[2], 16)
+                if port in ports:
+                    out[port] = out.get(port, 0) + int(fields[-1])
+            return out
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def drops_between(a: dict[int, int] | None, b: dict[int, int] | None) -> int | None:
+    """New drops from a to b; sockets opened in between count from zero, sockets
+    closed in between are lost (they left /proc/net/udp)."""
+    if a is None or b is None:
+        return None
+    return sum(max(0, n - a.get(port, 0)) for port, n in b.items())
+
+
 def percentile(sorted_values: Sequence[float], p: float) -> float:
     """Nearest-rank ``p``-th percentile (0 < p <= 100) of a sorted, non-empty sequence:
     the smallest value with at least p % of the values at or below it. The rank is
@@ -162,6 +192,44 @@ def median(xs: Iterable[float]) -> float:
     """Median of `xs`; NaN (JSON null through orjson) when empty."""
     values = list(xs)
     return float(statistics.median(values)) if values else math.nan
+
+
+class ProcSampler:
+    """CPU % (of one core) and RSS of one process between successive calls."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.proc: psutil.Process | None = None
+        self._last: tuple[float, float] | None = None
+        if pid is not None:
+            with contextlib.suppress(psutil.Error):
+                self.proc = psutil.Process(pid)
+                self._last = (time.monotonic(), self._cpu())
+
+    def _cpu(self) -> float:
+        assert self.proc is not None
+        t = self.proc.cpu_times()
+        return t.user + t.system
+
+    def cpu_seconds(self) -> float | None:
+        if self.proc is None:
+            return None
+        try:
+            return self._cpu()
+        except psutil.Error:
+            return None
+
+    def sample(self) -> tuple[float | None, int | None]:
+        if self.proc is None or self._last is None:
+            return None, None
+        try:
+            now, cpu = time.monotonic(), self._cpu()
+            rss = self.proc.memory_info().rss
+        except psutil.Error:
+            return None, None
+        t0, c0 = self._last
+        self._last = (now, cpu)
+        pct = 100.0 * (cpu - c0) / (now - t0) if now > t0 else 0.0
+        return round(pct, 1), rss
 
 
 @dataclass

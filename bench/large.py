@@ -73,8 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sizes", type=_int_list, default=[65536, 4 * MIB], help="bytes, comma list"
     )
-    parser.add_argument("--nodes", type=int, default=4)
-    parser.add_argument("--max-datagram", type=int, default=1400)
+    parser.add_argument("--nodes", type=int, default=4, help="gwyh-node processes")
+    parser.add_argument(
+        "--max-datagram", type=int, default=1400, help="the nodes' --max-datagram (bytes)"
+    )
     parser.add_argument("--loss", type=_float_list, default=[0.0, 0.05, 0.2], help="comma list")
     parser.add_argument("--delay-ms", type=float, default=20.0, help="relay delay, each way")
     parser.add_argument(
@@ -85,16 +87,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--volume", type=int, default=8 * MIB, help="bytes per size in part 1")
     parser.add_argument("--loss-volume", type=int, default=4 * MIB, help="bytes per size in part 2")
-    parser.add_argument("--loss-timeout", type=float, default=90.0)
+    parser.add_argument(
+        "--loss-timeout", type=float, default=90.0, help="bound of each lossy transfer (s)"
+    )
     parser.add_argument("--stall-s", type=float, default=10.0, help="give up after no progress")
-    parser.add_argument("--chain-hops", type=int, default=4)
-    parser.add_argument("--chain-repeats", type=int, default=3)
-    parser.add_argument("--udp-seconds", type=float, default=1.0)
+    parser.add_argument("--chain-hops", type=int, default=4, help="relay hops in the chain part")
+    parser.add_argument("--chain-repeats", type=int, default=3, help="messages sent down the chain")
+    parser.add_argument(
+        "--udp-seconds", type=float, default=1.0, help="seconds measuring raw UDP for comparison"
+    )
     parser.add_argument("--seed", type=int, default=1, help="relay seed")
     parser.add_argument(
         "--parts", default="goodput,loss,chain", help="comma list of goodput, loss, chain"
     )
-    parser.add_argument("--json", metavar="FILE")
 
 
 # ---------------------------------------------------------------------------- payloads
@@ -764,7 +769,7 @@ def run(args: argparse.Namespace) -> int:
     result["wall_s"] = round(time.monotonic() - started, 1)
     write_json(args.json, result)
     for line in log:
-        print(line, file=sys.stderr)
+        print(line)
     return 0
 
 

@@ -47,7 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fill", type=int, default=100_000, help="datagrams queued per drain round (upper bound)"
     )
     parser.add_argument("--rcvbuf-mib", type=int, default=256, help="drain socket buffer request")
-    parser.add_argument("--json", metavar="FILE", help="also write here")
 
 
 def machine_info() -> dict[str, object]:
@@ -303,5 +302,17 @@ def run(args: argparse.Namespace) -> int:
         },
         "wall_s": round(time.perf_counter() - t0, 2),
     }
+    print_table(report)
     write_json(args.json, report)
     return 0
+
+
+def print_table(report: dict) -> None:
+    """Datagrams per second of each variant, on stdout."""
+    print(f"{'part':<6}{'variant':<18}{'datagrams/s':>14}")
+    for part in ("send", "drain"):
+        for variant, figures in report[part].items():
+            if isinstance(figures, dict) and "pps" in figures:
+                print(f"{part:<6}{variant:<18}{figures['pps']:>14,.0f}")
+    ratios = ", ".join(f"{k} x{v}" for k, v in report["ratios"].items() if v is not None)
+    print(f"ratios: {ratios}")
