@@ -309,7 +309,8 @@ def run(args: argparse.Namespace) -> int:
             )
             steps.append(step)
             print(
-                f"ingest rate {rate or 'max'}: sent {step['sent_per_s']}/s delivered "
+                f"ingest rate {f'{rate:g}/s' if rate else 'max'}: "
+                f"sent {step['sent_per_s']}/s delivered "
                 f"{step['delivered_per_s']}/s loss {step['loss_pct']}% cpu "
                 f"{step['cpu_us_per_delivered']} us/msg (floor {floor['cpu_us_per_msg']:.1f})",
             )

@@ -278,6 +278,8 @@ def resources(run: LoadRun, roles: dict[int, str]) -> dict[str, Any]:
         "generator_cpu_pct": {p: series("gen_cpu_pct", (p,)) for p in ("join", *load)},
         "generator_rss_bytes": series("gen_rss_bytes", everything),
         "tap_cpu_pct": series("tap_cpu_pct", load),
+        # All CPUs together (100 = every core busy): other processes count too.
+        "system_cpu_pct": {p: series("system_cpu_pct", (p,)) for p in ("join", *load)},
         "loop_lag_ms": {p: series("loop_lag_ms", (p,)) for p in ("join", *load)},
         "node_processes": node_processes(run, roles),
     }
@@ -365,11 +367,18 @@ def print_summary(result: dict[str, Any], out: Any = None) -> None:
         busy = [g for g in b["generator"] if g["saturated"]]
         if busy:
             worst = max(busy, key=lambda g: g["cpu_pct_mean"])
+            system = result.get("resources", {}).get("system_cpu_pct", {}).get(name, {})
+            starved = (
+                f"; the machine was busy (all CPUs {system['mean']:.0f} %), so it was "
+                "starved of CPU"
+                if system.get("mean") is not None and system["mean"] >= SATURATED_CPU_PCT
+                else ""
+            )
             lines.append(
                 f"{name}: GENERATOR SATURATED (process {worst['process']}: CPU "
                 f"{worst['cpu_pct_mean']:.0f} %, loop lag p90 {_fmt(worst['loop_lag_ms_p90'])} "
-                "ms): the latency above includes the generator's own queueing, it is not "
-                "the node's; use more --procs or fewer --peers"
+                f"ms{starved}): the latency above includes the generator's own queueing, it "
+                "is not the node's; use more --procs, fewer --peers or a quieter machine"
             )
         elif b["generator"]:
             top = max(g["cpu_pct_mean"] for g in b["generator"])
