@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from bench import load_report
+from bench.load import MAX_DEFAULT_PROCS, default_procs
 from bench.virtual_peers import ensure_fd_limit
 from tests.procs import free_udp_port
 
@@ -222,3 +223,10 @@ def test_percentiles_are_nearest_rank() -> None:
         1000.0,
     )
     assert load_report.percentiles_ms([])["p50"] is None
+
+
+def test_default_procs_grow_with_peers_and_rate() -> None:
+    assert default_procs(5, 1) == 1
+    assert default_procs(1000, 10) <= default_procs(5000, 10) <= default_procs(5000, 100)
+    assert default_procs(5000, 10) > 1
+    assert default_procs(10**6, 1000) == MAX_DEFAULT_PROCS
