@@ -28,7 +28,6 @@ from pathlib import Path
 import orjson
 import psutil
 
-from bench.ceiling import measure_naive_floor
 from bench.common import (
     ClusterNode,
     counter_delta,
@@ -39,6 +38,7 @@ from bench.common import (
     rcvbuf_errors,
     write_json,
 )
+from bench.floor import measure_naive_floor
 
 KEY = b"bench-cluster-key-0123456789abcdef"
 

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import psutil
 
-from bench.ceiling import measure_naive_floor
 from bench.common import (
     free_udp_port,
     machine_description,
@@ -40,6 +39,7 @@ from bench.common import (
     set_big_buffers,
     write_json,
 )
+from bench.floor import measure_naive_floor
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.crypto import PskKeyring, ids_digest, nonce, seal
 from gwyh_mp.protocol.handshake import Established, Handshaker

@@ -45,7 +45,6 @@ from typing import Any
 
 import orjson
 
-from bench.ceiling import measure_udp_pair, measure_udp_send
 from bench.common import (
     ClusterNode,
     counter_delta,
@@ -55,6 +54,7 @@ from bench.common import (
     rcvbuf_errors,
     write_json,
 )
+from bench.floor import measure_udp_pair, measure_udp_send
 
 KEY = b"bench-large-key-0123456789abcdef0123"
 MIB = 1024 * 1024

@@ -17,7 +17,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from bench import ceiling, common
+from bench import common
+from bench import floor as floor_bench
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _check_floor(floor: dict, payload_size: int, fanout: int) -> None:
     assert floor["payload_size"] == payload_size
     assert floor["fanout"] == fanout
-    assert floor["datagram_bytes"] == payload_size + ceiling.WIRE_OVERHEAD
+    assert floor["datagram_bytes"] == payload_size + floor_bench.WIRE_OVERHEAD
     assert floor["messages"] > 0
     assert floor["rounds"] >= 1
     assert floor["packets_out"] == floor["messages"] * fanout
@@ -39,7 +40,7 @@ def _check_floor(floor: dict, payload_size: int, fanout: int) -> None:
     assert floor["cpu_us_per_msg"] == pytest.approx(
         floor["cpu_user_us_per_msg"] + floor["cpu_sys_us_per_msg"]
     )
-    assert floor["definition"] == ceiling.FLOOR_MESSAGE
+    assert floor["definition"] == floor_bench.FLOOR_MESSAGE
 
 
 def test_cli_writes_consistent_json(tmp_path: Path) -> None:
@@ -106,7 +107,7 @@ def test_cli_rejects_bad_sizes() -> None:
 
 
 def test_naive_floor_function_is_self_consistent() -> None:
-    floor = ceiling.measure_naive_floor(payload_size=200, fanout=2, seconds=0.03)
+    floor = floor_bench.measure_naive_floor(payload_size=200, fanout=2, seconds=0.03)
     _check_floor(floor, 200, 2)
 
 
@@ -156,7 +157,7 @@ def test_naive_floor_with_default_buffers(monkeypatch: pytest.MonkeyPatch) -> No
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
         )
 
-    monkeypatch.setattr(ceiling, "set_big_buffers", default_buffers)
-    floor = ceiling.measure_naive_floor(payload_size=1200, fanout=2, seconds=0.03)
+    monkeypatch.setattr(floor_bench, "set_big_buffers", default_buffers)
+    floor = floor_bench.measure_naive_floor(payload_size=1200, fanout=2, seconds=0.03)
     _check_floor(floor, 1200, 2)
     assert floor["input_rcvbuf_effective_bytes"] < 1 << 20
