@@ -1,9 +1,8 @@
 """`python -m bench ceiling`: this machine's raw loopback UDP and PyNaCl limits,
-plus the *naive floor* that node benchmarks compare themselves against.
+plus the *naive floor* that node benchmarks compare themselves against (the
+measurements live in bench/floor.py, which those benchmarks share).
 
-Everything is measured in the same run as the system under test would be, because
-the 2-core VM this project targets drifts by 15-30 % between runs. Output is one
-JSON document on stdout (and --json FILE); a short table goes to stderr.
+Output: a short table on stdout; the full result with --json FILE ('-': stdout).
 
 Durations: each send-only UDP loop runs --seconds/2, the cross-process pair and
 the naive floor run --seconds, each crypto micro-benchmark runs --seconds/4.

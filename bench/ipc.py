@@ -15,8 +15,8 @@ so that a noisy neighbour on a shared VM hurts all variants alike.  After each
 run the consumer raises a stop event and keeps draining until the producer's end
 marker, so neither side blocks at shutdown.  Queues are bounded (like the ring)
 so a fast producer cannot balloon memory.  Every run is bounded in time: stuck
-children are killed and the bench fails with a RuntimeError.  Output: JSON on
-stdout (and in ``--json FILE``) with machine info, per-variant rates and the
+children are killed and the bench fails with a RuntimeError.  Output: items/s per
+variant on stdout; ``--json FILE`` adds machine info, every round's rate and the
 ratios ring / Queue-per-item and ring / Queue-batched.
 """
 

@@ -10,8 +10,8 @@ slices so VM noise hits all variants alike:
   ``recvfrom_into`` and ``BatchReceiver`` (fallback, and recvmmsg). Every variant
   touches each datagram's payload and source address, as a node would.
 
-Every loop is bounded by both time and packet count. Output: JSON on stdout (and in
-``--json FILE``) with machine info, per-variant rates and the mmsg/plain ratios.
+Every loop is bounded by both time and packet count. Output: datagrams/s
+per variant on stdout; ``--json FILE`` adds machine info and the mmsg/plain ratios.
 """
 
 from __future__ import annotations
