@@ -26,6 +26,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, a flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or not action.option_strings:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """The output options every command shares."""
     g = parser.add_argument_group("output")
@@ -49,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             name,
             help=help_text,
             description=help_text,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         if name == wanted:
             module = importlib.import_module(module_name)
