@@ -128,6 +128,7 @@ class Shard:
         self._ready_pos: dict[int, int] = {}
         self.joined_ns: dict[int, int] = {}
         self.join_s: list[float] = []
+        self.replacements: set[int] = set()  # peers spawned by churn, in a leaver's place
         self.rejoin_s: list[float] = []
         self.churn_left = self.churn_spawned = 0
         self.send_seqs, self.send_ns, self.held = array("q"), array("q"), bytearray()
@@ -186,7 +187,8 @@ class Shard:
         self.joined_ns[peer.index] = time.time_ns()
         self._ready_pos[peer.index] = len(self.ready)
         self.ready.append(peer)
-        (self.rejoin_s if self.phase == "churn" else self.join_s).append(now - peer.started_at)
+        took = now - peer.started_at
+        (self.rejoin_s if peer.index in self.replacements else self.join_s).append(took)
 
     def _unready(self, peer: VirtualPeer) -> None:
         pos = self._ready_pos.pop(peer.index, None)
@@ -209,10 +211,11 @@ class Shard:
                 del self.pending_join[index]
                 self._mark_ready(peer, now)
 
-    def _spawn(self) -> None:
+    def _spawn(self) -> VirtualPeer:
         peer = self.driver.spawn()
         self.pending_join[peer.index] = peer
         self.spawned += 1
+        return peer
 
     def _send_one(self) -> None:
         if not self.ready:
@@ -270,7 +273,7 @@ class Shard:
                     self._unready(victim)
                     self.driver.retire(victim, graceful=spec.graceful_churn)
                     self.churn_left += 1
-                    self._spawn()
+                    self.replacements.add(self._spawn().index)
                     self.churn_spawned += 1
         if now >= self._next_join_check:
             self._next_join_check = now + JOIN_CHECK_S
