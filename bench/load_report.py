@@ -366,7 +366,7 @@ def print_summary(result: dict[str, Any], out: Any = None) -> None:
             continue
         busy = [g for g in b["generator"] if g["saturated"]]
         if busy:
-            worst = max(busy, key=lambda g: g["cpu_pct_mean"])
+            worst = max(busy, key=lambda g: (g["loop_lag_ms_p90"] or 0, g["cpu_pct_mean"]))
             system = result.get("resources", {}).get("system_cpu_pct", {}).get(name, {})
             starved = (
                 f"; the machine was busy (all CPUs {system['mean']:.0f} %), so it was "
