@@ -109,13 +109,6 @@ def free_udp_port() -> int:
         return s.getsockname()[1]
 
 
-def free_tcp_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel picked it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rcvbuf_errors() -> int | None:
     """Kernel-wide UDP RcvbufErrors (datagrams dropped on a full socket buffer, every
     process counted) from /proc/net/snmp; None where unavailable."""
