@@ -19,92 +19,58 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
 import psutil
 
-from bench.ceiling import measure_naive_floor
-from bench.common import last_stats_line, machine_description, node_command, write_json
+from bench.common import (
+    ClusterNode,
+    counter_delta,
+    free_udp_port,
+    machine_description,
+    node_command,
+    percentile_summary,
+    rcvbuf_errors,
+    write_json,
+)
+from bench.floor import measure_naive_floor
 
 KEY = b"bench-cluster-key-0123456789abcdef"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nodes", type=int, default=10)
+    parser.add_argument("--nodes", type=int, default=10, help="gwyh-node processes")
     parser.add_argument("--rate", type=float, default=4500.0, help="offered msgs/s (0 = unpaced)")
     parser.add_argument("--count", type=int, default=25_000, help="broadcasts in total")
     parser.add_argument("--size", type=int, default=512, help="payload bytes")
     parser.add_argument("--senders", type=int, default=1, help="how many nodes originate")
-    parser.add_argument("--subscriptions", type=int, default=5)
+    parser.add_argument("--subscriptions", type=int, default=5, help="providers per node")
     parser.add_argument("--workers", type=int, default=1, help="receiver processes per node")
-    parser.add_argument("--max-datagram", type=int, default=1400)
+    parser.add_argument(
+        "--max-datagram", type=int, default=1400, help="the nodes' --max-datagram (bytes)"
+    )
     parser.add_argument(
         "--flush-interval",
         type=float,
         default=0.0,
         help="the nodes' --flush-interval (coalescing window under load, seconds)",
     )
-    parser.add_argument("--floor-seconds", type=float, default=1.0)
+    parser.add_argument(
+        "--floor-seconds", type=float, default=1.0, help="seconds measuring the naive floor"
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="hard cap on the run (s)")
-    parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rcvbuf_errors() -> int:
-    try:
-        lines = Path("/proc/net/snmp").read_text().splitlines()
-    except OSError:
-        return -1
-    udp = [line.split() for line in lines if line.startswith("Udp:")]
-    if len(udp) < 2:
-        return -1
-    return int(dict(zip(udp[0][1:], udp[1][1:], strict=False)).get("RcvbufErrors", -1))
-
-
-@dataclass
-class ClusterNode:
-    index: int
-    port: int
-    proc: subprocess.Popen[bytes]
-    out_path: Path
-    err_path: Path
-    lines_seen: int = 0
-    out_offset: int = 0
-    done_at: float | None = None
-    stats: dict[str, object] = field(default_factory=dict)
-
-    def last_stats(self) -> dict[str, object]:
-        latest = last_stats_line(self.err_path, 8192)
-        if latest is not None:
-            self.stats = latest
-        return self.stats
-
-    def count_new_lines(self) -> int:
-        with open(self.out_path, "rb") as f:
-            f.seek(self.out_offset)
-            chunk = f.read()
-        self.out_offset += len(chunk)
-        self.lines_seen += chunk.count(b"\n")
-        return self.lines_seen
 
 
 def start_cluster(args: argparse.Namespace, workdir: Path) -> list[ClusterNode]:
     key_path = workdir / "cluster.key"
     key_path.write_bytes(KEY + b"\n")
-    ports = [free_port() for _ in range(args.nodes)]
+    ports = [free_udp_port() for _ in range(args.nodes)]
     nodes = []
     for i, port in enumerate(ports):
         cmd = node_command(
@@ -217,24 +183,6 @@ def verify(
     }
 
 
-def latency_summary(latencies: list[float]) -> dict[str, float | int | None]:
-    """Nearest-rank percentiles in ms of every node-delivery's send-to-print latency."""
-    values = sorted(latencies)
-
-    def pct(p: float) -> float | None:
-        if not values:
-            return None
-        return round(values[min(len(values) - 1, int(p * len(values)))] * 1000, 3)
-
-    return {
-        "count": len(values),
-        "p50": pct(0.5),
-        "p90": pct(0.9),
-        "p99": pct(0.99),
-        "max": round(values[-1] * 1000, 3) if values else None,
-    }
-
-
 def run(args: argparse.Namespace) -> int:
     if args.nodes < 2 or args.senders < 1 or args.senders > args.nodes:
         print("bench cluster: need --nodes >= 2 and 1 <= --senders <= --nodes", file=sys.stderr)
@@ -303,8 +251,8 @@ def run(args: argparse.Namespace) -> int:
                 "cpu_us_per_delivery": round(cpu_us, 2) if cpu_us else None,
                 "floor_cpu_us_per_msg": round(floor["cpu_us_per_msg"], 2),
                 "ratio_to_floor": round(cpu_us / floor["cpu_us_per_msg"], 3) if cpu_us else None,
-                "rcvbuf_errors": snmp_after - snmp_before if snmp_before >= 0 else None,
-                "latency_ms": latency_summary(latencies),
+                "rcvbuf_errors": counter_delta(snmp_before, snmp_after),
+                "latency_ms": percentile_summary(latencies, scale=1000),
                 "floor": floor,
                 "per_node": [
                     {
@@ -327,7 +275,6 @@ def run(args: argparse.Namespace) -> int:
             f"rcvbuf errors {result['rcvbuf_errors']}, latency ms p50 "
             f"{result['latency_ms']['p50']} p99 {result['latency_ms']['p99']} "
             f"max {result['latency_ms']['max']}",
-            file=sys.stderr,
         )
         return 0 if complete and lost == 0 else 1
     finally:

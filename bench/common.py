@@ -1,7 +1,9 @@
-"""Helpers shared by every benchmark: machine description, JSON output, socket
-buffers, medians and per-process CPU accounting.
+"""Helpers shared by every benchmark: machine description, JSON output, free ports,
+socket buffers, kernel drop counters, percentiles, node processes and per-process CPU
+accounting.
 
-Keep this module small and stable: several benches import it.
+One home for each of these: a bench module imports from here, never from another bench
+module, so each command can change without breaking the others.
 """
 
 from __future__ import annotations
@@ -14,18 +16,17 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
 import psutil
 
-# Linux socket options that ignore net.core.{r,w}mem_max; need CAP_NET_ADMIN.
-SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+from gwyh_mp.runtime.udp import set_buffers
 
 _PACKAGES = ("uvloop", "PyNaCl", "orjson", "psutil")
 
@@ -71,30 +72,27 @@ def machine_description() -> dict:
     }
 
 
-def write_json(path: str | None, result: dict) -> None:
-    """Print `result` as indented JSON on stdout; also write it to `path` if given."""
+def write_json(path: str | os.PathLike[str] | None, result: dict) -> None:
+    """Write `result` as indented JSON to `path` ("-": stdout); nothing without a path.
+    The human table goes to stdout, so JSON joins it only when asked for."""
+    if path is None:
+        return
     data = orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
-    sys.stdout.write(data.decode() + "\n")
-    sys.stdout.flush()
-    if path:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data + b"\n")
+    if str(path) == "-":
+        sys.stdout.write(data.decode() + "\n")
+        sys.stdout.flush()
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data + b"\n")
 
 
 def set_big_buffers(sock: socket.socket, nbytes: int = 8 << 20) -> tuple[int, int]:
-    """Ask for `nbytes` send and receive buffers; return the effective (rcvbuf, sndbuf).
-
-    The *FORCE options bypass net.core.rmem_max (root only); otherwise fall back
-    to the capped plain options. The kernel doubles the request, so 8 MiB reads
-    back as 16 MiB. Never raises: a bench should still run with small buffers.
-    """
-    for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, force, nbytes)
-        except OSError:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, plain, nbytes)
+    """Ask for `nbytes` send and receive buffers the way the runtime does (its
+    ``set_buffers``: the *FORCE options as root, else the capped plain ones); return
+    the effective (rcvbuf, sndbuf). The kernel doubles the request, so 8 MiB reads back
+    as 16 MiB. Never raises: a bench should still run with small buffers."""
+    set_buffers(sock, nbytes)
     try:
         return (
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
@@ -104,10 +102,127 @@ def set_big_buffers(sock: socket.socket, nbytes: int = 8 << 20) -> tuple[int, in
         return (0, 0)
 
 
+def free_udp_port() -> int:
+    """A UDP port on 127.0.0.1 that was free a moment ago (the kernel picked it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rcvbuf_errors() -> int | None:
+    """Kernel-wide UDP RcvbufErrors (datagrams dropped on a full socket buffer, every
+    process counted) from /proc/net/snmp; None where unavailable."""
+    try:
+        lines = Path("/proc/net/snmp").read_text().splitlines()
+    except OSError:
+        return None
+    udp = [line.split() for line in lines if line.startswith("Udp:")]
+    if len(udp) < 2 or "RcvbufErrors" not in udp[0]:
+        return None
+    return int(udp[1][udp[0].index("RcvbufErrors")])
+
+
+def counter_delta(before: int | None, after: int | None) -> int | None:
+    """``after - before`` of a counter that may be unavailable (None)."""
+    return None if before is None or after is None else after - before
+
+
+def udp_drops(ports: set[int]) -> dict[int, int] | None:
+    """Datagrams the kernel dropped (full receive buffer) per local port, for the IPv4
+    UDP sockets bound to ``ports``: the ``drops`` column of /proc/net/udp. Sockets
+    sharing a port (SO_REUSEPORT workers) are summed. None where unavailable."""
+    try:
+        with open("/proc/net/udp", encoding="ascii") as f:
+            next(f)
+            out: dict[int, int] = {}
+            for line in f:
+                fields = line.split()
+                port = int(fields[1].rpartition(":")[2], 16)
+                if port in ports:
+                    out[port] = out.get(port, 0) + int(fields[-1])
+            return out
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def drops_between(a: dict[int, int] | None, b: dict[int, int] | None) -> int | None:
+    """New drops from a to b; sockets opened in between count from zero, sockets
+    closed in between are lost (they left /proc/net/udp)."""
+    if a is None or b is None:
+        return None
+    return sum(max(0, n - a.get(port, 0)) for port, n in b.items())
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float:
+    """Nearest-rank ``p``-th percentile (0 < p <= 100) of a sorted, non-empty sequence:
+    the smallest value with at least p % of the values at or below it. The rank is
+    computed in integers (thousandths of a percent), so 99.9 % of 1000 is exactly 999."""
+    n = len(sorted_values)
+    rank = max(1, -(-round(p * 1000) * n // 100_000))
+    return sorted_values[min(rank, n) - 1]
+
+
+def percentile_summary(
+    values: Iterable[float],
+    points: Sequence[float] = (50, 90, 99),
+    scale: float = 1.0,
+    digits: int = 3,
+) -> dict[str, float | int | None]:
+    """count, the nearest-rank ``points`` (keys p50, p99_9, ...), max and mean of
+    ``values`` times ``scale``, rounded to ``digits``; None for each when empty."""
+    xs = sorted(values)
+    out: dict[str, float | int | None] = {"count": len(xs)}
+    for p in points:
+        out["p" + f"{p:g}".replace(".", "_")] = (
+            round(percentile(xs, p) * scale, digits) if xs else None
+        )
+    out["max"] = round(xs[-1] * scale, digits) if xs else None
+    out["mean"] = round(sum(xs) / len(xs) * scale, digits) if xs else None
+    return out
+
+
 def median(xs: Iterable[float]) -> float:
     """Median of `xs`; NaN (JSON null through orjson) when empty."""
     values = list(xs)
     return float(statistics.median(values)) if values else math.nan
+
+
+class ProcSampler:
+    """CPU % (of one core) and RSS of one process between successive calls."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.proc: psutil.Process | None = None
+        self._last: tuple[float, float] | None = None
+        if pid is not None:
+            with contextlib.suppress(psutil.Error):
+                self.proc = psutil.Process(pid)
+                self._last = (time.monotonic(), self._cpu())
+
+    def _cpu(self) -> float:
+        assert self.proc is not None
+        t = self.proc.cpu_times()
+        return t.user + t.system
+
+    def cpu_seconds(self) -> float | None:
+        if self.proc is None:
+            return None
+        try:
+            return self._cpu()
+        except psutil.Error:
+            return None
+
+    def sample(self) -> tuple[float | None, int | None]:
+        if self.proc is None or self._last is None:
+            return None, None
+        try:
+            now, cpu = time.monotonic(), self._cpu()
+            rss = self.proc.memory_info().rss
+        except psutil.Error:
+            return None, None
+        t0, c0 = self._last
+        self._last = (now, cpu)
+        pct = 100.0 * (cpu - c0) / (now - t0) if now > t0 else 0.0
+        return round(pct, 1), rss
 
 
 @dataclass
@@ -188,20 +303,29 @@ class ProcessCpu:
         return CpuDelta(user, system, per_pid, missing)
 
 
-def last_stats_line(err_path: Path | str, tail_bytes: int = 16384) -> dict[str, object] | None:
-    """The newest ``--stats-interval`` record in a node's stderr file (its last
-    ``tail_bytes``), or None if there is none yet (or the file cannot be read)."""
+def last_json_line(
+    path: Path | str | None, prefix: bytes = b"{", tail_bytes: int | None = 16384
+) -> dict[str, object] | None:
+    """The newest JSON line starting with ``prefix`` in a file (only its last
+    ``tail_bytes`` read, or all of it with None); None if there is none yet or the
+    file cannot be read. A node's ``--stats-interval`` records: ``prefix=STATS_PREFIX``."""
+    if path is None:
+        return None
     try:
-        with open(err_path, "rb") as f:
-            f.seek(max(0, os.path.getsize(err_path) - tail_bytes))
+        with open(path, "rb") as f:
+            if tail_bytes is not None:
+                f.seek(max(0, os.path.getsize(path) - tail_bytes))
             tail = f.read().splitlines()
     except OSError:
         return None
     for line in reversed(tail):
-        if line.startswith(b'{"event":"stats"'):
+        if line.startswith(prefix):
             with contextlib.suppress(orjson.JSONDecodeError):
                 return orjson.loads(line)
     return None
+
+
+STATS_PREFIX = b'{"event":"stats"'
 
 
 def node_command(port: int, key_path: Path | str, *extra: str) -> list[str]:
@@ -220,3 +344,32 @@ def node_command(port: int, key_path: Path | str, *extra: str) -> list[str]:
         "warning",
         *extra,
     ]
+
+
+@dataclass
+class ClusterNode:
+    """One spawned ``gwyh-node --stdio`` whose stdout and stderr go to files."""
+
+    index: int
+    port: int
+    proc: subprocess.Popen[bytes]
+    out_path: Path
+    err_path: Path
+    lines_seen: int = 0
+    out_offset: int = 0
+    done_at: float | None = None
+    stats: dict[str, object] = field(default_factory=dict)
+
+    def last_stats(self) -> dict[str, object]:
+        latest = last_json_line(self.err_path, STATS_PREFIX, 8192)
+        if latest is not None:
+            self.stats = latest
+        return self.stats
+
+    def count_new_lines(self) -> int:
+        with open(self.out_path, "rb") as f:
+            f.seek(self.out_offset)
+            chunk = f.read()
+        self.out_offset += len(chunk)
+        self.lines_seen += chunk.count(b"\n")
+        return self.lines_seen

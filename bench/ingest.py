@@ -32,9 +32,14 @@ from pathlib import Path
 
 import psutil
 
-from bench.ceiling import measure_naive_floor
-from bench.cluster import free_port
-from bench.common import machine_description, node_command, set_big_buffers, write_json
+from bench.common import (
+    free_udp_port,
+    machine_description,
+    node_command,
+    set_big_buffers,
+    write_json,
+)
+from bench.floor import measure_naive_floor
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.crypto import PskKeyring, ids_digest, nonce, seal
 from gwyh_mp.protocol.handshake import Established, Handshaker
@@ -44,15 +49,21 @@ SINKS = 5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="receiver processes of the node under test",
+    )
     parser.add_argument("--peers", type=int, default=2000, help="sending peers (source ports)")
     parser.add_argument("--size", type=int, default=1024, help="payload bytes")
     parser.add_argument(
         "--rates", default="2000,5000,10000,20000,0", help="offered msgs/s per step (0 = flat out)"
     )
     parser.add_argument("--seconds", type=float, default=3.0, help="load time per step")
-    parser.add_argument("--floor-seconds", type=float, default=1.0)
-    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument(
+        "--floor-seconds", type=float, default=1.0, help="seconds measuring the naive floor"
+    )
 
 
 class Peer:
@@ -173,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="gwyh-ingest-"))
     key_path = workdir / "key"
     key_path.write_bytes(KEY + b"\n")
-    port = free_port()
+    port = free_udp_port()
     target = ("127.0.0.1", port)
     out_path = workdir / "node.out"
     with open(out_path, "wb") as out, open(workdir / "node.err", "wb") as err:
@@ -298,10 +309,10 @@ def run(args: argparse.Namespace) -> int:
             )
             steps.append(step)
             print(
-                f"ingest rate {rate or 'max'}: sent {step['sent_per_s']}/s delivered "
+                f"ingest rate {f'{rate:g}/s' if rate else 'max'}: "
+                f"sent {step['sent_per_s']}/s delivered "
                 f"{step['delivered_per_s']}/s loss {step['loss_pct']}% cpu "
                 f"{step['cpu_us_per_delivered']} us/msg (floor {floor['cpu_us_per_msg']:.1f})",
-                file=sys.stderr,
             )
         lossless = [s for s in steps if s["loss_pct"] == 0]
         result["steps"] = steps

@@ -15,8 +15,8 @@ so that a noisy neighbour on a shared VM hurts all variants alike.  After each
 run the consumer raises a stop event and keeps draining until the producer's end
 marker, so neither side blocks at shutdown.  Queues are bounded (like the ring)
 so a fast producer cannot balloon memory.  Every run is bounded in time: stuck
-children are killed and the bench fails with a RuntimeError.  Output: JSON on
-stdout (and in ``--json FILE``) with machine info, per-variant rates and the
+children are killed and the bench fails with a RuntimeError.  Output: items/s per
+variant on stdout; ``--json FILE`` adds machine info, every round's rate and the
 ratios ring / Queue-per-item and ring / Queue-batched.
 """
 
@@ -28,7 +28,6 @@ import multiprocessing as mp
 import os
 import queue
 import time
-from pathlib import Path
 from typing import Any
 
 from bench.common import machine_description, median, write_json
@@ -51,8 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--capacity", type=int, default=DEFAULT_CAPACITY, help="ShmRing capacity in bytes"
     )
-    parser.add_argument("--start-method", default="fork", choices=("fork", "spawn", "forkserver"))
-    parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write here")
+    parser.add_argument(
+        "--start-method",
+        default="fork",
+        choices=("fork", "spawn", "forkserver"),
+        help="multiprocessing start method of the children",
+    )
 
 
 # ------------------------------------------------------------------ children
@@ -211,8 +214,12 @@ def run(args: argparse.Namespace) -> int:
                 round(ring_rate / base_rate, 2) if base_rate else None
             )
         results.append(row)
+    print(f"{'record':>7}" + "".join(f"{v + ' items/s':>24}" for v in VARIANTS))
+    print(f"{'bytes':>7}" + "".join(f"{'(median of rounds)':>24}" for _ in VARIANTS))
+    for row in results:
+        print(f"{row['size']:>7}" + "".join(f"{row[v]['items_per_s']:>24,}" for v in VARIANTS))
     write_json(
-        str(args.json) if args.json else None,
+        args.json,
         {
             "bench": "ipc",
             "machine": machine,

@@ -45,9 +45,16 @@ from typing import Any
 
 import orjson
 
-from bench.ceiling import measure_udp_pair, measure_udp_send
-from bench.cluster import ClusterNode, free_port, rcvbuf_errors
-from bench.common import machine_description, write_json
+from bench.common import (
+    ClusterNode,
+    counter_delta,
+    free_udp_port,
+    last_json_line,
+    machine_description,
+    rcvbuf_errors,
+    write_json,
+)
+from bench.floor import measure_udp_pair, measure_udp_send
 
 KEY = b"bench-large-key-0123456789abcdef0123"
 MIB = 1024 * 1024
@@ -66,8 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sizes", type=_int_list, default=[65536, 4 * MIB], help="bytes, comma list"
     )
-    parser.add_argument("--nodes", type=int, default=4)
-    parser.add_argument("--max-datagram", type=int, default=1400)
+    parser.add_argument("--nodes", type=int, default=4, help="gwyh-node processes")
+    parser.add_argument(
+        "--max-datagram", type=int, default=1400, help="the nodes' --max-datagram (bytes)"
+    )
     parser.add_argument("--loss", type=_float_list, default=[0.0, 0.05, 0.2], help="comma list")
     parser.add_argument("--delay-ms", type=float, default=20.0, help="relay delay, each way")
     parser.add_argument(
@@ -78,16 +87,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--volume", type=int, default=8 * MIB, help="bytes per size in part 1")
     parser.add_argument("--loss-volume", type=int, default=4 * MIB, help="bytes per size in part 2")
-    parser.add_argument("--loss-timeout", type=float, default=90.0)
+    parser.add_argument(
+        "--loss-timeout", type=float, default=90.0, help="bound of each lossy transfer (s)"
+    )
     parser.add_argument("--stall-s", type=float, default=10.0, help="give up after no progress")
-    parser.add_argument("--chain-hops", type=int, default=4)
-    parser.add_argument("--chain-repeats", type=int, default=3)
-    parser.add_argument("--udp-seconds", type=float, default=1.0)
+    parser.add_argument("--chain-hops", type=int, default=4, help="relay hops in the chain part")
+    parser.add_argument("--chain-repeats", type=int, default=3, help="messages sent down the chain")
+    parser.add_argument(
+        "--udp-seconds", type=float, default=1.0, help="seconds measuring raw UDP for comparison"
+    )
     parser.add_argument("--seed", type=int, default=1, help="relay seed")
     parser.add_argument(
         "--parts", default="goodput,loss,chain", help="comma list of goodput, loss, chain"
     )
-    parser.add_argument("--json", metavar="FILE")
 
 
 # ---------------------------------------------------------------------------- payloads
@@ -139,21 +151,11 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 self.relay.kill()
                 self.relay.wait(5)
-            relay_stats = _last_json_line(self.relay_err)
+            relay_stats = last_json_line(self.relay_err, tail_bytes=None)
         for path in self.workdir.iterdir():
             path.unlink()
         self.workdir.rmdir()
         return relay_stats
-
-
-def _last_json_line(path: Path | None) -> dict[str, Any] | None:
-    if path is None or not path.exists():
-        return None
-    for line in reversed(path.read_bytes().splitlines()):
-        if line.startswith(b"{"):
-            with contextlib.suppress(orjson.JSONDecodeError):
-                return orjson.loads(line)
-    return None
 
 
 def start_relay(
@@ -194,7 +196,7 @@ def start_cluster(
     workdir = Path(tempfile.mkdtemp(prefix="gwyh-large-"))
     key_path = workdir / "cluster.key"
     key_path.write_bytes(KEY + b"\n")
-    ports = [free_port() for _ in range(n)]
+    ports = [free_udp_port() for _ in range(n)]
     relay = relay_err = None
     advertise = [f"127.0.0.1:{p}" for p in ports]
     if loss is not None:
@@ -386,7 +388,7 @@ def part_goodput(args: argparse.Namespace, log: list[str]) -> dict[str, Any]:
                         "goodput_vs_raw_udp": round(result["goodput_mib_s"] / raw, 4)
                         if result["goodput_mib_s"] and raw
                         else None,
-                        "rcvbuf_errors": after - before if before >= 0 else None,
+                        "rcvbuf_errors": counter_delta(before, after),
                         "node_counters": node_counters(cluster),
                     }
                 )
@@ -437,7 +439,7 @@ def part_loss(args: argparse.Namespace, log: list[str]) -> list[dict[str, Any]]:
                     result.update(
                         {
                             "size": size,
-                            "rcvbuf_errors": after - before if before >= 0 else None,
+                            "rcvbuf_errors": counter_delta(before, after),
                             "node_counters": node_counters(cluster),
                         }
                     )
@@ -617,7 +619,7 @@ def part_chain(args: argparse.Namespace, log: list[str]) -> dict[str, Any]:
     hops = args.chain_hops
     n = hops + 1
     workdir = Path(tempfile.mkdtemp(prefix="gwyh-chain-"))
-    ports = [free_port() for _ in range(n)]
+    ports = [free_udp_port() for _ in range(n)]
     procs = [
         ChainProc(i, ports[i], ports[i - 1] if i else 0, args.max_datagram, workdir)
         for i in range(n)
@@ -767,7 +769,7 @@ def run(args: argparse.Namespace) -> int:
     result["wall_s"] = round(time.monotonic() - started, 1)
     write_json(args.json, result)
     for line in log:
-        print(line, file=sys.stderr)
+        print(line)
     return 0
 
 

@@ -20,7 +20,7 @@ prefer-remote) a fresh cluster of ``--nodes`` runs these phases:
    and cross-zone datagrams carrying it (sent, lost ones included).
 3. failure detection at the last ``--loss`` level: ``--kill`` random nodes crash; time
    until the first and until every live node holds a MemberDown for each.
-4. false positives: ``--quiet`` simulated seconds at each ``--fp-loss`` level; every
+4. false positives: ``--fp-seconds`` simulated seconds at each ``--fp-loss`` level; every
    MemberDown about a live node counts, with refutations and DOWN views left at the end.
 
 ``--kill 0 --fp-loss ''`` leaves only the broadcast phases (10,000 nodes: every
@@ -28,7 +28,7 @@ membership change makes every core re-run provider selection over all members). 
 lossy broadcast phase shorter than (missed_heartbeats - 1) heartbeat intervals cannot
 produce false DOWNs, so it measures dissemination alone.
 
-Output: a table on stderr, JSON on stdout (and ``--json FILE``), ``--plot DIR``
+Output: a table on stdout, JSON with ``--json FILE`` (``-``: stdout), ``--plot DIR``
 coverage-over-time PNGs (one per loss level, a curve per strategy), ``--profile FILE``
 a cProfile dump of the whole run with the top functions on stderr.
 """
@@ -50,7 +50,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import machine_description, write_json
+from bench.common import machine_description, percentile, write_json
 from gwyh_mp.config import Config, ConfigError
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.events import Event, MemberDown, Message
@@ -74,19 +74,36 @@ _state = operator.attrgetter("state")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     strategies = ["all", *(s.value for s in Strategy)]
     g = parser.add_argument_group("cluster")
-    g.add_argument("--nodes", type=int, default=1000)
+    g.add_argument("--nodes", type=int, default=1000, help="simulated nodes")
     g.add_argument("--zones", type=int, default=4, help="zones z0..z{Z-1}, round robin")
-    g.add_argument("--strategy", default="all", choices=strategies)
-    g.add_argument("--subscriptions", type=int, default=5)
-    g.add_argument("--seed", type=int, default=1)
+    g.add_argument(
+        "--strategy",
+        default="all",
+        choices=strategies,
+        help="provider selection strategy to compare (all: each)",
+    )
+    g.add_argument("--subscriptions", type=int, default=5, help="providers per node")
+    g.add_argument("--seed", type=int, default=1, help="random seed: same seed, same result")
     g.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds (LAN preset)")
-    g.add_argument("--missed-heartbeats", type=int, default=3)
+    g.add_argument(
+        "--missed-heartbeats", type=int, default=3, help="heartbeats missed before a DOWN"
+    )
     g.add_argument("--peer-sync-interval", type=float, default=30.0, help="seconds")
-    g.add_argument("--join", choices=["auto", "real", "warm"], default="auto")
+    g.add_argument(
+        "--join",
+        choices=["auto", "real", "warm"],
+        default="auto",
+        help="real: join over the protocol; warm: start with full views; auto: by size",
+    )
     g.add_argument("--join-rate", type=float, default=100.0, help="real join: nodes per sim s")
     g.add_argument("--settle", type=float, default=20.0, help="max sim s to wait after join")
     g = parser.add_argument_group("links")
-    g.add_argument("--latency", choices=["constant", "uniform", "lognormal"], default="lognormal")
+    g.add_argument(
+        "--latency",
+        choices=["constant", "uniform", "lognormal"],
+        default="lognormal",
+        help="one-way latency distribution",
+    )
     g.add_argument("--latency-ms", type=float, default=0.5, help="same-zone median one-way")
     g.add_argument("--cross-zone-ms", type=float, default=20.0, help="cross-zone median")
     g.add_argument(
@@ -98,15 +115,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma list: one broadcast phase per level, in order; detection at the last",
     )
     g = parser.add_argument_group("workload")
-    g.add_argument("--broadcasts", type=int, default=20)
+    g.add_argument("--broadcasts", type=int, default=20, help="broadcasts per loss level")
     g.add_argument("--interval", type=float, default=1.0, help="sim s between broadcasts")
     g.add_argument("--size", type=int, default=100, help="payload bytes")
     g.add_argument("--kill", type=int, default=None, help="nodes to crash (default N/100, 1-10)")
     g.add_argument("--detect-timeout", type=float, default=60.0, help="sim s")
     g.add_argument("--fp-loss", default="0,0.05,0.2", help="loss levels for false positives")
-    g.add_argument("--quiet", type=float, default=30.0, help="sim s per false-positive level")
+    g.add_argument("--fp-seconds", type=float, default=30.0, help="sim s per false-positive level")
     g = parser.add_argument_group("output")
-    g.add_argument("--json", metavar="FILE")
     g.add_argument("--plot", metavar="DIR", help="write coverage-over-time PNGs here")
     g.add_argument("--profile", metavar="FILE", help="cProfile the run; top functions on stderr")
 
@@ -231,12 +247,6 @@ class Recorder:
 
 
 # ---------------------------------------------------------------------------- statistics
-
-
-def percentile(sorted_values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile of an already sorted, non-empty sequence."""
-    rank = max(1, math.ceil(p / 100.0 * len(sorted_values)))
-    return sorted_values[rank - 1]
 
 
 def summarize(values: Sequence[float | None], digits: int = 6) -> dict[str, float | int | None]:
@@ -519,7 +529,7 @@ def false_positives(
         rec.fp_accused = {}
         refute0 = sum(n.core.stats.get("refutations", 0) for n in live)
         isolated0 = sum(n.core.stats.get("isolated", 0) for n in live)
-        net.run_for(args.quiet)
+        net.run_for(args.fp_seconds)
         stale = 0
         for subject in rec.fp_accused:
             for n in live:
@@ -529,7 +539,7 @@ def false_positives(
         out.append(
             {
                 "loss": loss,
-                "quiet_s": args.quiet,
+                "quiet_s": args.fp_seconds,
                 "down_events": rec.fp_events,
                 "accused_nodes": len(rec.fp_accused),
                 "refutations": sum(n.core.stats.get("refutations", 0) for n in live) - refute0,
@@ -566,17 +576,17 @@ def run_strategy(args: argparse.Namespace, strategy: Strategy) -> dict:
         gc.freeze()
     finally:
         gc.enable()
-    progress(strategy, "join", joined["speed"])
+    progress(args, strategy, "join", joined["speed"])
     measured = Clock(net)
     phases = []
     for loss in parse_levels(args.loss):
         link.loss = loss
         phases.append(broadcasts(args, net, rec, rng, loss))
-        progress(strategy, f"broadcasts at {loss:.0%} loss", phases[-1]["speed"])
+        progress(args, strategy, f"broadcasts at {loss:.0%} loss", phases[-1]["speed"])
     detect = detection(args, net, rec, rng)
-    progress(strategy, "detection", detect["speed"])
+    progress(args, strategy, "detection", detect["speed"])
     fps = false_positives(args, net, rec, link)
-    progress(strategy, "false positives", {"wall_s": sum(f["speed"]["wall_s"] for f in fps)})
+    progress(args, strategy, "false positives", {"wall_s": sum(f["speed"]["wall_s"] for f in fps)})
     result = {
         "strategy": strategy.value,
         "join": joined,
@@ -598,9 +608,11 @@ def run_strategy(args: argparse.Namespace, strategy: Strategy) -> dict:
     return result
 
 
-def progress(strategy: Strategy, phase: str, speed: dict) -> None:
+def progress(args: argparse.Namespace, strategy: Strategy, phase: str, speed: dict) -> None:
+    if args.quiet:
+        return
     print(
-        f"bench sim: {strategy.value}: {phase} done, {speed['wall_s']} s wall",
+        f"bench sim: {strategy.value}: {phase} done in {speed['wall_s']:.1f} s",
         file=sys.stderr,
         flush=True,
     )
@@ -626,7 +638,7 @@ def fmt(x: object, scale: float = 1.0, digits: int = 1) -> str:
 
 
 def print_table(result: dict, out: io.TextIOBase | None = None) -> None:
-    out = out or sys.stderr  # type: ignore[assignment]
+    out = out or sys.stdout  # type: ignore[assignment]
     p = result["params"]
 
     def line(text: str) -> None:
@@ -637,57 +649,61 @@ def print_table(result: dict, out: io.TextIOBase | None = None) -> None:
         f"{p['latency_ms']} ms same zone / {p['cross_zone_ms']} ms across, "
         f"{p['subscriptions']} providers, seed {p['seed']}, join {p['join_mode']}"
     )
-    line(
-        f"{'strategy':<14}{'loss':>5}{'reliab':>8}{'min':>7}{'t99 p50':>9}{'p99':>7}"
-        f"{'t100 p50':>9}{'max':>7}{'hop':>5}{'redund':>8}{'pkts':>7}{'xzone':>7}"
-    )
-    line(
-        f"{'':<14}{'':>5}{'mean':>8}{'':>7}{'ms':>9}{'ms':>7}{'ms':>9}{'ms':>7}"
-        f"{'max':>5}{'mean':>8}{'/bc':>7}{'/bc':>7}"
-    )
+    heads = (
+        ("strategy", "", 14), ("loss", "", 5), ("delivered", "mean", 10), ("delivered", "min", 10),
+        ("99 % in", "p50 ms", 9), ("99 % in", "p99 ms", 9), ("all in", "p50 ms", 9),
+        ("all in", "max ms", 9), ("hops", "max", 5), ("extra", "copies", 7),
+        ("packets", "/bcast", 8), ("x-zone", "/bcast", 8),
+    )  # fmt: skip
+    line(f"{heads[0][0]:<14}" + "".join(f"{h:>{w}}" for h, _, w in heads[1:]))
+    line(f"{'':<14}" + "".join(f"{u:>{w}}" for _, u, w in heads[1:]))
     for name, s in result["strategies"].items():
         for b in s["broadcasts"]:
             a = b["aggregate"]
             line(
-                f"{name:<14}{b['loss']:>5.0%}{fmt(a['reliability']['mean'], 1, 4):>8}"
-                f"{fmt(a['reliability']['min'], 1, 3):>7}"
-                f"{fmt(a['t99_s']['p50'], 1000):>9}{fmt(a['t99_s']['p99'], 1000):>7}"
-                f"{fmt(a['t100_s']['p50'], 1000):>9}{fmt(a['t100_s']['max'], 1000):>7}"
-                f"{fmt(a['last_hop']['max'], 1, 0):>5}{fmt(a['redundancy']['mean'], 1, 2):>8}"
-                f"{fmt(a['packets']['mean'], 1, 0):>7}"
-                f"{fmt(a['cross_zone_packets']['mean'], 1, 0):>7}"
+                f"{name:<14}{b['loss']:>5.0%}{fmt(a['reliability']['mean'], 1, 4):>10}"
+                f"{fmt(a['reliability']['min'], 1, 3):>10}"
+                f"{fmt(a['t99_s']['p50'], 1000):>9}{fmt(a['t99_s']['p99'], 1000):>9}"
+                f"{fmt(a['t100_s']['p50'], 1000):>9}{fmt(a['t100_s']['max'], 1000):>9}"
+                f"{fmt(a['last_hop']['max'], 1, 0):>5}{fmt(a['redundancy']['mean'], 1, 2):>7}"
+                f"{fmt(a['packets']['mean'], 1, 0):>8}"
+                f"{fmt(a['cross_zone_packets']['mean'], 1, 0):>8}"
             )
     fp_levels = "/".join(f"{x:.0%}" for x in parse_levels(p["fp_loss"])) or "-"
     line(
-        f"{'strategy':<14}{'join s':>8}{'wall s':>8}{'no-sub':>7}{'killed':>7}"
-        f"{'detect':>8}{'max':>6}  {'FP downs ' + fp_levels:<22}{'sim/wall':>9}{'sim/cpu':>8}"
+        f"{'strategy':<14}{'join sim s':>11}{'join wall s':>12}{'unsubscribed':>13}"
+        f"{'killed':>7}{'detect s':>9}{'max s':>6}  {'false DOWNs at ' + fp_levels:<24}"
+        f"{'sim s/wall s':>13}{'sim s/CPU s':>12}"
     )
     for name, s in result["strategies"].items():
         j, d = s["join"], s["detection"]
         fps = "/".join(str(f["down_events"]) for f in s["false_positives"]) or "-"
         speed = s["speed"]["measured_phases"]
         line(
-            f"{name:<14}{fmt(j['speed']['sim_s'], 1, 1):>8}{fmt(j['speed']['wall_s'], 1, 1):>8}"
-            f"{j['nodes_without_subscribers']:>7}{d['killed']:>7}"
-            f"{fmt(d['all_s']['mean'], 1, 1):>8}{fmt(d['all_s']['max'], 1, 1):>6}  "
-            f"{fps:<22}{fmt(speed['sim_per_wall'], 1, 2):>9}{fmt(speed['sim_per_cpu'], 1, 2):>8}"
+            f"{name:<14}{fmt(j['speed']['sim_s'], 1, 1):>11}{fmt(j['speed']['wall_s'], 1, 1):>12}"
+            f"{j['nodes_without_subscribers']:>13}{d['killed']:>7}"
+            f"{fmt(d['all_s']['mean'], 1, 1):>9}{fmt(d['all_s']['max'], 1, 1):>6}  "
+            f"{fps:<24}{fmt(speed['sim_per_wall'], 1, 2):>13}"
+            f"{fmt(speed['sim_per_cpu'], 1, 2):>12}"
         )
     # Speed per phase: a broadcast costs every node ~15 events (copies in and out, tail
     # probes, timers), an idle second ~3, so the phases differ by an order of magnitude.
     first = next(iter(result["strategies"].values()), None)
     if first is not None:
-        heads = [f"bc {b['loss']:.0%}" for b in first["broadcasts"]] + ["detect"]
-        heads += [f"quiet {f['loss']:.0%}" for f in first["false_positives"]]
-        line(f"{'sim s per CPU s':<16}" + "".join(f"{h:>10}" for h in heads))
+        phase_heads = [f"bcast@{b['loss']:.0%}" for b in first["broadcasts"]] + ["detect"]
+        phase_heads += [f"idle@{f['loss']:.0%}" for f in first["false_positives"]]
+        line(f"{'sim s per CPU s':<16}" + "".join(f"{h:>10}" for h in phase_heads))
         for name, s in result["strategies"].items():
             phases = [*s["broadcasts"], s["detection"], *s["false_positives"]]
             cells = "".join(f"{fmt(ph['speed']['sim_per_cpu'], 1, 2):>10}" for ph in phases)
             line(f"{name:<16}{cells}")
     line(
-        "(t99/t100: time to 99 %/100 % of the other live nodes; redund: copies received per "
-        "delivery - 1; no-sub: nodes nobody subscribes to; detect: s until every live node "
-        "has the DOWN; FP downs: MemberDown events about live nodes; sim/wall, sim/cpu: "
-        "simulated s per wall or CPU s after the join)"
+        "(99 % in / all in: time until 99 % / all of the other live nodes have a broadcast; "
+        "extra copies: copies received per delivery - 1; unsubscribed: nodes nobody "
+        "subscribes to; detect: s until every live node has the DOWN; false DOWNs: "
+        "MemberDown events about live nodes per loss level; sim s/wall s, sim s/CPU s: "
+        "simulated seconds per wall or CPU second after the join; bcast@L, idle@L: "
+        "broadcast and idle phases at loss L)"
     )
 
 

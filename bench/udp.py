@@ -10,31 +10,33 @@ slices so VM noise hits all variants alike:
   ``recvfrom_into`` and ``BatchReceiver`` (fallback, and recvmmsg). Every variant
   touches each datagram's payload and source address, as a node would.
 
-Every loop is bounded by both time and packet count. Output: JSON on stdout (and in
-``--json FILE``) with machine info, per-variant rates and the mmsg/plain ratios.
+Every loop is bounded by both time and packet count. Output: datagrams/s
+per variant on stdout; ``--json FILE`` adds machine info and the mmsg/plain ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import socket
 import sys
 import time
 from collections.abc import Callable
-from itertools import pairwise
 from pathlib import Path
 
-import orjson
-
+from bench.common import (
+    counter_delta,
+    machine_description,
+    rcvbuf_errors,
+    set_big_buffers,
+    write_json,
+)
 from gwyh_mp.runtime import mmsg
 from gwyh_mp.runtime.mmsg import BatchReceiver, BatchSender
 
 HOST = "127.0.0.1"
 SLICE_S = 0.25  # interleaving granularity of the send variants
 MAX_PACKETS = 50_000_000  # per variant; time is the real bound
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,55 +47,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fill", type=int, default=100_000, help="datagrams queued per drain round (upper bound)"
     )
     parser.add_argument("--rcvbuf-mib", type=int, default=256, help="drain socket buffer request")
-    parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write here")
-
-
-def _read(path: str) -> str | None:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return None
 
 
 def machine_info() -> dict[str, object]:
-    cpuinfo = _read("/proc/cpuinfo") or ""
-    model = next(
-        (ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")),
-        platform.processor() or None,
-    )
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    rmem_max = _read("/proc/sys/net/core/rmem_max")
+    """The common machine description plus what decides this bench's figures."""
+    try:
+        rmem_max: int | None = int(Path("/proc/sys/net/core/rmem_max").read_text())
+    except (OSError, ValueError):
+        rmem_max = None
     return {
-        "platform": platform.platform(),
-        "kernel": platform.release(),
-        "machine": platform.machine(),
-        "cpu_model": model,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "python": sys.version.split()[0],
-        "implementation": platform.python_implementation(),
+        **machine_description(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "mmsg_available": mmsg.MMSG_AVAILABLE,
-        "rmem_max": int(rmem_max) if rmem_max else None,
+        "rmem_max": rmem_max,
     }
-
-
-def rcvbuf_errors() -> int | None:
-    """Kernel-wide UDP RcvbufErrors counter (drops on full socket buffers)."""
-    lines = [ln.split() for ln in (_read("/proc/net/snmp") or "").splitlines()]
-    for head, vals in pairwise(lines):
-        if head and head[0] == "Udp:" and vals and vals[0] == "Udp:" and "RcvbufErrors" in head:
-            return int(vals[head.index("RcvbufErrors")])
-    return None
 
 
 def _udp(rcvbuf: int | None = None) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     if rcvbuf:
-        try:  # needs CAP_NET_ADMIN; bypasses rmem_max
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        set_big_buffers(sock, rcvbuf)
     sock.bind((HOST, 0))
     sock.setblocking(False)
     return sock
@@ -172,9 +145,7 @@ def bench_send(args: argparse.Namespace, data: bytes) -> dict[str, object]:
                 spent[name] += time.perf_counter() - start
         drops1 = rcvbuf_errors()
         out: dict[str, object] = {v: _rate(packets[v], spent[v]) for v in variants}
-        out["sink_rcvbuf_errors"] = (
-            drops1 - drops0 if drops0 is not None and drops1 is not None else None
-        )
+        out["sink_rcvbuf_errors"] = counter_delta(drops0, drops1)
         return out
     finally:
         sink.close()
@@ -291,7 +262,7 @@ def bench_drain(args: argparse.Namespace, data: bytes) -> dict[str, object]:
             fill_per_round=fill,
             rounds=rounds,
             lost_while_filling=lost,
-            rcvbuf_errors=drops1 - drops0 if drops0 is not None and drops1 is not None else None,
+            rcvbuf_errors=counter_delta(drops0, drops1),
         )
         return out
     finally:
@@ -301,7 +272,10 @@ def bench_drain(args: argparse.Namespace, data: bytes) -> dict[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     if args.seconds <= 0 or not 0 <= args.size <= 65507 or args.batch < 1 or args.fill < 1:
-        print("bench udp: need --seconds > 0, 0 <= --size <= 65507, --batch/--fill >= 1")
+        print(
+            "bench udp: need --seconds > 0, 0 <= --size <= 65507, --batch/--fill >= 1",
+            file=sys.stderr,
+        )
         return 2
     t0 = time.perf_counter()
     data = os.urandom(args.size)
@@ -328,8 +302,17 @@ def run(args: argparse.Namespace) -> int:
         },
         "wall_s": round(time.perf_counter() - t0, 2),
     }
-    blob = orjson.dumps(report, option=orjson.OPT_INDENT_2)
-    sys.stdout.write(blob.decode() + "\n")
-    if args.json is not None:
-        args.json.write_bytes(blob + b"\n")
+    print_table(report)
+    write_json(args.json, report)
     return 0
+
+
+def print_table(report: dict) -> None:
+    """Datagrams per second of each variant, on stdout."""
+    print(f"{'part':<6}{'variant':<18}{'datagrams/s':>14}")
+    for part in ("send", "drain"):
+        for variant, figures in report[part].items():
+            if isinstance(figures, dict) and "pps" in figures:
+                print(f"{part:<6}{variant:<18}{figures['pps']:>14,.0f}")
+    ratios = ", ".join(f"{k} x{v}" for k, v in report["ratios"].items() if v is not None)
+    print(f"ratios: {ratios}")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from gwyh_mp.config import Config
 from gwyh_mp.protocol.events import Message
 from gwyh_mp.protocol.node import NodeCore
+from gwyh_mp.runtime.udp import set_buffers
 
 Addr = tuple[str, int]
 RECV_PER_WAKEUP = 64  # bound one socket's turn so timers and other sockets still run
@@ -110,11 +111,7 @@ class PeerDriver:
         """A fresh peer: new socket on 127.0.0.1:0, new node id, bootstrapping."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
-                except OSError:
-                    pass
+            set_buffers(sock, SOCKET_BUFFER_BYTES)
             sock.bind(("127.0.0.1", 0))
             sock.setblocking(False)
         except BaseException:

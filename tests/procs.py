@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,13 +14,11 @@ from pathlib import Path
 
 import orjson
 
+from bench.common import free_udp_port
+
+__all__ = ["free_udp_port"]  # the one port helper, shared with the benches
+
 NODE_CMD = [sys.executable, "-m", "gwyh_mp.cli"]
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def node_args(port: int, key: str, *extra: str) -> list[str]:

@@ -7,7 +7,6 @@ the figures it reports agree with each other, never performance.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,8 +15,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from bench import load
+from bench import load_report
+from bench.load import MAX_DEFAULT_PROCS, default_procs
 from bench.virtual_peers import ensure_fd_limit
+from tests.procs import free_udp_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--duration", "2", "--rate", "10", "--settle", "0.5", "--drain", "4", "--quiet"]
@@ -85,10 +86,9 @@ def test_spawned_node_reports_consistent_figures(tmp_path: Path) -> None:
         "--json", str(out), "--plot", str(plots),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-    printed = orjson.loads(proc.stdout)
     result = orjson.loads(out.read_bytes())
-    assert printed == result
-    assert b"steady: sent" in proc.stderr  # the human summary goes to stderr
+    table = proc.stdout.decode()  # the human table goes to stdout, JSON only to the file
+    assert "p99 ms" in table and table.count("\nsteady ") == 1 and "generator" in table
 
     assert result["bench"] == "load" and result["mode"] == "spawned"
     assert result["measured_at"] == "node"
@@ -119,16 +119,34 @@ def test_spawned_node_reports_consistent_figures(tmp_path: Path) -> None:
     assert sorted(Path(p).name for p in result["plots"]) == pngs
 
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_peers_sharded_over_generator_processes(tmp_path: Path) -> None:
+    out = tmp_path / "load.json"
+    proc = _bench(
+        "--peers", "20", "--procs", "2", *TINY, "--churn", "1", "--churn-duration", "2",
+        "--json", str(out), timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    result = orjson.loads(out.read_bytes())
+    assert result["params"]["procs"] == result["generator_procs"] == 2
+    join = result["join"]
+    assert join["completed"] and join["joined"] == 20 and join["join_time_s"]["count"] == 20
+    for name in ("steady", "churn"):
+        block = result[name]
+        _check_node_block(block)
+        # Each generator process reported its CPU and loop lag in every phase.
+        assert sorted(g["process"] for g in block["generator"]) == [0, 1]
+        assert block["generator_saturated"] in (True, False)
+    _check_samples(result)
+    assert {tuple(sorted(g[0] for g in s["gen_procs"])) for s in result["samples"][-3:]} == {(0, 1)}
+    assert result["generator"]["peers_created"] >= 20
+    roles = {p["role"] for p in result["resources"]["node_processes"]}
+    assert "coordinator" in roles
 
 
 def test_target_mode_measures_at_virtual_peers(tmp_path: Path) -> None:
     key = tmp_path / "k.key"
     key.write_bytes(b"a-test-key-for-bench-load-0123456789\n")
-    port = _free_udp_port()
+    port = free_udp_port()
     node = subprocess.Popen(
         [
             sys.executable, "-m", "gwyh_mp.cli", "--bind", f"127.0.0.1:{port}",
@@ -144,12 +162,13 @@ def test_target_mode_measures_at_virtual_peers(tmp_path: Path) -> None:
         proc = _bench(
             "--target", f"127.0.0.1:{port}", "--psk-file", str(key),
             "--target-pid", str(node.pid), "--peers", "5", *TINY, "--churn", "0",
+            "--json", "-",
         )  # fmt: skip
     finally:
         node.send_signal(signal.SIGTERM)
         node.wait(10)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-    result = orjson.loads(proc.stdout)
+    result = orjson.loads(proc.stdout[: proc.stdout.rindex(b"}") + 1])  # then the table
     assert result["mode"] == "target" and result["measured_at"] == "virtual-peers"
     assert result["join"]["joined"] == 5
     steady = result["steady"]
@@ -194,7 +213,7 @@ def test_ensure_fd_limit_keeps_enough() -> None:
 
 def test_percentiles_are_nearest_rank() -> None:
     values = [i * 1_000_000 for i in range(1, 1001)]  # 1..1000 ms
-    pct = load.percentiles_ms(values)
+    pct = load_report.percentiles_ms(values)
     assert pct["count"] == 1000
     assert (pct["p50"], pct["p90"], pct["p99"], pct["p99_9"], pct["max"]) == (
         500.0,
@@ -203,4 +222,11 @@ def test_percentiles_are_nearest_rank() -> None:
         999.0,
         1000.0,
     )
-    assert load.percentiles_ms([])["p50"] is None
+    assert load_report.percentiles_ms([])["p50"] is None
+
+
+def test_default_procs_grow_with_peers_and_rate() -> None:
+    assert default_procs(5, 1) == 1
+    assert default_procs(1000, 10) <= default_procs(5000, 10) <= default_procs(5000, 100)
+    assert default_procs(5000, 10) > 1
+    assert default_procs(10**6, 1000) == MAX_DEFAULT_PROCS
