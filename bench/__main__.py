@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "load": ("bench.load", "thousands of virtual peers against one node"),
     "sim": ("bench.sim", "discrete-event simulation of the real protocol core"),
     "large": ("bench.large", "large-message goodput and delivery under loss"),
+    "membership": ("bench.membership", "convergence, crash detection and false DOWNs"),
     "ipc": ("bench.ipc", "inter-process hand-off: shared-memory ring vs multiprocessing.Queue"),
     "udp": ("bench.udp", "batched recvmmsg/sendmmsg vs plain socket calls"),
 }
