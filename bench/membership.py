@@ -70,6 +70,7 @@ FIGURES = (
     "declared_down",
     "packets_in_per_node_per_s",
     "bytes_out_per_node_per_s",
+    "loop_lag_max_s",
 )
 
 
@@ -257,6 +258,41 @@ class Tracker:
         }
 
 
+class LoopLag:
+    """How late this event loop wakes up (a timer every ``PROBE_S``): nodes sharing a
+    starved loop send heartbeats late, which is what false DOWNs on a busy machine
+    come from."""
+
+    PROBE_S = 0.05
+
+    def __init__(self) -> None:
+        self.lags: list[float] = []
+        self._task = asyncio.create_task(self._probe())
+
+    async def _probe(self) -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(self.PROBE_S)
+            self.lags.append(time.monotonic() - before - self.PROBE_S)
+
+    def figures(self) -> dict[str, float | None]:
+        self._task.cancel()
+        lags = sorted(self.lags)
+        if not lags:
+            return {"loop_lag_max_s": None, "loop_lag_p99_s": None}
+        return {
+            "loop_lag_max_s": _round(lags[-1]),
+            "loop_lag_p99_s": _round(lags[min(len(lags) - 1, int(len(lags) * 0.99))]),
+        }
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def _round(x: float) -> float:
     return round(x, 4)
 
@@ -422,7 +458,9 @@ async def gwyh_round(args: argparse.Namespace, log: Callable[[str], None]) -> di
         quiet_from = time.monotonic()
         packets0 = sum(node.stats().get("packets_in", 0) for node in nodes)
         declared0 = sum(node.stats().get("declared_down", 0) for node in nodes)
+        lag = LoopLag()
         await asyncio.sleep(args.quiet_period)
+        lag_figures = lag.figures()
         quiet_to = time.monotonic()
         packets1 = sum(node.stats().get("packets_in", 0) for node in nodes)
         declared = sum(node.stats().get("declared_down", 0) for node in nodes) - declared0
@@ -433,6 +471,7 @@ async def gwyh_round(args: argparse.Namespace, log: Callable[[str], None]) -> di
         tracker.recording = False
         out = tracker.figures(quiet_from, quiet_to)
         out["declared_down"] = declared
+        out.update(lag_figures)
         span = max(quiet_to - quiet_from, 1e-9)
         out["packets_in_per_node_per_s"] = round((packets1 - packets0) / (n - 1) / span, 1)
         rate = relay.bytes_between(quiet_from, quiet_to) if relay else None
@@ -611,6 +650,7 @@ async def processes_round(
             rate = relay.bytes_between(quiet_from, quiet_to) if relay else None
             out["bytes_out_per_node_per_s"] = round(rate / n, 1) if rate is not None else None
             out["time_resolution_s"] = STATS_INTERVAL_S
+            out["loop_lag_max_s"] = None  # every node has its own loop
             out["startup_s"] = _round(tracker.started_at - spawned)
             return out
         finally:
@@ -657,7 +697,9 @@ async def kinship_round(args: argparse.Namespace, log: Callable[[str], None]) ->
         quiet_from = time.monotonic()
         packets0 = sum(c.stats().packets_received for c in clusters)
         suspicions0 = sum(c.stats().suspicions for c in clusters)
+        lag = LoopLag()  # kinship's protocol runs on its own threads; this is ours
         await asyncio.sleep(args.quiet_period)
+        lag_figures = lag.figures()
         quiet_to = time.monotonic()
         packets1 = sum(c.stats().packets_received for c in clusters)
         suspicions = sum(c.stats().suspicions for c in clusters) - suspicions0
@@ -670,6 +712,7 @@ async def kinship_round(args: argparse.Namespace, log: Callable[[str], None]) ->
         out = tracker.figures(quiet_from, quiet_to)
         out["declared_down"] = None
         out["suspicions_started"] = suspicions
+        out.update(lag_figures)
         span = max(quiet_to - quiet_from, 1e-9)
         out["packets_in_per_node_per_s"] = round((packets1 - packets0) / n / span, 1)
         out["bytes_out_per_node_per_s"] = None
@@ -747,12 +790,14 @@ async def run_all(args: argparse.Namespace, log: Callable[[str], None]) -> list[
     for k in range(args.repeat):
         for system in systems:  # interleaved, so machine noise hits every system alike
             log(f"round {k + 1}/{args.repeat}: {system['system']} {args.preset} N={args.nodes}")
+            load = _loadavg()
             if system["system"] == "kinship":
                 result = await kinship_round(args, log)
             elif args.processes:
                 result = await processes_round(args, log, preset_flags)
             else:
                 result = await gwyh_round(args, log)
+            result["loadavg_1m_at_start"] = load
             log("  " + ", ".join(f"{key}={result.get(key)}" for key in FIGURES))
             system["runs"].append(result)
     for system in systems:
@@ -785,6 +830,7 @@ def format_table(result: dict[str, Any]) -> str:
         ("accused", 7),
         ("pkts/s/node", 11),
         ("B/s/node", 9),
+        ("lag max s", 9),
     ]
     lines = [head, "  ".join(name.rjust(width) for name, width in cols)]
     for system in result["systems"]:
@@ -801,6 +847,7 @@ def format_table(result: dict[str, Any]) -> str:
             _cell(m["accused_live_nodes"], 0),
             _cell(m["packets_in_per_node_per_s"], 1),
             _cell(m["bytes_out_per_node_per_s"], 0),
+            _cell(m["loop_lag_max_s"], 2),
         ]
         lines.append("  ".join(c.rjust(width) for c, (_, width) in zip(cells, cols, strict=True)))
     missed = [
@@ -810,7 +857,10 @@ def format_table(result: dict[str, Any]) -> str:
         if r["crash_all_s"] is None
     ]
     lines += missed
-    lines.append("(- : not measured; crash times are from the crash to the survivor's report)")
+    lines.append(
+        "(- : not measured; crash times run from the crash to the survivor's report; "
+        "lag max: how late this process's event loop woke up during the quiet period)"
+    )
     return "\n".join(lines)
 
 
