@@ -376,16 +376,26 @@ def preset_config(preset: str, **overrides: object) -> Config:
 def _victim_main(conn: multiprocessing.connection.Connection) -> None:
     """Child process: one node that the parent SIGKILLs. Protocol on ``conn``: send
     "ready"; receive a Config; send (node_id, address); receive the number of others to
-    wait for; send the monotonic time it saw them all UP; then idle until killed."""
+    wait for; send the monotonic time it saw them all UP; then idle until killed. If the
+    parent dies first, the pipe's end of file ends this process too."""
+
+    def parent_gone() -> None:
+        with contextlib.suppress(EOFError, OSError):
+            while True:
+                conn.recv()
 
     async def main() -> None:
         config: Config = conn.recv()
         node = await Node(config).start()
         conn.send((node.node_id, node.address))
         others: int = await asyncio.to_thread(conn.recv)
-        await node.wait_for_members(others, timeout=3600)
-        conn.send(time.monotonic())
-        await asyncio.Event().wait()
+        orphaned = asyncio.create_task(asyncio.to_thread(parent_gone))
+        converged = asyncio.create_task(node.wait_for_members(others, timeout=3600))
+        await asyncio.wait([orphaned, converged], return_when=asyncio.FIRST_COMPLETED)
+        if converged.done() and not converged.exception():
+            conn.send(time.monotonic())
+            await orphaned
+        os._exit(0)  # no goodbye: to the cluster this is a crash like the SIGKILL
 
     conn.send("ready")
     _run_loop(main())
@@ -819,6 +829,17 @@ def _median_or_none(values: list[Any]) -> float | None:
     return round(median(present), 4) if present else None
 
 
+async def _interruptible(work: Any) -> Any:
+    """SIGINT/SIGTERM cancel the run, so every round's cleanup (nodes, victim process,
+    relay) still happens."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    return await work
+
+
 def format_table(result: dict[str, Any]) -> str:
     params = result["params"]
     head = (
@@ -840,6 +861,10 @@ def format_table(result: dict[str, Any]) -> str:
         ("B/s/node", 9),
         ("lag max s", 9),
     ]
+    loads = [r["loadavg_1m_at_start"] for x in result["systems"] for r in x["runs"]]
+    loads = [x for x in loads if x is not None]
+    if loads:  # a shared machine: say how busy it was
+        head += f"; load average {min(loads):.1f}-{max(loads):.1f} at round starts"
     lines = [head, "  ".join(name.rjust(width) for name, width in cols)]
     for system in result["systems"]:
         m = system["median"]
@@ -892,7 +917,11 @@ def run(args: argparse.Namespace) -> int:
     result["machine"] = machine_description()
     result["machine"]["packages"]["kinship"] = _version("kinship")
     wall0 = time.perf_counter()
-    result["systems"] = _run_loop(run_all(args, log))
+    try:
+        result["systems"] = _run_loop(_interruptible(run_all(args, log)))
+    except asyncio.CancelledError:
+        print("bench membership: interrupted; nodes stopped, nothing written", file=sys.stderr)
+        return 130
     result["wall_s"] = round(time.perf_counter() - wall0, 2)
     table = format_table(result)
     data = orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n"
