@@ -437,12 +437,13 @@ class Victim:
 async def gwyh_round(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     n = args.nodes
     victim = Victim()
-    await victim.recv(args.timeout)  # imports done: they must not count as convergence
-    ports = [free_udp_port() for _ in range(n)]
-    relay = Relay(ports, args.loss, args.seed) if args.loss is not None else None
+    relay: Relay | None = None
     nodes: list[Node] = []
     watchers: list[asyncio.Task[None]] = []
     try:
+        await victim.recv(args.timeout)  # imports done: they must not count as convergence
+        ports = [free_udp_port() for _ in range(n)]
+        relay = Relay(ports, args.loss, args.seed) if args.loss is not None else None
         tracker = Tracker(n, list(range(n - 1)), expected_external=1)
 
         def config(i: int, seed: tuple[str, int] | None) -> Config:
@@ -464,6 +465,10 @@ async def gwyh_round(args: argparse.Namespace, log: Callable[[str], None]) -> di
         victim.conn.send(config(n - 1, seed_addr))
         for i in range(1, n - 1):
             nodes.append(await Node(config(i, seed_addr)).start())
+            # start() does not yield; without this the started nodes would not read a
+            # datagram until all are up, and then face every retransmitted handshake
+            # at once, unlike nodes started anywhere else.
+            await asyncio.sleep(0)
         victim_id, _ = await victim.recv(args.timeout)
         tracker.running_at = time.monotonic()
         victim.conn.send(n - 1)
