@@ -17,7 +17,6 @@ every crash found belongs in tests/test_fuzz_regressions.py.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -49,7 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--artifacts", type=Path, default=Path("."), help="where a crashing input is written"
     )
     parser.add_argument("--replay", type=Path, default=None, help="run one input file and exit")
-    parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,10 +78,17 @@ def run(args: argparse.Namespace) -> int:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         elapsed = time.monotonic() - started
     summary = _summarize(args, proc.returncode, proc.stderr + proc.stdout, elapsed)
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.write_text(text + "\n")
+    # Imported here, not at the top: the fuzzing child must import gwyh_mp only under
+    # atheris' instrumentation, or it sees no coverage.
+    from bench.common import write_json
+
+    if args.json != "-":
+        print(
+            f"fuzz {summary['target']}: {summary['runs']} runs in {elapsed:.1f} s, "
+            f"{summary['coverage_edges']} edges, "
+            f"{'CRASHED' if summary['crashed'] else 'no crash'}"
+        )
+    write_json(args.json, summary)
     if summary["crashed"]:
         sys.stderr.write(proc.stderr[-4000:])
     return 1 if summary["crashed"] or summary["runs"] == 0 else 0
@@ -138,7 +143,7 @@ def _replay(target: str, path: Path) -> int:
     from bench.fuzz_targets import TARGETS
 
     TARGETS[target](path.read_bytes())
-    print(json.dumps({"target": target, "input": str(path), "ok": True}))
+    print(f"replay {target} {path}: ok")
     return 0
 
 

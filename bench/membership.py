@@ -44,14 +44,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from bench.common import machine_description, median, node_command
-from gwyh_mp.api import Node
+from gwyh_mp.api import MemberEvent, Node
 from gwyh_mp.config import Config
 from gwyh_mp.protocol.events import MemberDown, MemberUp
 
@@ -119,9 +119,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="also run this system's preset of the same name (pip install '.[compare]')",
     )
-    g = parser.add_argument_group("output")
-    g.add_argument("--json", metavar="FILE", help="write the JSON result here ('-': stdout)")
-    g.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
 def check_args(args: argparse.Namespace) -> str | None:
@@ -511,9 +508,19 @@ async def gwyh_round(args: argparse.Namespace, log: Callable[[str], None]) -> di
             relay.stop()
 
 
-async def _watch_gwyh(node: Node, index: int, tracker: Tracker) -> None:
-    up: set[bytes] = set()
-    async for event in node.member_events():
+def _watch_gwyh(node: Node, index: int, tracker: Tracker) -> Coroutine[Any, Any, None]:
+    """Open the node's event stream now (a stream sees events from the moment it is
+    opened) and start from its current view; the returned coroutine follows changes."""
+    events = node.member_events()
+    up = {m.node_id for m in node.members() if m.is_up}
+    tracker.set_count(index, len(up))
+    return _follow_gwyh(events, up, index, tracker)
+
+
+async def _follow_gwyh(
+    events: AsyncIterator[MemberEvent], up: set[bytes], index: int, tracker: Tracker
+) -> None:
+    async for event in events:
         subject = event.member.node_id
         if isinstance(event, MemberUp):
             up.add(subject)

@@ -243,7 +243,7 @@ def test_insider_1_byte_fragment_flood_holds_nothing_and_is_not_relayed() -> Non
     for msg_id, data in honest_msgs.items():
         assert delivered(victim, msg_id) == [data]
     for node in (victim, honest):
-        r = node.core.reassembler
+        r = node.core.large.reassembler
         assert len(r) == 0 and r.held_bytes == 0 and r.total_bytes == 0
         # Every forged fragment was seen once, straight from the attacker: no hop relayed it.
         assert r.stats["rejected:bad_fragment_size"] == injected, dict(r.stats)

@@ -57,7 +57,7 @@ def test_bounded_fuzz_run_finds_nothing(target: str, tmp_path: Path) -> None:
     summary = json.loads(summary_file.read_text())
     assert summary["target"] == target and not summary["crashed"], summary
     assert summary["runs"] > 0 and summary["coverage_edges"] > 0, summary
-    assert json.loads(proc.stdout) == summary
+    assert f"fuzz {target}:" in proc.stdout and "no crash" in proc.stdout
 
 
 @pytest.mark.parametrize("target", fuzz.TARGET_NAMES)
@@ -77,7 +77,7 @@ def test_replay_runs_one_input(tmp_path: Path) -> None:
         timeout=60,
         check=True,
     )
-    assert json.loads(out.stdout)["ok"] is True
+    assert out.stdout.strip().endswith(": ok")
 
 
 def test_help_shows_defaults() -> None:

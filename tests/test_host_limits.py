@@ -122,6 +122,7 @@ def test_a_clamped_socket_buffer_names_the_sysctl(monkeypatch: pytest.MonkeyPatc
 def test_node_in_a_tiny_dev_shm_fails_with_one_clear_line(tmp_path: Path) -> None:
     key = tmp_path / "k"
     key.write_bytes(b"host-limits-test-key-0123456789\n")
+    key.chmod(0o600)
     # A private mount namespace with a 2 MiB /dev/shm, like a starved container.
     script = (
         "mount -t tmpfs -o size=2m tmpfs /dev/shm && exec "
