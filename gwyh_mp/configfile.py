@@ -183,14 +183,6 @@ def read_env(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> dic
 _UNSET = object()
 
 
-def _config_path(argv: Sequence[str], environ: Mapping[str, str]) -> str | None:
-    """``--config`` from the command line (the last one wins), else ``$GWYH_CONFIG``."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(list(argv))
-    return known.config or environ.get(CONFIG_ENV) or None
-
-
 def parse_layered(
     parser: argparse.ArgumentParser,
     argv: Sequence[str],
@@ -198,12 +190,11 @@ def parse_layered(
 ) -> Layered:
     """Parse ``argv`` over the environment over the config file over the defaults.
 
-    Raises ConfigFileError for the file and the environment; argparse errors (the
-    command line, a required option given nowhere) exit through ``parser.error``."""
+    The command line is parsed first, alone, so it is checked before any file is read
+    and ``--config`` (else ``$GWYH_CONFIG``) says which file. Raises ConfigFileError
+    for the file and the environment; argparse errors (the command line, a required
+    option given nowhere) exit through ``parser.error``."""
     environ = os.environ if environ is None else environ
-    path = _config_path(argv, environ)
-    from_file = read_file(parser, path) if path else {}
-    from_env = read_env(parser, environ)
     actions = list(options(parser).values())
     saved = [(a, a.default, a.required) for a in actions]
     try:
@@ -215,6 +206,9 @@ def parse_layered(
     finally:
         for action, default, required in saved:
             action.default, action.required = default, required
+    path = args.config or environ.get(CONFIG_ENV) or None
+    from_file = read_file(parser, path) if path else {}
+    from_env = read_env(parser, environ)
     sources: dict[str, str] = {}
     missing = []
     for action in actions:
