@@ -627,14 +627,19 @@ def _reserve_std_fds() -> None:
 
 
 def run(argv: Sequence[str], prog: str = PROG) -> int:
-    args = configfile.parse_or_exit(build_run_parser(prog), argv).args
+    parser = build_run_parser(prog)
+    layered = configfile.parse_or_exit(parser, argv)
+    args = layered.args
     logs.setup(args.log_level, args.log_format)
     if args.log_level_file:
         logs.set_level(_read_log_level(args.log_level_file))
     data_dir = DataDir(args.data_dir) if args.data_dir else None
     try:
         node_id = data_dir.open() if data_dir is not None else None
-        config = config_from_args(args, node_id)
+        try:
+            config = config_from_args(args, node_id)
+        except CliError as exc:  # name the config file or variable, if one set it
+            raise CliError(configfile.name_origin(str(exc), parser, layered)) from None
         return _run_loop(NodeProgram(args, config).run())
     except IdentityError as exc:
         raise CliError(str(exc)) from None

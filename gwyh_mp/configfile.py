@@ -235,6 +235,21 @@ def parse_layered(
     return Layered(args, sources, path)
 
 
+def name_origin(message: str, parser: argparse.ArgumentParser, layered: Layered) -> str:
+    """Re-address a later error about ``--flag`` to the file or variable that set it:
+    ``--zone must be ...`` -> ``/etc/gwyh/node.toml: zone must be ...``."""
+    for key, action in options(parser).items():
+        flag = f"--{key}"
+        if not message.startswith(flag) or message[len(flag) : len(flag) + 1] not in " :":
+            continue
+        source = layered.sources.get(action.dest, "")
+        if source.startswith("$"):
+            return f"environment: {source[1:]}{message[len(flag) :]}"
+        if source == layered.config_path:
+            return f"{source}: {key}{message[len(flag) :]}"
+    return message
+
+
 def _key_of(action: argparse.Action) -> str:
     return next(s for s in action.option_strings if s.startswith("--"))[2:]
 

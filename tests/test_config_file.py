@@ -174,6 +174,18 @@ def test_node_refuses_to_start_on_a_bad_file_or_variable(tmp_path: Path) -> None
     assert out.returncode == 2 and out.stderr.startswith("gwyh-node: error: environment: GWYH_BIND")
     out = _gwyh(env={})
     assert out.returncode == 2 and "--psk-file" in out.stderr and "GWYH_" in out.stderr
+    # A value that passes its flag's type but not the node's own checks still names its origin.
+    key = write_key(tmp_path, "cluster.key", KEY)
+    long_zone = _toml(tmp_path / "zone.toml", f'zone = "{"z" * 100}"\n')
+    out = _gwyh("--config", long_zone, "--psk-file", key, "--no-control")
+    assert out.returncode == 1
+    assert out.stderr.endswith(
+        f"gwyh-node: error: {long_zone}: zone must be at most 64 bytes of UTF-8\n"
+    )
+    out = _gwyh("--psk-file", key, "--no-control", env={"GWYH_ZONE": "z" * 100})
+    assert out.stderr.endswith(
+        "gwyh-node: error: environment: GWYH_ZONE must be at most 64 bytes of UTF-8\n"
+    )
 
 
 # ---------------------------------------------------------------- config check / show
