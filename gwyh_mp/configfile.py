@@ -86,7 +86,8 @@ def _is_switch(action: argparse.Action) -> bool:
 
 
 def _is_repeatable(action: argparse.Action) -> bool:
-    return isinstance(action, argparse._AppendAction)
+    """Flags whose value is a list: append/extend, or several words (``nargs="+"``)."""
+    return isinstance(action, argparse._AppendAction) or action.nargs in ("+", "*")
 
 
 def _convert_text(action: argparse.Action, text: str) -> Any:
@@ -206,7 +207,7 @@ def parse_layered(
     finally:
         for action, default, required in saved:
             action.default, action.required = default, required
-    path = args.config or environ.get(CONFIG_ENV) or None
+    path = getattr(args, "config", None) or environ.get(CONFIG_ENV) or None
     from_file = read_file(parser, path) if path else {}
     from_env = read_env(parser, environ)
     sources: dict[str, str] = {}

@@ -295,3 +295,32 @@ def test_nodes_started_from_a_config_file_and_from_the_environment_alone(
             proc.wait(10)
             if proc.stdin is not None:
                 proc.stdin.close()
+
+
+def test_flags_added_later_need_no_change_here(tmp_path: Path) -> None:
+    # The shapes other options take: a free string, a repeatable KEY=VALUE, a bounded
+    # integer, a list of words.
+    from gwyh_mp.cliargs import Parser, int_range
+
+    parser = Parser(prog="gwyh-node")
+    configfile.add_config_option(parser)
+    parser.add_argument("--name")
+    parser.add_argument("--tag", action="append", default=[])
+    parser.add_argument("--max-members", type=int_range(2, 100), default=10)
+    parser.add_argument("--words", nargs="+")
+    path = _toml(
+        tmp_path / "n.toml",
+        'name = "web-1"\ntag = ["role=web", "dc=1"]\nmax-members = 50\nwords = ["a", "b"]\n',
+    )
+    args = configfile.parse_layered(parser, ["--config", path], {"GWYH_NAME": "web-2"}).args
+    assert (args.name, args.tag, args.max_members, args.words) == (
+        "web-2",
+        ["role=web", "dc=1"],
+        50,
+        ["a", "b"],
+    )
+    args = configfile.parse_layered(parser, ["--words", "c"], {"GWYH_TAG": "x=1 y=2"}).args
+    assert args.tag == ["x=1", "y=2"] and args.words == ["c"] and args.max_members == 10
+    bad = _toml(tmp_path / "bad.toml", "max-members = 1000\n")
+    with pytest.raises(configfile.ConfigFileError, match=f"^{bad}: max-members: '1000' must be"):
+        configfile.parse_layered(parser, ["--config", bad], {})
