@@ -84,6 +84,9 @@ def _epilog() -> str:
     lines.append(f"  {'config':<9} check a config file, or show the effective configuration")
     for name, (_, _, summary) in ctl.COMMANDS.items():
         lines.append(f"  {name:<9} {summary} (control socket)")
+    lines.append("")
+    lines.append("every option is also a --config file key (heartbeat-interval = 2) and a")
+    lines.append("variable (GWYH_HEARTBEAT_INTERVAL=2); flags win over variables over the file")
     return "\n".join(lines)
 
 
