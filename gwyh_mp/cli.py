@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import orjson
 
-from gwyh_mp import __version__, ctl, keys, logs
+from gwyh_mp import __version__, configfile, ctl, keys, logs
 from gwyh_mp.api import Node, StreamOverflow
 from gwyh_mp.cliargs import (
     Parser,
@@ -81,8 +81,12 @@ def _epilog() -> str:
     lines.append(f"  {'run':<9} run a node (the default when no command is given)")
     lines.append(f"  {'keygen':<9} print a new random pre-shared key")
     lines.append(f"  {'demo':<9} a small cluster on loopback, live")
+    lines.append(f"  {'config':<9} check a config file, or show the effective configuration")
     for name, (_, _, summary) in ctl.COMMANDS.items():
         lines.append(f"  {name:<9} {summary} (control socket)")
+    lines.append("")
+    lines.append("every option is also a --config file key (heartbeat-interval = 2) and a")
+    lines.append("variable (GWYH_HEARTBEAT_INTERVAL=2); flags win over variables over the file")
     return "\n".join(lines)
 
 
@@ -94,6 +98,7 @@ def build_run_parser(prog: str = PROG) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    configfile.add_config_option(p)
     _add_network_options(p)
     _add_membership_options(p)
     _add_tuning_options(p)
@@ -625,14 +630,19 @@ def _reserve_std_fds() -> None:
 
 
 def run(argv: Sequence[str], prog: str = PROG) -> int:
-    args = build_run_parser(prog).parse_args(argv)
+    parser = build_run_parser(prog)
+    layered = configfile.parse_or_exit(parser, argv)
+    args = layered.args
     logs.setup(args.log_level, args.log_format)
     if args.log_level_file:
         logs.set_level(_read_log_level(args.log_level_file))
     data_dir = DataDir(args.data_dir) if args.data_dir else None
     try:
         node_id = data_dir.open() if data_dir is not None else None
-        config = config_from_args(args, node_id)
+        try:
+            config = config_from_args(args, node_id)
+        except CliError as exc:  # name the config file or variable, if one set it
+            raise CliError(configfile.name_origin(str(exc), parser, layered)) from None
         return _run_loop(NodeProgram(args, config).run())
     except IdentityError as exc:
         raise CliError(str(exc)) from None
@@ -662,6 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": lambda rest: run(rest, f"{PROG} run"),
         "keygen": _keygen,
         "demo": _demo,
+        "config": lambda rest: configfile.config_command(rest, build_run_parser, PROG),
     }
     try:
         if command in handlers:

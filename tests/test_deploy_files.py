@@ -1,8 +1,9 @@
 """deploy/: what can be checked offline. The systemd unit with systemd-analyze (verify
 and the security score), the Kubernetes manifests against the API schemas
 (kubernetes-validate ships them), the Dockerfile parsed, and every command line they
-hold parsed by gwyh-node's own argument parser, so a renamed flag breaks this test
-rather than a deployment. Plus the LICENSE the package declares."""
+hold parsed by gwyh-node's own argument parser (with their config file and GWYH_*
+variables), so a renamed flag breaks this test rather than a deployment. Plus the
+LICENSE the package declares."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
+from gwyh_mp import configfile
 from gwyh_mp.cli import build_run_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,20 +29,11 @@ MAX_EXPOSURE = 2.5
 K8S_VERSION = "1.30.0"
 
 
-def _parse_node_args(argv: list[str]) -> Any:
-    return build_run_parser().parse_args(argv)
+def _parse_node_args(argv: list[str], env: dict[str, str] | None = None) -> Any:
+    return configfile.parse_layered(build_run_parser(), argv, env or {}).args
 
 
 # ------------------------------------------------------------------ systemd
-
-
-def _env_file() -> dict[str, str]:
-    env = {}
-    for line in (DEPLOY / "gwyh-node.env").read_text().splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            env[key] = value
-    return env
 
 
 def _exec_start() -> str:
@@ -50,17 +43,17 @@ def _exec_start() -> str:
     return found.group(1).replace("\\\n", " ")
 
 
-def test_unit_command_line_parses_with_the_env_file() -> None:
-    env = dict(_env_file(), CREDENTIALS_DIRECTORY="/run/credentials/gwyh-node.service")
-    words: list[str] = []
-    for word in _exec_start().split()[1:]:
-        if word.startswith("$") and not word.startswith("${"):
-            words.extend(env[word[1:]].split())  # $VAR: split into words, like systemd
-        else:
-            words.append(re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], word))
-    args = _parse_node_args(words)
+def test_unit_command_line_parses_with_the_config_file() -> None:
+    env = {"CREDENTIALS_DIRECTORY": "/run/credentials/gwyh-node.service"}
+    words = [re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], w) for w in _exec_start().split()]
+    installed = "/etc/gwyh/gwyh-node.toml"  # where the unit's install comment copies it
+    assert installed in words and "cp deploy/gwyh-node.toml /etc/gwyh/" in UNIT.read_text()
+    words = [str(DEPLOY / "gwyh-node.toml") if w == installed else w for w in words]
+    args = _parse_node_args(words[1:])
     assert args.psk_file == ["/run/credentials/gwyh-node.service/cluster.key"]
     assert args.metrics == ("0.0.0.0", 9469)
+    assert args.bind == ("0.0.0.0", 6969) and args.advertise is not None and args.bootstrap
+    assert args.data_dir == "/var/lib/gwyh" and "StateDirectory=gwyh\n" in UNIT.read_text()
 
 
 def test_unit_install_comment_installs_from_the_repository() -> None:
@@ -132,8 +125,15 @@ def test_statefulset_bootstraps_from_its_headless_service_with_the_psk_secret() 
     pod = sts["spec"]["template"]["spec"]
     [container] = pod["containers"]
     env = {"POD_IP": "10.1.2.3", "POD_NAMESPACE": "prod"}
-    argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container["args"]]
-    args = _parse_node_args(_docker_entrypoint()[1:] + argv)
+
+    def expand(text: str) -> str:
+        return re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], text)
+
+    argv = [expand(a) for a in container.get("args", [])]
+    node_env = _docker_env() | {
+        e["name"]: expand(e["value"]) for e in container["env"] if "value" in e
+    }
+    args = _parse_node_args(_docker_entrypoint()[1:] + argv, node_env)
     name = service["metadata"]["name"]
     assert [h for h, _ in args.bootstrap] == [f"{name}.prod.svc.cluster.local"]
     assert args.advertise == ("10.1.2.3", 6969)
@@ -163,6 +163,10 @@ def _dockerfile() -> DockerfileParser:
     return parser
 
 
+def _docker_env() -> dict[str, str]:
+    return dict(_dockerfile().envs)
+
+
 def _docker_entrypoint() -> list[str]:
     import json
 
@@ -180,7 +184,8 @@ def test_dockerfile_runs_slim_non_root_with_a_health_check() -> None:
     assert "/healthz" in health
     exposed = " ".join(i["value"] for i in instructions if i["instruction"] == "EXPOSE")
     assert "/udp" in exposed
-    args = _parse_node_args(_docker_entrypoint()[1:])
+    args = _parse_node_args(_docker_entrypoint()[1:], _docker_env())
+    assert args.psk_file == ["/run/secrets/gwyh-psk"] and args.bind == ("0.0.0.0", 6969)
     assert str(args.metrics[1]) in health
 
 
