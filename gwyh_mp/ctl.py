@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -33,14 +34,16 @@ def _parser(name: str, description: str) -> argparse.ArgumentParser:
         "--control",
         metavar="PATH",
         default=None,
-        help=f"the node's control socket (default: {default_path(DEFAULT_PORT)}, "
+        help=f"the node's control socket (default: $GWYH_CONTROL, else "
+        f"{default_path(DEFAULT_PORT)}, "
         f"where a node on port {DEFAULT_PORT} puts it)",
     )
     return p
 
 
 def _path(args: argparse.Namespace) -> str:
-    return args.control or default_path(DEFAULT_PORT)
+    # $GWYH_CONTROL: the same variable that sets a node's --control (configfile.py).
+    return args.control or os.environ.get("GWYH_CONTROL") or default_path(DEFAULT_PORT)
 
 
 def _print_json(value: Any) -> None:

@@ -472,3 +472,17 @@ def test_logs_json_wrong_key_and_unreachable_bootstrap(tmp_path: Path, sockdir: 
         b.wait_line(f"bootstrap peer 127.0.0.1:{pa} unreachable")
         assert all(orjson.loads(x) for x in a.lines)  # every line is one JSON object
         assert a.stop() == 0 and b.stop() == 0
+
+
+def test_clients_take_the_control_path_from_gwyh_control(tmp_path: Path) -> None:
+    """$GWYH_CONTROL names the socket for the clients as it does for the node."""
+    missing = tmp_path / "absent.sock"
+    result = subprocess.run(
+        [*NODE_CMD, "members"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "GWYH_CONTROL": str(missing)},
+    )
+    assert result.returncode != 0
+    assert f"no control socket at {missing}" in result.stderr
