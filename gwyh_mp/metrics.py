@@ -50,6 +50,7 @@ DROP_REASONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("send_error", ("send_errors",)),
     ("send_buffer_full", ("send_dropped",)),
     ("ring_full", ("up_ring_dropped",)),
+    ("shed", ("drop_raw_shed",)),  # receivers: over the budget for the coordinator's judgement
 )
 # Handshake outcomes: (label, handshaker stats keys, prefixed "handshake_" by Node.stats()).
 HANDSHAKE_OUTCOMES: tuple[tuple[str, tuple[str, ...]], ...] = (

@@ -55,6 +55,18 @@ RAW = 14  # anything the receiver cannot handle: the coordinator's core processe
 STATS = 15
 
 PR_SET_PDEATHSIG = 1
+# Datagrams a receiver cannot judge itself (handshakes, wrong version, a session whose
+# keys have not reached it yet) go to the coordinator, at most this many per second
+# and receiver: real ones are rare, so a junk flood is shed here, counted, instead
+# of costing the coordinator (the one process every receiver shares) a record each.
+RAW_PER_S = 2000.0
+# The smallest well-formed packet of each handshake type (the rest fails in the core).
+_HANDSHAKE_MIN_BYTES = {
+    wire.PacketType.HELLO: wire.HELLO_FIXED.size,
+    wire.PacketType.OHAI: wire.OHAI_FIXED.size,
+    wire.PacketType.OKBOSS: wire.CONFIRM.size,
+    wire.PacketType.GOTEAM: wire.CONFIRM.size,
+}
 RECV_BUDGET = 1024  # datagrams per loop turn before looking at the down ring again
 STATS_INTERVAL_S = 1.0
 _BROADCAST = wire.BROADCAST_HEADER
@@ -113,9 +125,24 @@ class Receiver:
         self.pending: list[bytes] = []
         self.stats: dict[str, int] = {}
         self.running = True
+        self.raw_tokens = RAW_PER_S  # token bucket for records the coordinator must judge
+        self.raw_refilled = time.monotonic()
 
     def bump(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n
+
+    def refill_raw(self, now: float) -> None:
+        """Once per receive batch: top up the RAW budget for the time that passed."""
+        self.raw_tokens = min(RAW_PER_S, self.raw_tokens + (now - self.raw_refilled) * RAW_PER_S)
+        self.raw_refilled = now
+
+    def raw(self, host: str, port: int, data: bytes) -> bytes | None:
+        """A record for the coordinator's core, or None (counted) once the budget is spent."""
+        if self.raw_tokens < 1.0:
+            self.bump("drop_raw_shed")
+            return None
+        self.raw_tokens -= 1.0
+        return _dumps((RAW, host, port, data))
 
     # ------------------------------------------------------------ coordinator -> us
 
@@ -188,6 +215,7 @@ class Receiver:
             if not count:
                 break
             total += count
+            self.refill_raw(time.monotonic())
             for i in range(count):
                 data = bytes(receiver.packet(i))
                 nbytes += len(data)
@@ -206,8 +234,11 @@ class Receiver:
         return total
 
     def classify(self, data: bytes, host: str, port: int) -> bytes | None:
-        if len(data) < 2 or data[0] != wire.VERSION:
-            return _dumps((RAW, host, port, data))  # the coordinator counts and logs it
+        if len(data) < 2:
+            self.bump("drop_malformed")
+            return None
+        if data[0] != wire.VERSION:
+            return self.raw(host, port, data)  # the coordinator counts and logs it
         ptype = data[1]
         if ptype == wire.PacketType.BROADCAST:
             if len(data) < _BROADCAST.size:
@@ -216,7 +247,7 @@ class Receiver:
             _, _, count, _, sid, link_seq, chan_seq = _BROADCAST.unpack_from(data)
             session = self.sessions.get(sid)
             if session is None:
-                return _dumps((RAW, host, port, data))  # keys may still be on their way
+                return self.raw(host, port, data)  # keys may still be on their way
             ids_end = broadcast_ids_end(data, count, self.seen.ids)
             if ids_end < 0:
                 self.bump("drop_malformed")
@@ -226,7 +257,7 @@ class Receiver:
                 return _dumps((DUPLICATE, sid, host, port, link_seq))
             channel = self.channels.get(session.peer_id)
             if channel is None:
-                return _dumps((RAW, host, port, data))
+                return self.raw(host, port, data)
             ids = data[_IDS_START:ids_end]
             plaintext = open_broadcast(channel.key, channel.replay, chan_seq, ids, data[ids_end:])
             if plaintext is None:
@@ -244,13 +275,17 @@ class Receiver:
             _, _, _, sid, seq = _CONTROL.unpack_from(data)
             session = self.sessions.get(sid)
             if session is None:
-                return _dumps((RAW, host, port, data))
+                return self.raw(host, port, data)
             plaintext = open_control(session.recv_key, session.replay, seq, data)
             if plaintext is None:
                 self.bump("drop_replay")
                 return None
             return _dumps((CONTROL, sid, seq, host, port, plaintext))
-        return _dumps((RAW, host, port, data))  # handshakes: rare, the coordinator's job
+        minimum = _HANDSHAKE_MIN_BYTES.get(ptype)
+        if minimum is None or len(data) < minimum:
+            self.bump("drop_malformed")
+            return None
+        return self.raw(host, port, data)  # handshakes: rare, the coordinator's job
 
     def flush_up(self) -> None:
         if self.pending:
