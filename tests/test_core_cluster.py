@@ -8,6 +8,7 @@ instant forever -- into an immediate test failure.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 from collections import Counter
 
@@ -18,6 +19,7 @@ from gwyh_mp.protocol import inbound, wire
 from gwyh_mp.protocol.crypto import nonce, seal
 from gwyh_mp.protocol.handshake import Established
 from gwyh_mp.protocol.node import NodeCore, NotRunning
+from gwyh_mp.protocol.peers import REJOIN_BATCH
 from gwyh_mp.protocol.selection import Strategy
 from gwyh_mp.protocol.subscriptions import ProviderState
 from gwyh_mp.protocol.wire import FrameType, MemberRecord, MemberState, PacketType
@@ -38,6 +40,7 @@ from tests.helpers_core import (
     make_cluster,
     make_party,
     messages,
+    node_id,
     up_ids,
     view_of,
 )
@@ -758,3 +761,62 @@ def test_fault_free_cluster_is_stable_for_a_minute() -> None:
         for n in net.nodes.values():
             assert down_events(n) == [], (seed, n.addr)
         assert_converged(net)
+
+
+# ----------------------------------------------------------------------------- pauses
+
+
+def test_a_seed_node_paused_past_the_session_grace_rejoins_and_delivers() -> None:
+    """Issue 11 item 1: the seed (no bootstrap) stops for 70 s, as under SIGSTOP. Its
+    peers declare it DOWN and free its sessions; it must notice the pause, re-handshake
+    the members it knows, refute the DOWN and deliver again within two heartbeats."""
+    net, addrs = make_cluster(N, seed=21)
+    seed = addrs[0]
+    sid = net.nodes[seed].core.node_id
+    net.pause(seed)
+    net.run_for(70.0)
+    for n in live_nodes(net, (seed,)):
+        m = view_of(n.core, sid)
+        assert m is not None and not m.is_up, n.addr
+        assert not any(s.peer_id == sid for s in n.core.sessions.values()), n.addr
+    woke = net.now
+    net.resume(seed)
+    deadline = 2 * HEARTBEAT_S
+    assert net.run_until_true(lambda: _seen_up_everywhere(net, seed), deadline, 0.01)
+    core = net.nodes[seed].core
+    assert net.run_until_true(
+        lambda: any(st.confirmed for st in core.providers.values()), woke + deadline - net.now, 0.01
+    )
+    assert core.stats["pauses_detected"] == 1
+    sent = broadcast_all(net, addrs, b"after the pause ")
+    net.run_for(0.5)
+    assert_delivered_once(net, sent)
+
+
+def test_an_isolated_node_rehandshakes_members_in_bounded_batches() -> None:
+    """A node that stays isolated re-handshakes every member it knows, a bounded batch
+    per heartbeat, backing off between passes (a large table must not burst)."""
+    core = lone_core("isolated")
+    members = 3 * REJOIN_BATCH
+    core.learn_members(
+        [
+            MemberRecord(node_id(100 + i), 0, MemberState.UP, *addr(i + 1), None)
+            for i in range(members)
+        ]
+    )
+    started: Counter[int] = Counter()  # rejoin handshakes started, per heartbeat
+    now = 0.0
+    while now < 120.0:
+        now = max(now, core.get_timer() or now)
+        before = core.stats.get("rejoin_handshakes", 0)
+        core.handle_timer(now)
+        core.datagrams_to_send(now)
+        started[int(now / HEARTBEAT_S)] += core.stats.get("rejoin_handshakes", 0) - before
+        now += 0.001
+    assert max(started.values()) == REJOIN_BATCH
+    first_ticks = int(WATCHDOG_S / HEARTBEAT_S) + 4
+    assert sum(started[t] for t in range(first_ticks)) == members  # the first pass: all
+    # Then passes get rarer: 120 s is 240 heartbeats, a pass every tick would be 80.
+    assert sum(started.values()) <= 10 * members
+    busy = sorted(t for t, n in started.items() if n)
+    assert max(b - a for a, b in itertools.pairwise(busy)) > 32

@@ -3,8 +3,10 @@
 Why it exists: a member is declared DOWN only on evidence that survives loss. A
 provider that falls silent is first PINGed a few times; only a failed probe accuses it.
 If every provider falls silent at once we are far likelier the one cut off, so nobody
-is accused and we rejoin through the seeds. A node accused while alive refutes with a
-higher incarnation, which only it may raise.
+is accused and we rejoin through the seeds and by re-handshaking the members we know
+(a seed node has no seeds; our old sessions may be freed at the other end). A timer
+that fires far too late means this process was stopped: the same rejoin, at once. A
+node accused while alive refutes with a higher incarnation, which only it may raise.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class Liveness:
         lost_provider: Callable[[float], None],
         self_record: Callable[[MemberState], MemberRecord],
         announce: Callable[[MemberRecord, float], None],
+        rejoin: Callable[[float], None],
+        rejoined: Callable[[], None],
     ) -> None:
         self.heartbeat_interval_s = heartbeat_interval_s
         # N missed heartbeats: the N-th is due N intervals after the last one heard;
@@ -66,7 +70,11 @@ class Liveness:
         self._lost_provider = lost_provider  # a provider failed its probe
         self._self_record = self_record
         self._announce = announce
+        self._rejoin = rejoin  # isolated: re-handshake the members we know, in batches
+        self._rejoined = rejoined
         self.incarnation = 0
+        self.isolated_since: float | None = None
+        self._last_timer: float | None = None
         self.probing: dict[bytes, Probe] = {}  # silent provider or subscriber
 
     # ------------------------------------------------------------------ timers
@@ -86,6 +94,11 @@ class Liveness:
         return t
 
     def handle_timer(self, now: float) -> None:
+        # While running, the heartbeat alone brings us here every interval: a longer
+        # gap means this process was stopped (SIGSTOP, a VM freeze, a stalled loop).
+        last, self._last_timer = self._last_timer, now
+        if last is not None and now - last > self.watchdog_s:
+            self._woke(now)
         self._check_providers(now)
         self._check_probes(now)
 
@@ -102,6 +115,28 @@ class Liveness:
                     self._start_probe(subscriber_id, now)
             else:
                 self._queue_control(subscriber_id, FrameType.HEARTBEAT)
+
+    def _woke(self, now: float) -> None:
+        """We were stopped long enough to be declared DOWN, and perhaps long enough for
+        our peers to free our sessions: trust none of them, re-handshake at once
+        (providers first) rather than wait for the isolation rule to notice."""
+        self.stats.bump("pauses_detected")
+        self.isolated_since = now - self.watchdog_s
+        self._rejoin(now)
+
+    def check_isolation(self, now: float) -> None:
+        """Heartbeat: isolated for a whole watchdog period (no confirmed provider
+        talking; a node still forming its first subscriptions gets that long), re-handshake
+        the members we know; connected, stop."""
+        if self.heard_from_a_provider(now):
+            if self.isolated_since is not None:
+                self.isolated_since = None
+                self._rejoined()
+            return
+        if self.isolated_since is None:
+            self.isolated_since = now
+        if now - self.isolated_since >= self.watchdog_s:
+            self._rejoin(now)
 
     def heard_from_a_provider(self, now: float) -> bool:
         """Are we connected? Only a confirmed provider that is still talking counts: a

@@ -178,6 +178,8 @@ class NodeCore:
             lost_provider=lambda now: self.subscriptions.lost_provider(now),
             self_record=self._self_record,
             announce=lambda record, now: self.membership.announce(record, now),
+            rejoin=lambda now: self.peers.rejoin(now, self.members, self.providers),
+            rejoined=self.peers.rejoined,
         )
         self.large = LargeMessages(
             config,
@@ -384,6 +386,7 @@ class NodeCore:
 
     def _heartbeat_tick(self, now: float) -> None:
         self.liveness.heartbeat(now)
+        self.liveness.check_isolation(now)
         self.subscriptions.refresh(now)
         if not any(st.confirmed for st in self.providers.values()) and not self.subscribers:
             self.peers.bootstrap(now)  # alone: (re)join through the seeds
