@@ -205,6 +205,28 @@ def test_injected_down_is_refuted_with_a_higher_incarnation_everywhere(seed: int
     assert down_events(subject) == []
 
 
+def test_a_forged_down_at_the_top_incarnation_is_refuted_everywhere() -> None:
+    """Issue 11 item 6: a key holder floods DOWN at the furthest incarnation others accept,
+    then DOWN(0xFFFFFFFF); each is refuted (the second by wrapping to 0), and the victim
+    ends UP everywhere."""
+    net, addrs = make_cluster(N, seed=3)
+    subject = net.nodes[addrs[4]].core
+    liar = net.nodes[addrs[7]]
+    for forged, refuted in ((0x7FFFFFFF, 0x80000000), (0xFFFFFFFF, 0)):
+        lie = MemberRecord(subject.node_id, forged, MemberState.DOWN, *addrs[4], subject.zone)
+        liar.core.membership.announce(lie, net.now)
+        net.pump(liar)
+        net.run_for(0.5)
+        assert subject.incarnation == refuted
+        # The liar never applied its own lie: it holds UP(0), and 0x80000000 is exactly
+        # half the space from 0, unordered, so it keeps UP(0) (still UP).
+        skip = (addrs[4], addrs[7]) if refuted == 0x80000000 else (addrs[4],)
+        for n in live_nodes(net, skip):
+            m = view_of(n.core, subject.node_id)
+            assert m is not None and m.is_up and m.incarnation == refuted, n.addr
+    assert subject.stats["refutations"] == 2
+
+
 def test_a_refuted_lie_causes_no_further_false_downs() -> None:
     net, addrs = make_cluster(N, seed=3)
     sid = net.nodes[addrs[4]].core.node_id

@@ -15,11 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gwyh_mp.protocol import wire
+from gwyh_mp.protocol.membership import newer_incarnation, next_incarnation
 from gwyh_mp.protocol.stats import Stats
 from gwyh_mp.protocol.subscriptions import ProviderState
 from gwyh_mp.protocol.wire import FrameType, MemberRecord, MemberState
 
-MAX_INCARNATION = 0xFFFFFFFF
 # A silent peer is PINGed this many times, evenly over one heartbeat interval, before it
 # is accused: at 20 % loss one PING/PONG round trip fails 36 % of the time, three 5 %.
 PROBE_PINGS = 3
@@ -206,9 +206,11 @@ class Liveness:
         """A record about this node arrived (we are running): refute a DOWN."""
         if record.state != MemberState.DOWN:
             return
-        if self.incarnation <= record.incarnation < MAX_INCARNATION:
-            # Refute: only we may raise our incarnation, and UP(n+1) beats DOWN(n).
-            self.incarnation = record.incarnation + 1
+        ours = self.incarnation
+        if record.incarnation == ours or newer_incarnation(record.incarnation, ours):
+            # Refute: only we may raise our incarnation, and UP(n+1) beats DOWN(n),
+            # whatever n is (the counter wraps; membership.newer_incarnation).
+            self.incarnation = next_incarnation(record.incarnation)
             self.stats.bump("refutations")
             own = self._self_record(MemberState.UP)
             self._announce(own, now)
@@ -220,7 +222,7 @@ class Liveness:
                 told.add(source)
             for peer_id in told:
                 self._queue_control(peer_id, FrameType.PEERS, notice)
-        elif source is not None and record.incarnation < self.incarnation:
+        elif source is not None and newer_incarnation(ours, record.incarnation):
             # The sender still holds an old DOWN for us: correct it directly.
             notice = wire.encode_members([self._self_record(MemberState.UP)])
             self._queue_control(source, FrameType.PEERS, notice)
