@@ -842,3 +842,44 @@ def test_an_isolated_node_rehandshakes_members_in_bounded_batches() -> None:
     assert sum(started.values()) <= 10 * members
     busy = sorted(t for t, n in started.items() if n)
     assert max(b - a for a, b in itertools.pairwise(busy)) > 32
+
+
+def test_a_node_whose_application_stops_reading_refuses_subscribers_visibly() -> None:
+    """Issue 11 item 7: a node that stopped reading its socket (the application does not
+    consume deliveries) must not stay a provider that relays nothing while it keeps
+    heartbeating. After two heartbeats it sheds its subscribers with a refusal, they
+    choose other providers, it is not accused, and it serves again once it reads."""
+    rules = _LinkRules()
+    net, addrs = make_cluster(N, seed=22, link=rules)
+    rules.net = net
+    slow = net.nodes[addrs[3]]
+    sid = slow.core.node_id
+    holders = [n for n in live_nodes(net, (addrs[3],)) if sid in n.core.providers]
+    assert holders
+    t0 = net.now
+    slow.core.set_reading_paused(True)
+    rules.rules.append((t0, t0 + 10.0, None, addrs[3], None))  # nothing is read
+    net.run_for(2 * HEARTBEAT_S + HEARTBEAT_S + 0.1)
+    assert slow.core.stats["saturated"] == 1
+    assert slow.core.stats["subscribers_shed"] >= len(holders)
+    assert any("refuses subscribers" in w for w in slow.core.warnings)
+    assert not slow.core.subscribers
+    net.run_for(1.0)
+    for n in live_nodes(net, (addrs[3],)):
+        assert sid not in n.core.providers, n.addr  # nobody counts on it any more
+        assert down_events(n) == [], n.addr  # degraded, not accused
+    for n in holders:
+        assert n.core.stats["providers_refused"] == 1
+    others = [a for a in addrs if a != addrs[3]]
+    sent = broadcast_all(net, others, b"while it is slow ")
+    net.run_for(1.0)
+    assert_delivered_once(net, sent, exclude=(addrs[3],))
+    assert down_events(slow) == []
+    # It reads again: no longer saturated, and it receives.
+    net.run_until(t0 + 10.0)
+    slow.core.set_reading_paused(False)
+    net.run_for(2.0)
+    assert not slow.core.subscriptions.saturated
+    sent = broadcast_all(net, others, b"after ")
+    net.run_for(1.0)
+    assert all(any(m.id == i for m in messages(slow)) for i in sent)

@@ -74,12 +74,17 @@ class Liveness:
         self._rejoined = rejoined
         self.incarnation = 0
         self.isolated_since: float | None = None
+        # The runtime is not reading the socket (backpressure): silence is our own
+        # doing, so nobody is suspected and we do not count as isolated meanwhile.
+        self.deaf = False
         self._last_timer: float | None = None
         self.probing: dict[bytes, Probe] = {}  # silent provider or subscriber
 
     # ------------------------------------------------------------------ timers
 
     def next_timer(self) -> float | None:
+        if self.deaf:
+            return None
         t: float | None = None
         probing = self.probing
         watchdog = self.watchdog_s
@@ -99,6 +104,8 @@ class Liveness:
         last, self._last_timer = self._last_timer, now
         if last is not None and now - last > self.watchdog_s:
             self._woke(now)
+        if self.deaf:
+            return
         self._check_providers(now)
         self._check_probes(now)
 
@@ -128,6 +135,8 @@ class Liveness:
         """Heartbeat: isolated for a whole watchdog period (no confirmed provider
         talking; a node still forming its first subscriptions gets that long), re-handshake
         the members we know; connected, stop."""
+        if self.deaf:
+            return
         if self.heard_from_a_provider(now):
             if self.isolated_since is not None:
                 self.isolated_since = None
@@ -137,6 +146,14 @@ class Liveness:
             self.isolated_since = now
         if now - self.isolated_since >= self.watchdog_s:
             self._rejoin(now)
+
+    def set_deaf(self, deaf: bool, now: float) -> None:
+        if self.deaf and not deaf:
+            # Listening again: every provider gets a full watchdog period to be heard.
+            for state in self.providers.values():
+                state.last_heard = max(state.last_heard, now)
+            self.probing.clear()
+        self.deaf = deaf
 
     def heard_from_a_provider(self, now: float) -> bool:
         """Are we connected? Only a confirmed provider that is still talking counts: a
