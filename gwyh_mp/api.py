@@ -488,6 +488,7 @@ class Node:
         self._reading_paused = False
         if not self._stopped:
             self._runtime.resume_reading()
+            self._core().set_reading_paused(False)
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, Message):
@@ -507,6 +508,7 @@ class Node:
                 # up, rather than dropping messages we already accepted.
                 self._reading_paused = True
                 self._runtime.pause_reading()
+                self._core().set_reading_paused(True)
         elif isinstance(event, MemberUp | MemberDown):
             for ref in self._event_streams:
                 stream = ref()

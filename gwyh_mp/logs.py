@@ -20,6 +20,7 @@ import orjson
 
 from gwyh_mp.api import MemberEvent, Node, StreamOverflow
 from gwyh_mp.protocol.events import Member, MemberUp
+from gwyh_mp.protocol.membership import newer_incarnation
 
 log = logging.getLogger("gwyh_mp.cli")
 LEVELS = ("debug", "info", "warning", "error")
@@ -115,7 +116,7 @@ class NodeWatcher:
         if isinstance(event, MemberUp):
             if before is None:
                 change = "joined"
-            elif member.incarnation > before.incarnation:
+            elif newer_incarnation(member.incarnation, before.incarnation):
                 change = "refuted"  # it contradicted a DOWN with a newer incarnation
             else:
                 change = "up"
@@ -156,7 +157,7 @@ class NodeWatcher:
             "(clocks more than handshake_window_s apart, or a replay; source address not reported)",
         )
         incarnation = self.node.local_member().incarnation
-        if incarnation > self._own_incarnation:
+        if incarnation != self._own_incarnation:  # only a refutation changes it
             self._own_incarnation = incarnation
             log.info(
                 "this node refuted a report that it is DOWN (incarnation now %d)",

@@ -252,6 +252,21 @@ class NodeCollector(Collector):
             core("isolated"),
         )
         yield counter("gwyh_reassignments", "Provider re-selections", core("reassignments"))
+        yield counter(
+            "gwyh_rejoin_handshakes",
+            "Handshakes started to known members while isolated or after a pause of this process",
+            core("rejoin_handshakes"),
+        )
+        yield counter(
+            "gwyh_saturations",
+            "Times the application stopped reading long enough that this node shed its subscribers",
+            core("saturated"),
+        )
+        yield counter(
+            "gwyh_subscribers_shed",
+            "Subscribers told this node could not serve them (the application was not reading)",
+            core("subscribers_shed"),
+        )
 
         members = GaugeMetricFamily(
             "gwyh_members", "Other cluster members known, by state", labels=["state"]

@@ -104,6 +104,17 @@ class SimNetwork:
         """Crash a node: it stops sending and receiving, and says nothing."""
         self.nodes[addr].alive = False
 
+    def pause(self, addr: Addr) -> None:
+        """Freeze a node as SIGSTOP would: its timers stop and what is sent to it is lost."""
+        self.nodes[addr].alive = False
+
+    def resume(self, addr: Addr) -> None:
+        """Wake a paused node: its overdue timer fires at once, after the time jump."""
+        node = self.nodes[addr]
+        node.alive = True
+        node.timer_at = None
+        self._after_activity(node)
+
     def broadcast(self, addr: Addr, data: bytes) -> bytes:
         node = self.nodes[addr]
         msg_id = node.core.broadcast(data, self.now)

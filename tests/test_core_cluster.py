@@ -8,6 +8,7 @@ instant forever -- into an immediate test failure.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 from collections import Counter
 
@@ -18,6 +19,7 @@ from gwyh_mp.protocol import inbound, wire
 from gwyh_mp.protocol.crypto import nonce, seal
 from gwyh_mp.protocol.handshake import Established
 from gwyh_mp.protocol.node import NodeCore, NotRunning
+from gwyh_mp.protocol.peers import REJOIN_BATCH
 from gwyh_mp.protocol.selection import Strategy
 from gwyh_mp.protocol.subscriptions import ProviderState
 from gwyh_mp.protocol.wire import FrameType, MemberRecord, MemberState, PacketType
@@ -38,6 +40,7 @@ from tests.helpers_core import (
     make_cluster,
     make_party,
     messages,
+    node_id,
     up_ids,
     view_of,
 )
@@ -200,6 +203,28 @@ def test_injected_down_is_refuted_with_a_higher_incarnation_everywhere(seed: int
     believed = [n.addr for n in live_nodes(net, (addrs[4],)) if down_events(n, sid)]
     assert len(believed) >= N // 2  # the lie did spread before it lost
     assert down_events(subject) == []
+
+
+def test_a_forged_down_at_the_top_incarnation_is_refuted_everywhere() -> None:
+    """Issue 11 item 6: a key holder floods DOWN at the furthest incarnation others accept,
+    then DOWN(0xFFFFFFFF); each is refuted (the second by wrapping to 0), and the victim
+    ends UP everywhere."""
+    net, addrs = make_cluster(N, seed=3)
+    subject = net.nodes[addrs[4]].core
+    liar = net.nodes[addrs[7]]
+    for forged, refuted in ((0x7FFFFFFF, 0x80000000), (0xFFFFFFFF, 0)):
+        lie = MemberRecord(subject.node_id, forged, MemberState.DOWN, *addrs[4], subject.zone)
+        liar.core.membership.announce(lie, net.now)
+        net.pump(liar)
+        net.run_for(0.5)
+        assert subject.incarnation == refuted
+        # The liar never applied its own lie: it holds UP(0), and 0x80000000 is exactly
+        # half the space from 0, unordered, so it keeps UP(0) (still UP).
+        skip = (addrs[4], addrs[7]) if refuted == 0x80000000 else (addrs[4],)
+        for n in live_nodes(net, skip):
+            m = view_of(n.core, subject.node_id)
+            assert m is not None and m.is_up and m.incarnation == refuted, n.addr
+    assert subject.stats["refutations"] == 2
 
 
 def test_a_refuted_lie_causes_no_further_false_downs() -> None:
@@ -758,3 +783,103 @@ def test_fault_free_cluster_is_stable_for_a_minute() -> None:
         for n in net.nodes.values():
             assert down_events(n) == [], (seed, n.addr)
         assert_converged(net)
+
+
+# ----------------------------------------------------------------------------- pauses
+
+
+def test_a_seed_node_paused_past_the_session_grace_rejoins_and_delivers() -> None:
+    """Issue 11 item 1: the seed (no bootstrap) stops for 70 s, as under SIGSTOP. Its
+    peers declare it DOWN and free its sessions; it must notice the pause, re-handshake
+    the members it knows, refute the DOWN and deliver again within two heartbeats."""
+    net, addrs = make_cluster(N, seed=21)
+    seed = addrs[0]
+    sid = net.nodes[seed].core.node_id
+    net.pause(seed)
+    net.run_for(70.0)
+    for n in live_nodes(net, (seed,)):
+        m = view_of(n.core, sid)
+        assert m is not None and not m.is_up, n.addr
+        assert not any(s.peer_id == sid for s in n.core.sessions.values()), n.addr
+    woke = net.now
+    net.resume(seed)
+    deadline = 2 * HEARTBEAT_S
+    assert net.run_until_true(lambda: _seen_up_everywhere(net, seed), deadline, 0.01)
+    core = net.nodes[seed].core
+    assert net.run_until_true(
+        lambda: any(st.confirmed for st in core.providers.values()), woke + deadline - net.now, 0.01
+    )
+    assert core.stats["pauses_detected"] == 1
+    sent = broadcast_all(net, addrs, b"after the pause ")
+    net.run_for(0.5)
+    assert_delivered_once(net, sent)
+
+
+def test_an_isolated_node_rehandshakes_members_in_bounded_batches() -> None:
+    """A node that stays isolated re-handshakes every member it knows, a bounded batch
+    per heartbeat, backing off between passes (a large table must not burst)."""
+    core = lone_core("isolated")
+    members = 3 * REJOIN_BATCH
+    core.learn_members(
+        [
+            MemberRecord(node_id(100 + i), 0, MemberState.UP, *addr(i + 1), None)
+            for i in range(members)
+        ]
+    )
+    started: Counter[int] = Counter()  # rejoin handshakes started, per heartbeat
+    now = 0.0
+    while now < 120.0:
+        now = max(now, core.get_timer() or now)
+        before = core.stats.get("rejoin_handshakes", 0)
+        core.handle_timer(now)
+        core.datagrams_to_send(now)
+        started[int(now / HEARTBEAT_S)] += core.stats.get("rejoin_handshakes", 0) - before
+        now += 0.001
+    assert max(started.values()) == REJOIN_BATCH
+    first_ticks = int(WATCHDOG_S / HEARTBEAT_S) + 4
+    assert sum(started[t] for t in range(first_ticks)) == members  # the first pass: all
+    # Then passes get rarer: 120 s is 240 heartbeats, a pass every tick would be 80.
+    assert sum(started.values()) <= 10 * members
+    busy = sorted(t for t, n in started.items() if n)
+    assert max(b - a for a, b in itertools.pairwise(busy)) > 32
+
+
+def test_a_node_whose_application_stops_reading_refuses_subscribers_visibly() -> None:
+    """Issue 11 item 7: a node that stopped reading its socket (the application does not
+    consume deliveries) must not stay a provider that relays nothing while it keeps
+    heartbeating. After two heartbeats it sheds its subscribers with a refusal, they
+    choose other providers, it is not accused, and it serves again once it reads."""
+    rules = _LinkRules()
+    net, addrs = make_cluster(N, seed=22, link=rules)
+    rules.net = net
+    slow = net.nodes[addrs[3]]
+    sid = slow.core.node_id
+    holders = [n for n in live_nodes(net, (addrs[3],)) if sid in n.core.providers]
+    assert holders
+    t0 = net.now
+    slow.core.set_reading_paused(True)
+    rules.rules.append((t0, t0 + 10.0, None, addrs[3], None))  # nothing is read
+    net.run_for(2 * HEARTBEAT_S + HEARTBEAT_S + 0.1)
+    assert slow.core.stats["saturated"] == 1
+    assert slow.core.stats["subscribers_shed"] >= len(holders)
+    assert any("refuses subscribers" in w for w in slow.core.warnings)
+    assert not slow.core.subscribers
+    net.run_for(1.0)
+    for n in live_nodes(net, (addrs[3],)):
+        assert sid not in n.core.providers, n.addr  # nobody counts on it any more
+        assert down_events(n) == [], n.addr  # degraded, not accused
+    for n in holders:
+        assert n.core.stats["providers_refused"] == 1
+    others = [a for a in addrs if a != addrs[3]]
+    sent = broadcast_all(net, others, b"while it is slow ")
+    net.run_for(1.0)
+    assert_delivered_once(net, sent, exclude=(addrs[3],))
+    assert down_events(slow) == []
+    # It reads again: no longer saturated, and it receives.
+    net.run_until(t0 + 10.0)
+    slow.core.set_reading_paused(False)
+    net.run_for(2.0)
+    assert not slow.core.subscriptions.saturated
+    sent = broadcast_all(net, others, b"after ")
+    net.run_for(1.0)
+    assert all(any(m.id == i for m in messages(slow)) for i in sent)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gwyh_mp.protocol.events import MemberDown, MemberUp
-from gwyh_mp.protocol.membership import Change, MemberTable, supersedes
+from gwyh_mp.protocol.membership import Change, MemberTable, newer_incarnation, supersedes
 from gwyh_mp.protocol.node import NodeCore
 from gwyh_mp.protocol.wire import MemberRecord, MemberState
 from tests.helpers_core import addr, lone_core, node_id
@@ -210,3 +210,32 @@ def test_refutation_at_the_top_incarnation_does_not_break_the_node() -> None:
     for t in (1.5, 2.0, 2.5):
         core.handle_timer(t)
         core.datagrams_to_send(t)
+
+
+def test_incarnations_compare_around_the_wrap() -> None:
+    """Issue 11 item 6: serial-number order, so no incarnation is a dead end."""
+    top = 0xFFFFFFFF
+    assert newer_incarnation(0, top) and not newer_incarnation(top, 0)
+    assert newer_incarnation(top, 0x80000000) and newer_incarnation(0x7FFFFFFF, 0)
+    # exactly half the space apart: unordered, neither replaces the other
+    assert not newer_incarnation(0x80000000, 0) and not newer_incarnation(0, 0x80000000)
+    t = MemberTable()
+    t.apply(rec(1, 0xFFFFFFF0))
+    assert t.apply(rec(1, top, DOWN)) is Change.DOWN
+    assert t.apply(rec(1, 0, UP)) is Change.UP  # the refutation, wrapped to 0
+    assert t.apply(rec(1, top, DOWN)) is Change.NONE  # the old lie stays beaten
+    assert t.digests == MemberTable().digests_with(node_id(1), 0)
+
+
+def test_node_refutes_a_down_at_the_top_incarnation() -> None:
+    core = _core()
+    core.incarnation = 0xFFFFFFF0
+    core.membership.apply(
+        MemberRecord(core.node_id, 0xFFFFFFFF, DOWN, *addr(0), None), 1.0, announce=False
+    )
+    assert core.incarnation == 0 and core.stats["refutations"] == 1
+    # a DOWN from before the wrap is now old news: corrected, not refuted again
+    core.membership.apply(
+        MemberRecord(core.node_id, 0xFFFFFFF0, DOWN, *addr(0), None), 1.1, announce=False
+    )
+    assert core.incarnation == 0 and core.stats["refutations"] == 1

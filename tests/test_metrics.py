@@ -38,6 +38,7 @@ STABLE = [
     ("gwyh_subscribers", ()),
     ("gwyh_message_queue_messages", ()),
     ("gwyh_send_backlog_bytes", ()),
+    ("gwyh_saturations_total", ()),
     ("gwyh_process_cpu_seconds_total", (("receiver", ""), ("role", "coordinator"))),
     ("gwyh_process_resident_memory_bytes", (("receiver", ""), ("role", "coordinator"))),
     ("gwyh_message_hops_bucket", (("le", "+Inf"),)),

@@ -3,8 +3,10 @@
 Why it exists: a member is declared DOWN only on evidence that survives loss. A
 provider that falls silent is first PINGed a few times; only a failed probe accuses it.
 If every provider falls silent at once we are far likelier the one cut off, so nobody
-is accused and we rejoin through the seeds. A node accused while alive refutes with a
-higher incarnation, which only it may raise.
+is accused and we rejoin through the seeds and by re-handshaking the members we know
+(a seed node has no seeds; our old sessions may be freed at the other end). A timer
+that fires far too late means this process was stopped: the same rejoin, at once. A
+node accused while alive refutes with a higher incarnation, which only it may raise.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gwyh_mp.protocol import wire
+from gwyh_mp.protocol.membership import newer_incarnation, next_incarnation
 from gwyh_mp.protocol.stats import Stats
 from gwyh_mp.protocol.subscriptions import ProviderState
 from gwyh_mp.protocol.wire import FrameType, MemberRecord, MemberState
 
-MAX_INCARNATION = 0xFFFFFFFF
 # A silent peer is PINGed this many times, evenly over one heartbeat interval, before it
 # is accused: at 20 % loss one PING/PONG round trip fails 36 % of the time, three 5 %.
 PROBE_PINGS = 3
@@ -52,6 +54,8 @@ class Liveness:
         lost_provider: Callable[[float], None],
         self_record: Callable[[MemberState], MemberRecord],
         announce: Callable[[MemberRecord, float], None],
+        rejoin: Callable[[float], None],
+        rejoined: Callable[[], None],
     ) -> None:
         self.heartbeat_interval_s = heartbeat_interval_s
         # N missed heartbeats: the N-th is due N intervals after the last one heard;
@@ -66,12 +70,21 @@ class Liveness:
         self._lost_provider = lost_provider  # a provider failed its probe
         self._self_record = self_record
         self._announce = announce
+        self._rejoin = rejoin  # isolated: re-handshake the members we know, in batches
+        self._rejoined = rejoined
         self.incarnation = 0
+        self.isolated_since: float | None = None
+        # The runtime is not reading the socket (backpressure): silence is our own
+        # doing, so nobody is suspected and we do not count as isolated meanwhile.
+        self.deaf = False
+        self._last_timer: float | None = None
         self.probing: dict[bytes, Probe] = {}  # silent provider or subscriber
 
     # ------------------------------------------------------------------ timers
 
     def next_timer(self) -> float | None:
+        if self.deaf:
+            return None
         t: float | None = None
         probing = self.probing
         watchdog = self.watchdog_s
@@ -86,6 +99,13 @@ class Liveness:
         return t
 
     def handle_timer(self, now: float) -> None:
+        # While running, the heartbeat alone brings us here every interval: a longer
+        # gap means this process was stopped (SIGSTOP, a VM freeze, a stalled loop).
+        last, self._last_timer = self._last_timer, now
+        if last is not None and now - last > self.watchdog_s:
+            self._woke(now)
+        if self.deaf:
+            return
         self._check_providers(now)
         self._check_probes(now)
 
@@ -102,6 +122,38 @@ class Liveness:
                     self._start_probe(subscriber_id, now)
             else:
                 self._queue_control(subscriber_id, FrameType.HEARTBEAT)
+
+    def _woke(self, now: float) -> None:
+        """We were stopped long enough to be declared DOWN, and perhaps long enough for
+        our peers to free our sessions: trust none of them, re-handshake at once
+        (providers first) rather than wait for the isolation rule to notice."""
+        self.stats.bump("pauses_detected")
+        self.isolated_since = now - self.watchdog_s
+        self._rejoin(now)
+
+    def check_isolation(self, now: float) -> None:
+        """Heartbeat: isolated for a whole watchdog period (no confirmed provider
+        talking; a node still forming its first subscriptions gets that long), re-handshake
+        the members we know; connected, stop."""
+        if self.deaf:
+            return
+        if self.heard_from_a_provider(now):
+            if self.isolated_since is not None:
+                self.isolated_since = None
+                self._rejoined()
+            return
+        if self.isolated_since is None:
+            self.isolated_since = now
+        if now - self.isolated_since >= self.watchdog_s:
+            self._rejoin(now)
+
+    def set_deaf(self, deaf: bool, now: float) -> None:
+        if self.deaf and not deaf:
+            # Listening again: every provider gets a full watchdog period to be heard.
+            for state in self.providers.values():
+                state.last_heard = max(state.last_heard, now)
+            self.probing.clear()
+        self.deaf = deaf
 
     def heard_from_a_provider(self, now: float) -> bool:
         """Are we connected? Only a confirmed provider that is still talking counts: a
@@ -171,9 +223,11 @@ class Liveness:
         """A record about this node arrived (we are running): refute a DOWN."""
         if record.state != MemberState.DOWN:
             return
-        if self.incarnation <= record.incarnation < MAX_INCARNATION:
-            # Refute: only we may raise our incarnation, and UP(n+1) beats DOWN(n).
-            self.incarnation = record.incarnation + 1
+        ours = self.incarnation
+        if record.incarnation == ours or newer_incarnation(record.incarnation, ours):
+            # Refute: only we may raise our incarnation, and UP(n+1) beats DOWN(n),
+            # whatever n is (the counter wraps; membership.newer_incarnation).
+            self.incarnation = next_incarnation(record.incarnation)
             self.stats.bump("refutations")
             own = self._self_record(MemberState.UP)
             self._announce(own, now)
@@ -185,7 +239,7 @@ class Liveness:
                 told.add(source)
             for peer_id in told:
                 self._queue_control(peer_id, FrameType.PEERS, notice)
-        elif source is not None and record.incarnation < self.incarnation:
+        elif source is not None and newer_incarnation(ours, record.incarnation):
             # The sender still holds an old DOWN for us: correct it directly.
             notice = wire.encode_members([self._self_record(MemberState.UP)])
             self._queue_control(source, FrameType.PEERS, notice)

@@ -3,7 +3,9 @@
 Every status carries the member's incarnation, a counter only the member itself
 raises. The rules (SWIM's) make the outcome independent of arrival order:
 
-- a higher incarnation always wins;
+- a newer incarnation always wins. "Newer" is serial-number order (RFC 1982) on the
+  32-bit wire field, so the counter wraps: a forged DOWN at 0xFFFFFFFF is refuted
+  with 0, and no incarnation is one a member cannot get past;
 - at equal incarnation DOWN beats UP (suspicion sticks until refuted);
 - a node that hears itself declared DOWN at its current incarnation refutes by
   announcing UP with incarnation + 1, which beats that DOWN everywhere.
@@ -83,9 +85,24 @@ def record_of(member: Member, state: MemberState | None = None) -> MemberRecord:
     )
 
 
+INCARNATION_MODULUS = 1 << 32  # the wire field is 32 bits
+_HALF = INCARNATION_MODULUS // 2
+
+
+def newer_incarnation(a: int, b: int) -> bool:
+    """Is incarnation ``a`` newer than ``b``? Serial-number arithmetic: ``a`` is newer
+    when it is at most 2**31 - 1 steps ahead of ``b``, counting around the wrap. Two
+    values exactly 2**31 apart are unordered: neither replaces the other."""
+    return a != b and (a - b) % INCARNATION_MODULUS < _HALF
+
+
+def next_incarnation(incarnation: int) -> int:
+    return (incarnation + 1) % INCARNATION_MODULUS
+
+
 def supersedes(new_state: MemberState, new_inc: int, old_state: MemberState, old_inc: int) -> bool:
     if new_inc != old_inc:
-        return new_inc > old_inc
+        return newer_incarnation(new_inc, old_inc)
     return new_state == MemberState.DOWN and old_state == MemberState.UP
 
 

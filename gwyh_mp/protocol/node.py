@@ -178,6 +178,8 @@ class NodeCore:
             lost_provider=lambda now: self.subscriptions.lost_provider(now),
             self_record=self._self_record,
             announce=lambda record, now: self.membership.announce(record, now),
+            rejoin=lambda now: self.peers.rejoin(now, self.members, self.providers),
+            rejoined=self.peers.rejoined,
         )
         self.large = LargeMessages(
             config,
@@ -335,6 +337,18 @@ class NodeCore:
         waiting for their window, and datagrams waiting for a peer's pacer)."""
         return self.link_queues.backlog_bytes + self.large.queued_bytes
 
+    def set_reading_paused(self, paused: bool) -> None:
+        """The runtime stopped (or resumed) reading the socket because the application
+        is not consuming deliveries. Paused past SATURATED_AFTER_HEARTBEATS, the node
+        refuses subscribers (subscriptions.check_saturation) instead of relaying nothing."""
+        subscriptions = self.subscriptions
+        self.liveness.set_deaf(paused, self._last_now)
+        if not paused:
+            subscriptions.reading_paused_since = None
+            subscriptions.saturated = False
+        elif subscriptions.reading_paused_since is None:
+            subscriptions.reading_paused_since = self._last_now
+
     @property
     def accepting(self) -> bool:
         """False while the send backlog is above Config.send_queue_bytes: the runtime
@@ -384,6 +398,10 @@ class NodeCore:
 
     def _heartbeat_tick(self, now: float) -> None:
         self.liveness.heartbeat(now)
+        self.liveness.check_isolation(now)
+        warning = self.subscriptions.check_saturation(now)
+        if warning is not None:
+            self.warnings.append(warning)
         self.subscriptions.refresh(now)
         if not any(st.confirmed for st in self.providers.values()) and not self.subscribers:
             self.peers.bootstrap(now)  # alone: (re)join through the seeds
@@ -572,7 +590,7 @@ class NodeCore:
         elif ftype == FrameType.SUBSCRIBED:
             self.subscriptions.on_subscribed(peer_id, link, body, now)
         elif ftype == FrameType.UNSUBSCRIBE:
-            self.subscribers.pop(peer_id, None)
+            self.subscriptions.on_unsubscribe(peer_id, body, now)
         elif ftype == FrameType.PEERS_REQUEST:
             self.anti_entropy.send_peer_list(peer_id, body)
         elif ftype == FrameType.PEERS:

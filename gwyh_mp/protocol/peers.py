@@ -12,7 +12,7 @@ is reported as a typed update (offload.py) for the runtime to copy.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from gwyh_mp.config import Config
@@ -42,6 +42,11 @@ from gwyh_mp.protocol.wire import MemberState, PacketType
 Addr = tuple[str, int]
 
 SESSION_GRACE_S = 30.0  # a superseded or orphaned session is freed after this long idle
+# An isolated node re-handshakes the members it knows at most this many per heartbeat,
+# and after each pass over its table waits twice as long (up to REJOIN_MAX_WAIT
+# heartbeats) before the next: a 10,000-member table must not burst.
+REJOIN_BATCH = 8
+REJOIN_MAX_WAIT = 64
 _CONTROL_HEADER = wire.CONTROL_HEADER
 
 
@@ -116,6 +121,9 @@ class Peers:
         self.seeds: set[Addr] = set(config.bootstrap)
         self._peer_request_addrs: set[Addr] = set()  # seeds we owe a peer list request
         self.sessions: dict[int, Session] = {}
+        self._rejoin_queue: list[Addr] = []  # members still to try in this pass
+        self._rejoin_wait = 0  # heartbeats to skip before the next pass
+        self._rejoin_skip = 0
         self.links: dict[bytes, PeerLink] = {}
         # Offloaded crypto needs the receivers to know keys: every change to the key
         # tables is reported here for the runtime to copy (see runtime/coordinator.py).
@@ -142,6 +150,49 @@ class Peers:
             if addr != advertised:
                 self._peer_request_addrs.add(addr)
                 self.initiate(addr, now)
+
+    def rejoin(self, now: float, members: MemberTable, first: Iterable[bytes]) -> None:
+        """Isolated (called once per heartbeat): our sessions may be dead at the other
+        end (a peer frees those of a member it holds DOWN), and a seed node has no
+        bootstrap address to start over from. So re-handshake with every member we
+        know, ``first`` (our providers) then UP then DOWN ones, REJOIN_BATCH per call;
+        a peer holding us DOWN answers the handshake with that DOWN and we refute."""
+        if not self._rejoin_queue:
+            if self._rejoin_skip > 0:
+                self._rejoin_skip -= 1
+                return
+            self._rejoin_queue = self._rejoin_pass(members, first)
+            self._rejoin_skip = self._rejoin_wait
+            self._rejoin_wait = min(max(1, 2 * self._rejoin_wait), REJOIN_MAX_WAIT)
+        batch = self._rejoin_queue[:REJOIN_BATCH]
+        del self._rejoin_queue[:REJOIN_BATCH]
+        advertised = self._advertised()
+        for addr in batch:
+            if addr != advertised:
+                self.stats.bump("rejoin_handshakes")
+                self.initiate(addr, now)
+
+    def _rejoin_pass(self, members: MemberTable, first: Iterable[bytes]) -> list[Addr]:
+        up: list[Addr] = []
+        down: list[Addr] = []
+        for member in members.members.values():
+            (up if member.state == MemberState.UP else down).append((member.host, member.port))
+        if up:
+            # Start at a random member, so that nodes isolated together (a partition)
+            # do not all call on the same ones first.
+            start = int.from_bytes(self._random_bytes(4), "big") % len(up)
+            up = up[start:] + up[:start]
+        preferred = []
+        for node_id in first:
+            member = members.get(node_id)
+            if member is not None:
+                preferred.append((member.host, member.port))
+        return list(dict.fromkeys(preferred + up + down))
+
+    def rejoined(self) -> None:
+        """Connected again: the next isolation starts a fresh pass without waiting."""
+        self._rejoin_queue.clear()
+        self._rejoin_wait = self._rejoin_skip = 0
 
     def owes_peer_request(self, addr: Addr) -> bool:
         """A session with ``addr`` was just established: is it a seed to ask for peers?"""

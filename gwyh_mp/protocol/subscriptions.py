@@ -25,6 +25,16 @@ from gwyh_mp.protocol.wire import FrameType, MemberState
 
 Addr = tuple[str, int]
 SUBSCRIBE_NEED_KEY = 0x01
+# UNSUBSCRIBE with this body, from a provider: "I take no subscribers now" (the node's
+# application stopped reading). The subscriber drops it and chooses another; an empty
+# UNSUBSCRIBE keeps its old meaning, "remove me from your subscribers".
+UNSUBSCRIBE_REFUSED = b"\x01"
+# A node whose socket reading has been paused (backpressure) this many heartbeats sheds
+# its subscribers rather than heartbeat them while it loses what they would get from it.
+SATURATED_AFTER_HEARTBEATS = 2
+# How long a subscriber keeps a provider that refused it out of its selection, in
+# watchdog periods.
+REFUSED_FOR_WATCHDOGS = 4
 
 
 def _node_id_of(member: Member) -> bytes:
@@ -72,6 +82,9 @@ class Subscriptions:
         self.providers: dict[bytes, ProviderState] = {}
         self.subscribers: dict[bytes, float] = {}  # node id -> expiry time
         self.reassign_at: float | None = None
+        self.refused: dict[bytes, float] = {}  # provider that refused us -> until
+        self.reading_paused_since: float | None = None  # set by the runtime (backpressure)
+        self.saturated = False
         self.pending_swaps: list[tuple[bytes, bytes]] = []  # (provider out, newcomer in)
 
     # ------------------------------------------------------------------ selection
@@ -120,6 +133,11 @@ class Subscriptions:
         if self.selection_settled():
             return
         up = self.members.up_members()
+        if self.refused:
+            for node_id, until in list(self.refused.items()):
+                if now >= until:
+                    del self.refused[node_id]
+            up = [m for m in up if m.node_id not in self.refused]
         up.sort(key=_node_id_of)
         candidates = [Candidate(m.node_id, m.zone) for m in up]
         keep = set(self.providers)
@@ -223,7 +241,48 @@ class Subscriptions:
 
     # ------------------------------------------------------------------ as a provider
 
+    def on_unsubscribe(self, peer_id: bytes, body: bytes, now: float) -> None:
+        self.subscribers.pop(peer_id, None)
+        if body == UNSUBSCRIBE_REFUSED and self.providers.pop(peer_id, None) is not None:
+            # Our provider cannot take subscribers (its application stopped reading):
+            # choose another rather than count on it, and leave it out for a while.
+            self.stats.bump("providers_refused")
+            self.refused[peer_id] = now + REFUSED_FOR_WATCHDOGS * self._watchdog_s
+            self.providers_changed()
+            self.schedule_reassign(now)
+
+    def check_saturation(self, now: float) -> str | None:
+        """Heartbeat: has reading been paused (the application is not keeping up) for
+        SATURATED_AFTER_HEARTBEATS? Then we would be a black hole for our subscribers:
+        we keep heartbeating but relay nothing. Degrade visibly instead: tell each
+        subscriber we refuse it, and refuse new SUBSCRIBEs, until reading resumes.
+        Returns a warning the first time."""
+        since = self.reading_paused_since
+        if since is None:
+            self.saturated = False
+            return None
+        limit = SATURATED_AFTER_HEARTBEATS * self.config.heartbeat_interval_s
+        if now - since < limit:
+            return None
+        warning = None
+        if not self.saturated:
+            self.saturated = True
+            self.stats.bump("saturated")
+            warning = (
+                f"the application has not read its messages for {now - since:.1f} s: "
+                f"this node refuses subscribers until it does ({len(self.subscribers)} shed)"
+            )
+        for subscriber_id in self.subscribers:
+            self.stats.bump("subscribers_shed")
+            self._queue_control(subscriber_id, FrameType.UNSUBSCRIBE, UNSUBSCRIBE_REFUSED)
+        self.subscribers.clear()
+        return warning
+
     def on_subscribe(self, peer_id: bytes, body: bytes, now: float) -> None:
+        if self.saturated:
+            self.stats.bump("subscribes_refused")
+            self._queue_control(peer_id, FrameType.UNSUBSCRIBE, UNSUBSCRIBE_REFUSED)
+            return
         member = self.members.get(peer_id)
         if member is None or member.state != MemberState.UP:
             # We believe it is DOWN: tell it, so it refutes with a higher incarnation.
