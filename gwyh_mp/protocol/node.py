@@ -227,10 +227,10 @@ class NodeCore:
         self.peers.bootstrap(now)
 
     def leave(self, now: float) -> None:
-        """Graceful exit: tell the cluster we are DOWN and end our subscriptions."""
+        """Graceful exit: tell the cluster we LEFT and end our subscriptions."""
         if not self._running:
             return
-        self.membership.announce(self._self_record(MemberState.DOWN), now)
+        self.membership.announce(self._self_record(MemberState.LEFT), now)
         for provider_id in list(self.providers):
             self._queue_control(provider_id, FrameType.UNSUBSCRIBE)
         self.providers.clear()
@@ -288,8 +288,14 @@ class NodeCore:
 
     def local_member(self) -> Member:
         host, port = self._advertised
-        state = MemberState.UP if self._running else MemberState.DOWN
-        return Member(self.node_id, host, port, self.zone, state, self.incarnation)
+        if self._running:
+            state = MemberState.UP
+        else:
+            state = MemberState.LEFT if self._left else MemberState.DOWN
+        config = self.config
+        return Member(
+            self.node_id, host, port, self.zone, state, self.incarnation, config.name, config.tags
+        )
 
     def member_list(self) -> list[Member]:
         return list(self.members.members.values())
@@ -609,6 +615,10 @@ class NodeCore:
             zone=est.peer_zone,
         )
         self.membership.apply(record, now, announce=True, direct=True)
+        if self.config.name or self.config.tags:
+            # A handshake carries no name or tags: tell this peer directly.
+            own = wire.encode_members([self._self_record(MemberState.UP)])
+            self._queue_control(est.peer_id, FrameType.PEERS, own)
         if self.peers.owes_peer_request(est.addr):
             self.anti_entropy.request_peers(est.peer_id)
         self.subscriptions.on_established(est.peer_id)
@@ -635,6 +645,8 @@ class NodeCore:
             host=host,
             port=port,
             zone=self.zone,
+            name=self.config.name,
+            tags=self.config.tags,
         )
 
     def reselect_providers(self, now: float) -> None:
