@@ -45,7 +45,7 @@ from gwyh_mp.runtime.coordinator import MultiProcessRuntime
 from gwyh_mp.runtime.seeds import SeedResolver, split_seeds
 from gwyh_mp.runtime.single import SingleProcessRuntime
 
-MemberEvent = MemberUp | MemberDown
+MemberEvent = MemberUp | MemberDown  # MemberLeft is a MemberDown: a graceful leave
 
 __all__ = [
     "MessageStream",
@@ -359,7 +359,7 @@ class Node:
     # ------------------------------------------------------------ membership
 
     def members(self) -> list[Member]:
-        """Every other node this node knows of, UP or DOWN."""
+        """Every other node this node knows of, UP, DOWN or LEFT."""
         return self._core().member_list()
 
     def local_member(self) -> Member:
@@ -371,9 +371,10 @@ class Node:
         return self._providers
 
     def member_events(self, queue_size: int = MEMBER_EVENT_QUEUE) -> MemberEventStream:
-        """A new stream of MemberUp / MemberDown from now on (``members()`` is the
-        state so far). It never slows the node: a reader that falls ``queue_size``
-        events behind gets ``StreamOverflow`` at the gap."""
+        """A new stream of MemberUp / MemberDown (MemberLeft, a MemberDown, for a
+        graceful leave) from now on (``members()`` is the state so far). It never slows
+        the node: a reader that falls ``queue_size`` events behind gets
+        ``StreamOverflow`` at the gap."""
         stream = MemberEventStream(self, queue_size, backpressure=False)
         self._event_streams.append(weakref.ref(stream))
         return stream

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from gwyh_mp.api import MemberEvent, Node, StreamOverflow
-from gwyh_mp.protocol.events import Member, MemberUp
+from gwyh_mp.protocol.events import Member, MemberLeft, MemberUp
 
 log = logging.getLogger("gwyh_mp.cli")
 LEVELS = ("debug", "info", "warning", "error")
@@ -66,16 +66,15 @@ def set_level(level: str) -> None:
 
 
 def member_fields(member: Member) -> dict[str, Any]:
-    """The fields that identify a member in logs and on the control socket; name and
-    tags are empty until the member record carries them."""
+    """The fields that identify a member in logs and on the control socket."""
     return {
         "node_id": member.node_id.hex(),
-        "name": getattr(member, "name", "") or "",
+        "name": member.name,
         "addr": f"{member.host}:{member.port}",
         "zone": member.zone or "",
         "state": member.state.name,
         "incarnation": member.incarnation,
-        "tags": dict(getattr(member, "tags", None) or {}),
+        "tags": member.tag_dict,
     }
 
 
@@ -120,7 +119,7 @@ class NodeWatcher:
             else:
                 change = "up"
         else:
-            change = "left" if member.state.name == "LEFT" else "failed"
+            change = "left" if isinstance(event, MemberLeft) else "failed"
         fields = member_fields(member)
         log.info(
             "member %s: %s %s at %s",

@@ -344,21 +344,24 @@ def metadata_problem(name: str, tags: Tags) -> str | None:
     if len(raw_name) > MAX_NAME_BYTES:
         return f"name is {len(raw_name)} bytes of UTF-8; at most {MAX_NAME_BYTES} allowed"
     if len(tags) > MAX_TAGS:
-        return f"{len(tags)} tags; at most {MAX_TAGS} allowed"
-    keys = [key for key, _ in tags]
-    if len(set(keys)) != len(keys):
-        return "tag keys must be unique"
+        return f"tags: {len(tags)} given; at most {MAX_TAGS} allowed"
+    seen: set[str] = set()
     for key, value in tags:
         raw_key = key.encode()
         if not raw_key or len(raw_key) > MAX_TAG_KEY_BYTES or not set(raw_key) <= TAG_KEY_CHARS:
             return (
-                f"tag key {key!r} must be 1-{MAX_TAG_KEY_BYTES} characters from A-Z a-z 0-9 _ . -"
+                f"tags: key {key!r} must be 1-{MAX_TAG_KEY_BYTES} characters from A-Z a-z 0-9 _ . -"
             )
+        if key in seen:
+            return f"tags: key {key!r} given twice"
+        seen.add(key)
         if len(value.encode()) > MAX_TAG_VALUE_BYTES:
-            return f"tag {key!r} value is over {MAX_TAG_VALUE_BYTES} bytes of UTF-8"
+            return f"tags: value of {key!r} is over {MAX_TAG_VALUE_BYTES} bytes of UTF-8"
     size = len(_encode_metadata(name, tags))
     if size > MAX_METADATA_BYTES:
-        return f"name and tags take {size} bytes encoded; at most {MAX_METADATA_BYTES} allowed"
+        return (
+            f"tags: name and tags take {size} bytes encoded; at most {MAX_METADATA_BYTES} allowed"
+        )
     return None
 
 
