@@ -39,7 +39,15 @@ from typing import Generic, TypeVar
 
 from gwyh_mp.config import Config
 from gwyh_mp.protocol.crypto import PskKeyring
-from gwyh_mp.protocol.events import Event, Member, MemberDown, MemberUp, Message, ProviderChanged
+from gwyh_mp.protocol.events import (
+    Event,
+    Member,
+    MemberDown,
+    MemberUp,
+    Message,
+    ProviderChanged,
+    RejectedHandshakes,
+)
 from gwyh_mp.protocol.node import MessageTooLarge, NotRunning
 from gwyh_mp.runtime.coordinator import MultiProcessRuntime
 from gwyh_mp.runtime.seeds import SeedResolver, split_seeds
@@ -364,6 +372,12 @@ class Node:
 
     def local_member(self) -> Member:
         return self._core().local_member()
+
+    def rejected_handshakes(self) -> list[RejectedHandshakes]:
+        """Handshakes refused for a wrong key or as expired, as (reason, source address,
+        count), since the previous call. Bounded: at most 64 sources are listed between
+        two calls, the rest are summed under the address None."""
+        return self._core().take_rejected_handshakes()
 
     @property
     def providers(self) -> tuple[bytes, ...]:

@@ -468,6 +468,8 @@ def test_logs_json_wrong_key_and_unreachable_bootstrap(tmp_path: Path, sockdir: 
         line = a.wait_line("wrong key")
         record = orjson.loads(line)
         assert record["level"] == "warning" and record["event"] == "wrong_key"
+        assert f"127.0.0.1:{pb}" in line  # the source address is named
+        assert record["sources"][f"127.0.0.1:{pb}"] >= 1
         b.wait_line(f"bootstrap peer 127.0.0.1:{dead} unreachable")
         b.wait_line(f"bootstrap peer 127.0.0.1:{pa} unreachable")
         assert all(orjson.loads(x) for x in a.lines)  # every line is one JSON object

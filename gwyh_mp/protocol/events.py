@@ -68,4 +68,18 @@ class ProviderChanged:
     providers: tuple[bytes, ...]
 
 
+WRONG_KEY = "wrong_key"  # a MAC that none of our pre-shared keys verifies
+EXPIRED = "expired"  # a Hello timestamped outside handshake_window_s
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedHandshakes:
+    """``count`` handshake packets from ``addr`` refused for ``reason`` (WRONG_KEY or
+    EXPIRED) since the last drain; ``addr`` None sums the sources beyond the bound."""
+
+    reason: str
+    addr: tuple[str, int] | None
+    count: int
+
+
 Event = Message | MemberUp | MemberDown | MemberLeft | ProviderChanged

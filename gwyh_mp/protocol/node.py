@@ -32,7 +32,7 @@ from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.anti_entropy import AntiEntropy
 from gwyh_mp.protocol.crypto import DecryptError
 from gwyh_mp.protocol.dissemination import BroadcastChannel, Datagram, Fanout, Outgoing, SeenSet
-from gwyh_mp.protocol.events import Event, Member
+from gwyh_mp.protocol.events import Event, Member, RejectedHandshakes
 from gwyh_mp.protocol.flood import Flood
 from gwyh_mp.protocol.handshake import Established
 from gwyh_mp.protocol.inbound import broadcast_ids_end, open_broadcast, open_control
@@ -299,6 +299,11 @@ class NodeCore:
 
     def member_list(self) -> list[Member]:
         return list(self.members.members.values())
+
+    def take_rejected_handshakes(self) -> list[RejectedHandshakes]:
+        """Handshakes refused for a wrong key or as expired, by source, since the last
+        call (bounded: see handshake.RejectLog)."""
+        return self.handshaker.rejected.drain()
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
