@@ -20,7 +20,7 @@ import functools
 import hashlib
 
 from gwyh_mp.protocol.events import Member
-from gwyh_mp.protocol.wire import MemberRecord, MemberState, Tags
+from gwyh_mp.protocol.wire import MemberRecord, MemberState, Tags, encode_metadata
 
 
 class Change(enum.Enum):
@@ -62,8 +62,8 @@ def metadata_hash(name: str, tags: Tags) -> int:
     """0 without metadata; else a 64-bit hash of the name and tags, for the digests."""
     if not name and not tags:
         return 0
-    text = repr((name, tags)).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big")
+    block = encode_metadata(name, tuple(sorted(tags)))
+    return int.from_bytes(hashlib.blake2b(block, digest_size=8).digest(), "big")
 
 
 def digest_term(idh: int, incarnation: int, state: MemberState, meta: int = 0) -> int:

@@ -357,7 +357,7 @@ def metadata_problem(name: str, tags: Tags) -> str | None:
         seen.add(key)
         if len(value.encode()) > MAX_TAG_VALUE_BYTES:
             return f"tags: value of {key!r} is over {MAX_TAG_VALUE_BYTES} bytes of UTF-8"
-    size = len(_encode_metadata(name, tags))
+    size = len(encode_metadata(name, tags))
     if size > MAX_METADATA_BYTES:
         return (
             f"tags: name and tags take {size} bytes encoded; at most {MAX_METADATA_BYTES} allowed"
@@ -365,7 +365,7 @@ def metadata_problem(name: str, tags: Tags) -> str | None:
     return None
 
 
-def _encode_metadata(name: str, tags: Tags) -> bytes:
+def encode_metadata(name: str, tags: Tags) -> bytes:
     parts = [bytes((len(raw := name.encode()),)), raw, bytes((len(tags),))]
     for key, value in tags:
         raw_key, raw_value = key.encode(), value.encode()
@@ -436,7 +436,7 @@ class MemberRecord:
             problem = metadata_problem(self.name, self.tags)
             if problem is not None:
                 raise ValueError(problem)
-            block = _encode_metadata(self.name, tuple(sorted(self.tags)))
+            block = encode_metadata(self.name, tuple(sorted(self.tags)))
             metadata = META_LEN.pack(len(block)) + block
             state |= STATE_METADATA_FLAG
         return (
