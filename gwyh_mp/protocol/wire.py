@@ -384,7 +384,8 @@ def _decode_text(block: bytes, offset: int, limit: int) -> tuple[bytes, int]:
 
 
 def _decode_metadata(block: bytes) -> tuple[str, Tags]:
-    """Bytes after the tags are ignored: room for later fields without a new flag."""
+    """Only the canonical form decodes (keys in increasing order, nothing after the
+    tags, not empty), so every accepted record re-encodes to the same bytes."""
     try:
         raw_name, offset = _decode_text(block, 0, MAX_NAME_BYTES)
         if offset >= len(block):
@@ -403,9 +404,13 @@ def _decode_metadata(block: bytes) -> tuple[str, Tags]:
         name = raw_name.decode()
     except UnicodeDecodeError as exc:
         raise WireError("metadata is not UTF-8") from exc
-    if len({key for key, _ in tags}) != len(tags):
-        raise WireError("duplicate tag key")
-    return name, tuple(sorted(tags))
+    if offset != len(block):
+        raise WireError("trailing bytes in metadata")
+    if not name and not tags:
+        raise WireError("empty metadata block")
+    if any(tags[i][0] >= tags[i + 1][0] for i in range(len(tags) - 1)):
+        raise WireError("tag keys not in increasing order")
+    return name, tuple(tags)
 
 
 @dataclass(frozen=True, slots=True)
