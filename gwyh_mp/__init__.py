@@ -2,7 +2,14 @@
 
 from gwyh_mp.api import MessageTooLarge, Node, NotRunning, SendQueueFull
 from gwyh_mp.config import Config, ConfigError
-from gwyh_mp.protocol.events import Member, MemberDown, MemberLeft, MemberUp, Message
+from gwyh_mp.protocol.events import (
+    Member,
+    MemberDown,
+    MemberLeft,
+    MemberUp,
+    MemberUpdated,
+    Message,
+)
 from gwyh_mp.protocol.selection import Strategy
 from gwyh_mp.protocol.wire import MemberState
 
@@ -14,6 +21,7 @@ __all__ = [
     "MemberLeft",
     "MemberState",
     "MemberUp",
+    "MemberUpdated",
     "Message",
     "MessageTooLarge",
     "Node",

@@ -44,6 +44,7 @@ from gwyh_mp.protocol.events import (
     Member,
     MemberDown,
     MemberUp,
+    MemberUpdated,
     Message,
     ProviderChanged,
     RejectedHandshakes,
@@ -53,7 +54,8 @@ from gwyh_mp.runtime.coordinator import MultiProcessRuntime
 from gwyh_mp.runtime.seeds import SeedResolver, split_seeds
 from gwyh_mp.runtime.single import SingleProcessRuntime
 
-MemberEvent = MemberUp | MemberDown  # MemberLeft is a MemberDown: a graceful leave
+# MemberLeft is a MemberDown: a graceful leave. MemberUpdated: new name or tags.
+MemberEvent = MemberUp | MemberUpdated | MemberDown
 
 __all__ = [
     "MessageStream",
@@ -522,7 +524,7 @@ class Node:
                 # up, rather than dropping messages we already accepted.
                 self._reading_paused = True
                 self._runtime.pause_reading()
-        elif isinstance(event, MemberUp | MemberDown):
+        elif isinstance(event, MemberUp | MemberUpdated | MemberDown):
             for ref in self._event_streams:
                 stream = ref()
                 if stream is not None:

@@ -19,7 +19,14 @@ from typing import Any
 import orjson
 
 from gwyh_mp.api import MemberEvent, Node, StreamOverflow
-from gwyh_mp.protocol.events import EXPIRED, WRONG_KEY, Member, MemberLeft, MemberUp
+from gwyh_mp.protocol.events import (
+    EXPIRED,
+    WRONG_KEY,
+    Member,
+    MemberLeft,
+    MemberUp,
+    MemberUpdated,
+)
 
 log = logging.getLogger("gwyh_mp.cli")
 LEVELS = ("debug", "info", "warning", "error")
@@ -113,7 +120,9 @@ class NodeWatcher:
         member = event.member
         before = self._known.get(member.node_id)
         self._known[member.node_id] = member
-        if isinstance(event, MemberUp):
+        if isinstance(event, MemberUpdated):
+            change = "updated"  # its name or tags arrived (a handshake carries none)
+        elif isinstance(event, MemberUp):
             if before is None:
                 change = "joined"
             elif member.incarnation > before.incarnation:

@@ -166,6 +166,7 @@ def test_three_node_cluster_driven_by_the_control_clients(tmp_path: Path, sockdi
         table = ctl("members", "--control", ca)
         assert table.returncode == 0 and table.stdout.decode().count(" UP ") == 3
         assert "charlie" in table.stdout.decode() and "role=c" in table.stdout.decode()
+        a.wait_line("member updated: bravo")  # its name followed the handshake
 
         # Two tails at once on b both see what a publishes.
         tails = [

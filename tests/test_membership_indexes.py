@@ -89,7 +89,7 @@ class Model:
             same = r.incarnation == cur.incarnation and r.state is cur.state
             if same and r.name and r.name != cur.name:
                 cur.name = r.name  # a record that says who the member is
-                return Change.REFRESHED
+                return Change.UPDATED
             return Change.NONE
         old = cur.state
         cur.incarnation, cur.state, cur.zone = r.incarnation, r.state, r.zone

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from gwyh_mp.config import Config, ConfigError
 from gwyh_mp.protocol import wire
-from gwyh_mp.protocol.events import EXPIRED, WRONG_KEY, MemberDown, MemberLeft
+from gwyh_mp.protocol.events import EXPIRED, WRONG_KEY, MemberDown, MemberLeft, MemberUpdated
 from gwyh_mp.protocol.handshake import MAX_REJECT_SOURCES, RejectLog
 from gwyh_mp.protocol.membership import Change, MemberTable
 from gwyh_mp.protocol.wire import MemberRecord, MemberState, WireError
@@ -181,7 +181,7 @@ def test_a_record_that_names_a_member_fills_in_a_handshake_learned_entry() -> No
     t = MemberTable()
     assert t.apply(rec(MemberState.UP, 1)) is Change.JOINED
     before = list(t.digests)
-    assert t.apply(rec(MemberState.UP, 1, "web")) is Change.REFRESHED
+    assert t.apply(rec(MemberState.UP, 1, "web")) is Change.UPDATED
     assert t.digests != before  # anti-entropy sees the difference
     assert t.apply(rec(MemberState.UP, 1)) is Change.NONE  # no metadata keeps the name
     assert t.apply(rec(MemberState.UP, 2)) is Change.REFRESHED
@@ -229,6 +229,9 @@ def test_names_and_tags_reach_every_member() -> None:
         )
     net.run_for(8.0)
     named = {n.core.node_id: n for n in net.nodes.values() if n.core.config.name}
+    seed = net.nodes[addrs[0]]  # it met every named node by handshake first
+    updated = {e.member.node_id for _, e in seed.events if isinstance(e, MemberUpdated)}
+    assert updated == set(named)
     for n in net.nodes.values():
         for nid, other in named.items():
             if nid == n.core.node_id:

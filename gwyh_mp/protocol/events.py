@@ -49,6 +49,14 @@ class MemberUp:
 
 
 @dataclass(frozen=True, slots=True)
+class MemberUpdated:
+    """The member's name or tags became known or changed (serf's member-update); its
+    state and incarnation did not change."""
+
+    member: Member
+
+
+@dataclass(frozen=True, slots=True)
 class MemberDown:
     """The member failed (declared DOWN), or, as the subclass MemberLeft, left."""
 
@@ -82,4 +90,4 @@ class RejectedHandshakes:
     count: int
 
 
-Event = Message | MemberUp | MemberDown | MemberLeft | ProviderChanged
+Event = Message | MemberUp | MemberUpdated | MemberDown | MemberLeft | ProviderChanged

@@ -30,6 +30,7 @@ class Change(enum.Enum):
     DOWN = "down"  # UP -> DOWN
     LEFT = "left"  # UP or DOWN -> LEFT (it announced a graceful leave)
     REFRESHED = "refreshed"  # same state, newer incarnation or address
+    UPDATED = "updated"  # same state and incarnation, new name or tags
 
 
 # Anti-entropy digests: the member table is split into DIGEST_BUCKETS buckets by a hash
@@ -217,7 +218,7 @@ class MemberTable:
         self.members[current.node_id] = dataclasses.replace(
             current, name=record.name, tags=record.tags
         )
-        return Change.REFRESHED
+        return Change.UPDATED
 
     def digests_with(self, node_id: bytes, incarnation: int, meta: int = 0) -> list[int]:
         """The bucket digests as if ``node_id`` were also UP at ``incarnation`` with

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from gwyh_mp.protocol import wire
-from gwyh_mp.protocol.events import Event, MemberDown, MemberLeft, MemberUp
+from gwyh_mp.protocol.events import Event, MemberDown, MemberLeft, MemberUp, MemberUpdated
 from gwyh_mp.protocol.flood import Flood
 from gwyh_mp.protocol.liveness import Liveness
 from gwyh_mp.protocol.membership import Change, MemberTable, record_of
@@ -85,11 +85,13 @@ class MembershipChanges:
             if announce:
                 self.announce(record_of(member), now)
             subscriptions.schedule_reassign(now)
-        elif change is Change.REFRESHED and source == record.node_id and record.has_metadata:
-            # The member told us its own name and tags (its handshake carried none).
+        elif change is Change.UPDATED:
             member = self.members.get(record.node_id)
             assert member is not None
-            self.announce(record_of(member), now)
+            self._emit(MemberUpdated(member))
+            if source == record.node_id:
+                # The member told us its own name and tags (its handshake carried none).
+                self.announce(record_of(member), now)
         elif change in (Change.DOWN, Change.LEFT):
             member = self.members.get(record.node_id)
             assert member is not None
