@@ -2,7 +2,14 @@
 
 from gwyh_mp.api import MessageTooLarge, Node, NotRunning, SendQueueFull
 from gwyh_mp.config import Config, ConfigError
-from gwyh_mp.protocol.events import Member, MemberDown, MemberUp, Message
+from gwyh_mp.protocol.events import (
+    Member,
+    MemberDown,
+    MemberLeft,
+    MemberUp,
+    MemberUpdated,
+    Message,
+)
 from gwyh_mp.protocol.selection import Strategy
 from gwyh_mp.protocol.wire import MemberState
 
@@ -11,8 +18,10 @@ __all__ = [
     "ConfigError",
     "Member",
     "MemberDown",
+    "MemberLeft",
     "MemberState",
     "MemberUp",
+    "MemberUpdated",
     "Message",
     "MessageTooLarge",
     "Node",

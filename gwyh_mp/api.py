@@ -39,13 +39,23 @@ from typing import Generic, TypeVar
 
 from gwyh_mp.config import Config
 from gwyh_mp.protocol.crypto import PskKeyring
-from gwyh_mp.protocol.events import Event, Member, MemberDown, MemberUp, Message, ProviderChanged
+from gwyh_mp.protocol.events import (
+    Event,
+    Member,
+    MemberDown,
+    MemberUp,
+    MemberUpdated,
+    Message,
+    ProviderChanged,
+    RejectedHandshakes,
+)
 from gwyh_mp.protocol.node import MessageTooLarge, NotRunning
 from gwyh_mp.runtime.coordinator import MultiProcessRuntime
 from gwyh_mp.runtime.seeds import SeedResolver, split_seeds
 from gwyh_mp.runtime.single import SingleProcessRuntime
 
-MemberEvent = MemberUp | MemberDown
+# MemberLeft is a MemberDown: a graceful leave. MemberUpdated: new name or tags.
+MemberEvent = MemberUp | MemberUpdated | MemberDown
 
 __all__ = [
     "MessageStream",
@@ -359,11 +369,17 @@ class Node:
     # ------------------------------------------------------------ membership
 
     def members(self) -> list[Member]:
-        """Every other node this node knows of, UP or DOWN."""
+        """Every other node this node knows of, UP, DOWN or LEFT."""
         return self._core().member_list()
 
     def local_member(self) -> Member:
         return self._core().local_member()
+
+    def rejected_handshakes(self) -> list[RejectedHandshakes]:
+        """Handshakes refused for a wrong key or as expired, as (reason, source address,
+        count), since the previous call. Bounded: at most 64 sources are listed between
+        two calls, the rest are summed under the address None."""
+        return self._core().take_rejected_handshakes()
 
     @property
     def providers(self) -> tuple[bytes, ...]:
@@ -371,9 +387,10 @@ class Node:
         return self._providers
 
     def member_events(self, queue_size: int = MEMBER_EVENT_QUEUE) -> MemberEventStream:
-        """A new stream of MemberUp / MemberDown from now on (``members()`` is the
-        state so far). It never slows the node: a reader that falls ``queue_size``
-        events behind gets ``StreamOverflow`` at the gap."""
+        """A new stream of MemberUp / MemberDown (MemberLeft, a MemberDown, for a
+        graceful leave) from now on (``members()`` is the state so far). It never slows
+        the node: a reader that falls ``queue_size`` events behind gets
+        ``StreamOverflow`` at the gap."""
         stream = MemberEventStream(self, queue_size, backpressure=False)
         self._event_streams.append(weakref.ref(stream))
         return stream
@@ -509,7 +526,7 @@ class Node:
                 self._reading_paused = True
                 self._runtime.pause_reading()
                 self._core().set_reading_paused(True)
-        elif isinstance(event, MemberUp | MemberDown):
+        elif isinstance(event, MemberUp | MemberUpdated | MemberDown):
             for ref in self._event_streams:
                 stream = ref()
                 if stream is not None:

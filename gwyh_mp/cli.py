@@ -35,6 +35,7 @@ from gwyh_mp.cliargs import (
     positive_float,
     seconds_0_to_1,
     strategy,
+    tag_pair,
 )
 from gwyh_mp.config import Config, ConfigError
 from gwyh_mp.control import ControlError, ControlServer, default_path, message_record
@@ -58,6 +59,8 @@ FLAG_OF_FIELD = {
     "advertise": "--advertise",
     "bootstrap": "--bootstrap",
     "zone": "--zone",
+    "name": "--name",
+    "tags": "--tag",
     "subscriptions": "--subscriptions",
     "heartbeat_interval_s": "--heartbeat-interval",
     "missed_heartbeats": "--missed-heartbeats",
@@ -143,6 +146,17 @@ def _add_network_options(p: argparse.ArgumentParser) -> None:
 def _add_membership_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("membership")
     g.add_argument("--zone", help="zone label of this node (datacenter, rack)")
+    g.add_argument(
+        "--name", default="", help="human-readable node name, shown by members (<= 64 bytes)"
+    )
+    g.add_argument(
+        "--tag",
+        type=tag_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label carried with the member record; repeatable (<= 16 tags)",
+    )
     g.add_argument(
         "--strategy",
         type=strategy,
@@ -289,6 +303,8 @@ def config_from_args(args: argparse.Namespace, node_id: bytes | None = None) -> 
         psks=[read_psk_file(p) for p in args.psk_file],
         bootstrap=list(args.bootstrap),
         zone=args.zone,
+        name=args.name,
+        tags=tuple(args.tag),
         strategy=args.strategy,
         subscriptions=args.subscriptions,
         heartbeat_interval_s=args.heartbeat_interval,

@@ -83,3 +83,11 @@ def strategy(text: str) -> Strategy:
         return Strategy.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def tag_pair(text: str) -> tuple[str, str]:
+    """``--tag KEY=VALUE``; the limits on keys and sizes are Config.validate's."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value

@@ -60,6 +60,11 @@ class Config:
     """Seed peers to handshake with at start and whenever this node is isolated."""
     zone: str | None = None
     """Free-form zone label (datacenter, rack); None is a zone of its own."""
+    name: str = ""
+    """Human-readable node name (--name), carried in the member record; not unique."""
+    tags: tuple[tuple[str, str], ...] = ()
+    """KEY=VALUE labels (--tag), carried in the member record. A dict is accepted too;
+    validate() turns it into (key, value) pairs sorted by key."""
     node_id: bytes | None = None
     """16 bytes; random by default, so a restarted process is a new node."""
 
@@ -185,6 +190,12 @@ class Config:
             _check_addr("bootstrap", addr, names=True)
         if self.zone is not None and len(self.zone.encode()) > wire.MAX_ZONE_BYTES:
             raise ConfigError(f"zone must be at most {wire.MAX_ZONE_BYTES} bytes of UTF-8")
+        if isinstance(self.tags, dict):
+            self.tags = tuple(self.tags.items())
+        self.tags = tuple(sorted((str(k), str(v)) for k, v in self.tags))
+        problem = wire.metadata_problem(self.name, self.tags)
+        if problem is not None:
+            raise ConfigError(problem)
         if self.node_id is not None and len(self.node_id) != wire.NODE_ID_BYTES:
             raise ConfigError(f"node_id must be {wire.NODE_ID_BYTES} bytes")
         if not isinstance(self.strategy, Strategy):

@@ -19,16 +19,25 @@ from typing import Any
 import orjson
 
 from gwyh_mp.api import MemberEvent, Node, StreamOverflow
-from gwyh_mp.protocol.events import Member, MemberUp
+from gwyh_mp.protocol.events import (
+    EXPIRED,
+    WRONG_KEY,
+    Member,
+    MemberLeft,
+    MemberUp,
+    MemberUpdated,
+)
 from gwyh_mp.protocol.membership import newer_incarnation
 
 log = logging.getLogger("gwyh_mp.cli")
 LEVELS = ("debug", "info", "warning", "error")
 WARN_EVERY_S = 60.0
 WATCH_INTERVAL_S = 1.0
-# Handshake counters (Handshaker.stats) that mean "the peer holds none of our keys".
-WRONG_KEY_COUNTERS = ("hello_bad_mac", "ohai_bad_mac", "okboss_bad_mac", "goteam_bad_mac")
-EXPIRED_COUNTERS = ("hello_stale",)
+SOURCES_PER_WARNING = 8  # addresses named in one warning line; the rest are summed
+REJECT_TEXT = {
+    WRONG_KEY: "rejected for a wrong key (the source holds none of this node's keys)",
+    EXPIRED: "rejected as expired (clocks more than handshake_window_s apart, or a replay)",
+}
 
 
 class JsonFormatter(logging.Formatter):
@@ -67,16 +76,15 @@ def set_level(level: str) -> None:
 
 
 def member_fields(member: Member) -> dict[str, Any]:
-    """The fields that identify a member in logs and on the control socket; name and
-    tags are empty until the member record carries them."""
+    """The fields that identify a member in logs and on the control socket."""
     return {
         "node_id": member.node_id.hex(),
-        "name": getattr(member, "name", "") or "",
+        "name": member.name,
         "addr": f"{member.host}:{member.port}",
         "zone": member.zone or "",
         "state": member.state.name,
         "incarnation": member.incarnation,
-        "tags": dict(getattr(member, "tags", None) or {}),
+        "tags": member.tag_dict,
     }
 
 
@@ -86,8 +94,8 @@ class NodeWatcher:
     def __init__(self, node: Node, *, now: float | None = None) -> None:
         self.node = node
         self._known: dict[bytes, Member] = {m.node_id: m for m in node.members()}
-        self._counters: dict[str, int] = {}
         self._last_warned: dict[str, float] = {}
+        self._rejects_due = 0.0  # the core keeps (bounded) what arrives meanwhile
         self._own_incarnation = node.local_member().incarnation
         start = time.monotonic() if now is None else now
         config = node.config
@@ -113,7 +121,9 @@ class NodeWatcher:
         member = event.member
         before = self._known.get(member.node_id)
         self._known[member.node_id] = member
-        if isinstance(event, MemberUp):
+        if isinstance(event, MemberUpdated):
+            change = "updated"  # its name or tags arrived (a handshake carries none)
+        elif isinstance(event, MemberUp):
             if before is None:
                 change = "joined"
             elif newer_incarnation(member.incarnation, before.incarnation):
@@ -121,7 +131,7 @@ class NodeWatcher:
             else:
                 change = "up"
         else:
-            change = "left" if member.state.name == "LEFT" else "failed"
+            change = "left" if isinstance(event, MemberLeft) else "failed"
         fields = member_fields(member)
         log.info(
             "member %s: %s %s at %s",
@@ -141,21 +151,8 @@ class NodeWatcher:
                 self.check(time.monotonic())
 
     def check(self, now: float) -> None:
-        stats = self.node.stats()
-        self._count_warning(
-            now,
-            "wrong_key",
-            sum(stats.get(f"handshake_{k}", 0) for k in WRONG_KEY_COUNTERS),
-            "%d handshake(s) rejected for a wrong key since %s "
-            "(a peer holds none of this node's keys; source address not reported)",
-        )
-        self._count_warning(
-            now,
-            "expired",
-            sum(stats.get(f"handshake_{k}", 0) for k in EXPIRED_COUNTERS),
-            "%d handshake(s) rejected as expired since %s "
-            "(clocks more than handshake_window_s apart, or a replay; source address not reported)",
-        )
+        if now >= self._rejects_due:
+            self._warn_rejected(now)
         incarnation = self.node.local_member().incarnation
         if incarnation != self._own_incarnation:  # only a refutation changes it
             self._own_incarnation = incarnation
@@ -167,19 +164,34 @@ class NodeWatcher:
         if now >= self._bootstrap_due:
             self._check_bootstrap(now)
 
-    def _count_warning(self, now: float, kind: str, total: int, text: str) -> None:
-        previous = self._counters.setdefault(kind, total)
-        last = self._last_warned.get(kind)
-        if total > previous and (last is None or now - last >= WARN_EVERY_S):
-            since = "the last report" if last is not None else "start"
+    def _warn_rejected(self, now: float) -> None:
+        """At most one WARNING per reason a minute, naming the busiest sources."""
+        by_reason: dict[str, list[tuple[int, str]]] = {}
+        for rejected in self.node.rejected_handshakes():
+            addr = "other" if rejected.addr is None else "{}:{}".format(*rejected.addr)
+            by_reason.setdefault(rejected.reason, []).append((rejected.count, addr))
+        if not by_reason:
+            return
+        self._rejects_due = now + WARN_EVERY_S
+        for reason, sources in by_reason.items():
+            sources.sort(key=lambda pair: (-pair[0], pair[1]))
+            total = sum(count for count, _ in sources)
+            named = [f"{addr} ({count})" for count, addr in sources[:SOURCES_PER_WARNING]]
+            rest = len(sources) - len(named)
+            listed = ", ".join(named) + (f" and {rest} more" if rest > 0 else "")
             log.warning(
-                text,
-                total - previous,
-                since,
-                extra={"fields": {"event": kind, "count": total - previous}},
+                "%d handshake(s) %s, from %s",
+                total,
+                REJECT_TEXT.get(reason, reason),
+                listed,
+                extra={
+                    "fields": {
+                        "event": reason,
+                        "count": total,
+                        "sources": {addr: count for count, addr in sources},
+                    }
+                },
             )
-            self._counters[kind] = total
-            self._last_warned[kind] = now
 
     def _check_bootstrap(self, now: float) -> None:
         up = {m.addr for m in self.node.members() if m.is_up}

@@ -138,10 +138,14 @@ def test_three_node_cluster_driven_by_the_control_clients(tmp_path: Path, sockdi
     new = write_key(tmp_path, "new.key", NEW_KEY)
     ports = [free_udp_port() for _ in range(4)]
     with processes() as procs:
-        a, ca = start_node(procs, sockdir, old, ports[0])
+
+        def meta(name: str) -> tuple[str, ...]:
+            return ("--name", name, "--tag", f"role={name[0]}", "--tag", "dc=lab")
+
+        a, ca = start_node(procs, sockdir, old, ports[0], *meta("alpha"))
         boot = ("--bootstrap", f"127.0.0.1:{ports[0]}")
-        b, cb = start_node(procs, sockdir, old, ports[1], *boot)
-        c, cc = start_node(procs, sockdir, old, ports[2], *boot, "--workers", "2")
+        b, cb = start_node(procs, sockdir, old, ports[1], *boot, *meta("bravo"))
+        c, cc = start_node(procs, sockdir, old, ports[2], *boot, "--workers", "2", *meta("charlie"))
         assert stat.S_IMODE(os.stat(ca).st_mode) == 0o600
         ids = {}
         for control in (ca, cb, cc):
@@ -151,8 +155,18 @@ def test_three_node_cluster_driven_by_the_control_clients(tmp_path: Path, sockdi
             ids[control] = me["node_id"]
             for m in members:
                 assert {"node_id", "name", "addr", "zone", "state", "incarnation", "tags"} <= set(m)
+        want = {n: {"role": n[0], "dc": "lab"} for n in ("alpha", "bravo", "charlie")}
+        for control in (ca, cb, cc):  # names and tags travel with the member records
+            until(
+                lambda control=control: (
+                    {m["name"]: m["tags"] for m in ctl_json("members", "--control", control)}
+                    == want
+                )
+            )
         table = ctl("members", "--control", ca)
         assert table.returncode == 0 and table.stdout.decode().count(" UP ") == 3
+        assert "charlie" in table.stdout.decode() and "role=c" in table.stdout.decode()
+        a.wait_line("member updated: bravo")  # its name followed the handshake
 
         # Two tails at once on b both see what a publishes.
         tails = [
@@ -203,13 +217,14 @@ def test_three_node_cluster_driven_by_the_control_clients(tmp_path: Path, sockdi
         for control in (ca, cb, cc, cd):
             until(lambda control=control: list(states(control).values()) == ["UP"] * 4)
 
-        # leave: c goes away gracefully (exit 0) and is no longer UP elsewhere.
+        # leave: c goes away gracefully (exit 0) and is LEFT (not DOWN) elsewhere.
         left = ctl("leave", "--control", cc)
         assert left.returncode == 0, left.stderr
         assert c.proc.wait(30) == 0
         for control in (ca, cb, cd):
-            until(lambda control=control: states(control).get(ids[cc]) in ("DOWN", "LEFT"))
-        assert a.wait_line(f"{ids[cc]}") and a.count("member failed") + a.count("member left")
+            until(lambda control=control: states(control).get(ids[cc]) == "LEFT")
+        assert "charlie" in a.wait_line(f"member left: charlie {ids[cc]}")
+        assert a.count("member failed") == 0
         assert a.count("member joined") >= 3
         for node in (a, b, d):
             assert node.stop() == 0
@@ -468,6 +483,8 @@ def test_logs_json_wrong_key_and_unreachable_bootstrap(tmp_path: Path, sockdir: 
         line = a.wait_line("wrong key")
         record = orjson.loads(line)
         assert record["level"] == "warning" and record["event"] == "wrong_key"
+        assert f"127.0.0.1:{pb}" in line  # the source address is named
+        assert record["sources"][f"127.0.0.1:{pb}"] >= 1
         b.wait_line(f"bootstrap peer 127.0.0.1:{dead} unreachable")
         b.wait_line(f"bootstrap peer 127.0.0.1:{pa} unreachable")
         assert all(orjson.loads(x) for x in a.lines)  # every line is one JSON object

@@ -24,10 +24,13 @@ from gwyh_mp.protocol.membership import (
     bucket_of,
     digest_term,
     id_hash,
+    metadata_hash,
 )
 from gwyh_mp.protocol.wire import MemberRecord, MemberState
 
-UP, DOWN = MemberState.UP, MemberState.DOWN
+UP, DOWN, LEFT = MemberState.UP, MemberState.DOWN, MemberState.LEFT
+RANK = {UP: 0, DOWN: 1, LEFT: 2}
+NAMES = ("", "", "web-1", "db")
 MASK64 = (1 << 64) - 1
 ZONES: tuple[str | None, ...] = (None, "a", "b")
 
@@ -59,6 +62,7 @@ class ModelMember:
     zone: str | None
     host: str
     port: int
+    name: str = ""
 
 
 class Model:
@@ -72,20 +76,27 @@ class Model:
     def apply(self, r: MemberRecord, keep_address: bool) -> Change:
         cur = self.members.get(r.node_id)
         if cur is None:
-            if r.state is DOWN:
+            if r.state is not UP:
                 return Change.NONE
-            self.members[r.node_id] = ModelMember(r.incarnation, r.state, r.zone, r.host, r.port)
+            self.members[r.node_id] = ModelMember(
+                r.incarnation, r.state, r.zone, r.host, r.port, r.name
+            )
             return Change.JOINED
         newer = r.incarnation > cur.incarnation or (
-            r.incarnation == cur.incarnation and r.state is DOWN and cur.state is UP
+            r.incarnation == cur.incarnation and RANK[r.state] > RANK[cur.state]
         )
         if not newer:
+            same = r.incarnation == cur.incarnation and r.state is cur.state
+            if same and r.name and r.name != cur.name:
+                cur.name = r.name  # a record that says who the member is
+                return Change.UPDATED
             return Change.NONE
         old = cur.state
         cur.incarnation, cur.state, cur.zone = r.incarnation, r.state, r.zone
+        cur.name = r.name or cur.name  # a record without metadata keeps what we knew
         if not keep_address:
             cur.host, cur.port = r.host, r.port
-        if r.state is DOWN:
+        if r.state is not UP:
             if r.node_id not in self.down_since:
                 self.down_since.append(r.node_id)
             while len(self.down_since) > self.max_down:
@@ -94,7 +105,7 @@ class Model:
             self.down_since.remove(r.node_id)
         if old is r.state:
             return Change.REFRESHED
-        return Change.DOWN if r.state is DOWN else Change.UP
+        return {UP: Change.UP, DOWN: Change.DOWN, LEFT: Change.LEFT}[r.state]
 
 
 def brute_digests(table: MemberTable) -> list[int]:
@@ -105,7 +116,8 @@ def brute_digests(table: MemberTable) -> list[int]:
             continue
         idh = id_hash(nid)
         b = bucket_of(idh)
-        digests[b] = (digests[b] + digest_term(idh, m.incarnation, UP)) & MASK64
+        meta = metadata_hash(m.name, m.tags)
+        digests[b] = (digests[b] + digest_term(idh, m.incarnation, UP, meta)) & MASK64
     return digests
 
 
@@ -145,7 +157,7 @@ def assert_indexes_consistent(table: MemberTable, rng: random.Random | None = No
             some = {b for b in occupied if rng.random() < 0.5}
             some |= {rng.randrange(DIGEST_BUCKETS) for _ in range(2)}
             check_bucket_members(table, some)
-    downs = sum(1 for m in members.values() if m.state is DOWN)
+    downs = sum(1 for m in members.values() if m.state is not UP)
     assert downs <= table.max_down
 
 
@@ -153,12 +165,13 @@ def assert_matches_model(table: MemberTable, model: Model) -> None:
     assert set(table.members) == set(model.members)
     for nid, want in model.members.items():
         got = table.members[nid]
-        assert (got.incarnation, got.state, got.zone, got.host, got.port) == (
+        assert (got.incarnation, got.state, got.zone, got.host, got.port, got.name) == (
             want.incarnation,
             want.state,
             want.zone,
             want.host,
             want.port,
+            want.name,
         )
 
 
@@ -168,9 +181,11 @@ def random_record(rng: random.Random, pool: list[bytes], incs: dict[bytes, int])
     nid = rng.choice(pool)
     base = incs.get(nid, 0)
     inc = max(0, base + rng.choice((-1, 0, 0, 0, 1, 1, 2)))
-    state = UP if rng.random() < 0.55 else DOWN
+    state = UP if rng.random() < 0.55 else rng.choice((DOWN, DOWN, LEFT))
     host = f"10.1.{rng.randrange(4)}.{rng.randrange(1, 5)}"
-    return MemberRecord(nid, inc, state, host, 7000 + rng.randrange(3), rng.choice(ZONES))
+    name = rng.choice(NAMES)
+    port = 7000 + rng.randrange(3)
+    return MemberRecord(nid, inc, state, host, port, rng.choice(ZONES), name=name)
 
 
 def run_history(seed: int, steps: int, max_down: int = 5) -> tuple[Counter[Change], int]:
@@ -186,7 +201,7 @@ def run_history(seed: int, steps: int, max_down: int = 5) -> tuple[Counter[Chang
         keep = rng.random() < 0.3
         before = len(model.members)
         want = model.apply(record, keep)
-        if record.state is DOWN and len(model.members) < before:
+        if record.state is not UP and len(model.members) < before:
             trimmed += 1
         got = table.apply(record, keep_address=keep)
         assert got is want, (record, keep)

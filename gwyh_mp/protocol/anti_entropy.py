@@ -13,7 +13,7 @@ import struct
 from collections.abc import Callable
 
 from gwyh_mp.protocol import wire
-from gwyh_mp.protocol.membership import DIGEST_BUCKETS, MemberTable, record_of
+from gwyh_mp.protocol.membership import DIGEST_BUCKETS, MemberTable, metadata_hash, record_of
 from gwyh_mp.protocol.stats import Stats
 from gwyh_mp.protocol.wire import FrameType, MemberRecord, MemberState
 
@@ -59,7 +59,9 @@ class AntiEntropy:
     def member_digests(self) -> list[int]:
         """Per-bucket digests of our view of the whole cluster, ourselves included (so
         two nodes that agree have equal digests)."""
-        return self.members.digests_with(self.node_id, self._incarnation())
+        own = self._self_record(MemberState.UP)
+        meta = metadata_hash(own.name, own.tags)
+        return self.members.digests_with(self.node_id, self._incarnation(), meta)
 
     def request_peers(self, peer_id: bytes) -> None:
         """Anti-entropy pull: our bucket digests go along, so the answer carries only

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gwyh_mp.protocol.wire import MemberState
+from gwyh_mp.protocol.wire import MemberState, Tags
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +17,12 @@ class Member:
     zone: str | None
     state: MemberState
     incarnation: int
+    name: str = ""  # --name: free-form, "" when the member set none
+    tags: Tags = ()  # --tag KEY=VALUE pairs, sorted by key
+
+    @property
+    def tag_dict(self) -> dict[str, str]:
+        return dict(self.tags)
 
     @property
     def addr(self) -> tuple[str, int]:
@@ -43,8 +49,24 @@ class MemberUp:
 
 
 @dataclass(frozen=True, slots=True)
-class MemberDown:
+class MemberUpdated:
+    """The member's name or tags became known or changed (serf's member-update); its
+    state and incarnation did not change."""
+
     member: Member
+
+
+@dataclass(frozen=True, slots=True)
+class MemberDown:
+    """The member failed (declared DOWN), or, as the subclass MemberLeft, left."""
+
+    member: Member
+
+
+@dataclass(frozen=True, slots=True)
+class MemberLeft(MemberDown):
+    """The member announced a graceful leave (state LEFT). A MemberDown too, so code
+    that only knows MemberDown still sees every member that went away."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,4 +76,18 @@ class ProviderChanged:
     providers: tuple[bytes, ...]
 
 
-Event = Message | MemberUp | MemberDown | ProviderChanged
+WRONG_KEY = "wrong_key"  # a MAC that none of our pre-shared keys verifies
+EXPIRED = "expired"  # a Hello timestamped outside handshake_window_s
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedHandshakes:
+    """``count`` handshake packets from ``addr`` refused for ``reason`` (WRONG_KEY or
+    EXPIRED) since the last drain; ``addr`` None sums the sources beyond the bound."""
+
+    reason: str
+    addr: tuple[str, int] | None
+    count: int
+
+
+Event = Message | MemberUp | MemberUpdated | MemberDown | MemberLeft | ProviderChanged

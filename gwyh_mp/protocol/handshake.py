@@ -37,6 +37,7 @@ from gwyh_mp.protocol.crypto import (
     x25519,
     x25519_keypair,
 )
+from gwyh_mp.protocol.events import EXPIRED, WRONG_KEY, RejectedHandshakes
 
 Addr = tuple[str, int]
 
@@ -89,6 +90,30 @@ class HandshakeStats(dict[str, int]):
         self[key] = self.get(key, 0) + 1
 
 
+MAX_REJECT_SOURCES = 64
+
+
+class RejectLog:
+    """Handshakes refused for a wrong key or an expired timestamp, counted by (reason,
+    source address) until the operator-facing side drains them. Bounded whatever
+    arrives: beyond MAX_REJECT_SOURCES sources between two drains, a rejection is only
+    counted, under the source None."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, Addr | None], int] = {}
+
+    def add(self, reason: str, addr: Addr) -> None:
+        key: tuple[str, Addr | None] = (reason, addr)
+        if key not in self._counts and len(self._counts) >= MAX_REJECT_SOURCES:
+            key = (reason, None)
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def drain(self) -> list[RejectedHandshakes]:
+        out = [RejectedHandshakes(reason, addr, n) for (reason, addr), n in self._counts.items()]
+        self._counts.clear()
+        return out
+
+
 class Handshaker:
     def __init__(
         self,
@@ -121,6 +146,7 @@ class Handshaker:
         # captured Hello replayed later gets nothing (hs_id -> forget-after time).
         self._seen_hellos: OrderedDict[bytes, float] = OrderedDict()
         self.stats = HandshakeStats()
+        self.rejected = RejectLog()
 
     # -- initiator ---------------------------------------------------------
 
@@ -184,10 +210,12 @@ class Handshaker:
             return None
         if abs(wall_ns - hello.timestamp_ns) > self.window_ns:
             self.stats.bump("hello_stale")
+            self.rejected.add(EXPIRED, addr)
             return None
         psk_key = self.keyring.verify_any(LABEL_HELLO, hello.signed, hello.macs)
         if psk_key is None:
             self.stats.bump("hello_bad_mac")
+            self.rejected.add(WRONG_KEY, addr)
             return None
         if hello.node_id == self.node_id:
             self.stats.bump("hello_self")
@@ -251,6 +279,7 @@ class Handshaker:
             return None, None
         if not hmac.compare_digest(state.okboss_expected, confirm.mac):
             self.stats.bump("okboss_bad_mac")
+            self.rejected.add(WRONG_KEY, addr)
             return None, None
         if state.done:  # our GoTeam was lost: repeat it, the session already exists
             self.stats.bump("okboss_retransmit")
@@ -271,6 +300,7 @@ class Handshaker:
         psk_key = self.keyring.verify_any(LABEL_OHAI, state.hello_signed + ohai.signed, [ohai.mac])
         if psk_key is None:
             self.stats.bump("ohai_bad_mac")
+            self.rejected.add(WRONG_KEY, addr)
             return None
         if ohai.node_id == self.node_id:
             self.stats.bump("ohai_self")
@@ -307,6 +337,7 @@ class Handshaker:
             return None
         if not hmac.compare_digest(state.goteam_expected, confirm.mac):
             self.stats.bump("goteam_bad_mac")
+            self.rejected.add(WRONG_KEY, addr)
             return None
         result = state.result
         self._forget_initiating(state)

@@ -220,8 +220,9 @@ class Liveness:
     # ------------------------------------------------------------------ refutation
 
     def about_us(self, record: MemberRecord, source: bytes | None, now: float) -> None:
-        """A record about this node arrived (we are running): refute a DOWN."""
-        if record.state != MemberState.DOWN:
+        """A record about this node arrived (we are running): refute a DOWN (or a LEFT
+        from before a restart)."""
+        if record.state == MemberState.UP:
             return
         ours = self.incarnation
         if record.incarnation == ours or newer_incarnation(record.incarnation, ours):

@@ -6,7 +6,8 @@ raises. The rules (SWIM's) make the outcome independent of arrival order:
 - a newer incarnation always wins. "Newer" is serial-number order (RFC 1982) on the
   32-bit wire field, so the counter wraps: a forged DOWN at 0xFFFFFFFF is refuted
   with 0, and no incarnation is one a member cannot get past;
-- at equal incarnation DOWN beats UP (suspicion sticks until refuted);
+- at equal incarnation DOWN beats UP (suspicion sticks until refuted), and LEFT (the
+  member's own goodbye) beats both;
 - a node that hears itself declared DOWN at its current incarnation refutes by
   announcing UP with incarnation + 1, which beats that DOWN everywhere.
 
@@ -15,11 +16,13 @@ So an old DOWN can never override a newer UP (item 14 of docs/PROTOCOL.md §3.8)
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
+import hashlib
 
 from gwyh_mp.protocol.events import Member
-from gwyh_mp.protocol.wire import MemberRecord, MemberState
+from gwyh_mp.protocol.wire import MemberRecord, MemberState, Tags, encode_metadata
 
 
 class Change(enum.Enum):
@@ -27,16 +30,20 @@ class Change(enum.Enum):
     JOINED = "joined"  # a member we did not know, UP
     UP = "up"  # known member went DOWN -> UP
     DOWN = "down"  # UP -> DOWN
+    LEFT = "left"  # UP or DOWN -> LEFT (it announced a graceful leave)
     REFRESHED = "refreshed"  # same state, newer incarnation or address
+    UPDATED = "updated"  # same state and incarnation, new name or tags
 
 
 # Anti-entropy digests: the member table is split into DIGEST_BUCKETS buckets by a hash
 # of the node id, and each bucket keeps the sum (mod 2**64) of a hash of every UP
 # member's (id, incarnation). Two nodes that agree on who is UP have equal digests; a
 # peer-list exchange then only carries the buckets that differ (O(changes), not
-# O(members)). DOWN members are left out: which DOWNs a node remembers depends on when it
-# joined and what it trimmed, and that must not keep two views "different" for ever. A
-# missed DOWN still shows: the lagging node counts the member as UP, the other does not.
+# O(members)). A member's name and tags count too (only when it has some, so a cluster
+# without them has the digests it always had). DOWN and LEFT members are left out: which
+# DOWNs a node remembers depends on when it joined and what it trimmed, and that must
+# not keep two views "different" for ever. A missed DOWN still shows: the lagging node
+# counts the member as UP, the other does not.
 DIGEST_BUCKETS = 64
 _MASK64 = (1 << 64) - 1
 _MIX = 0x9E3779B97F4A7C15  # odd: multiplication by it is a bijection mod 2**64
@@ -53,9 +60,18 @@ def id_hash(node_id: bytes) -> int:
     return x ^ (x >> 29)
 
 
-def digest_term(idh: int, incarnation: int, state: MemberState) -> int:
+@functools.lru_cache(maxsize=1 << 12)
+def metadata_hash(name: str, tags: Tags) -> int:
+    """0 without metadata; else a 64-bit hash of the name and tags, for the digests."""
+    if not name and not tags:
+        return 0
+    block = encode_metadata(name, tuple(sorted(tags)))
+    return int.from_bytes(hashlib.blake2b(block, digest_size=8).digest(), "big")
+
+
+def digest_term(idh: int, incarnation: int, state: MemberState, meta: int = 0) -> int:
     """One member's contribution to its bucket's digest."""
-    x = (idh + (incarnation << 1 | (state == MemberState.DOWN)) * _MIX) & _MASK64
+    x = (idh + (incarnation << 1 | (state == MemberState.DOWN)) * _MIX + meta) & _MASK64
     x ^= x >> 32
     return (x * 0xD6E8FEB86659FD93) & _MASK64
 
@@ -64,12 +80,14 @@ def bucket_of(idh: int) -> int:
     return idh >> 58  # top 6 bits: 64 buckets
 
 
-def _add_term(digests: list[int], node_id: bytes, incarnation: int, sign: int) -> None:
+def _add_term(
+    digests: list[int], node_id: bytes, incarnation: int, sign: int, meta: int = 0
+) -> None:
     """Add (sign 1) or remove (sign -1) an UP member's term in its bucket's digest."""
     idh = id_hash(node_id)
     bucket = bucket_of(idh)
     digests[bucket] = (
-        digests[bucket] + sign * digest_term(idh, incarnation, MemberState.UP)
+        digests[bucket] + sign * digest_term(idh, incarnation, MemberState.UP, meta)
     ) & _MASK64
 
 
@@ -82,6 +100,8 @@ def record_of(member: Member, state: MemberState | None = None) -> MemberRecord:
         host=member.host,
         port=member.port,
         zone=member.zone,
+        name=member.name,
+        tags=member.tags,
     )
 
 
@@ -100,15 +120,19 @@ def next_incarnation(incarnation: int) -> int:
     return (incarnation + 1) % INCARNATION_MODULUS
 
 
+# At equal incarnation: UP < DOWN < LEFT.
+_RANK = {MemberState.UP: 0, MemberState.DOWN: 1, MemberState.LEFT: 2}
+
+
 def supersedes(new_state: MemberState, new_inc: int, old_state: MemberState, old_inc: int) -> bool:
     if new_inc != old_inc:
         return newer_incarnation(new_inc, old_inc)
-    return new_state == MemberState.DOWN and old_state == MemberState.UP
+    return _RANK[new_state] > _RANK[old_state]
 
 
 class MemberTable:
-    """All members except ourselves. Bounded: DOWN members beyond ``max_down`` are
-    forgotten oldest first, so churn cannot grow memory without limit.
+    """All members except ourselves. Bounded: DOWN and LEFT members beyond ``max_down``
+    are forgotten oldest first, so churn cannot grow memory without limit.
 
     Counts are kept incrementally, so nothing that runs per membership change scans the
     whole table: ``up_count``, ``up_zones`` (UP members per zone) and the per-bucket
@@ -140,8 +164,9 @@ class MemberTable:
         """Merge news about a member. ``keep_address``: we hold a live session with it,
         and the address that session uses is better than hearsay."""
         current = self.members.get(record.node_id)
+        has_metadata = record.has_metadata
         if current is None:
-            if record.state == MemberState.DOWN:
+            if record.state != MemberState.UP:
                 return Change.NONE  # nothing to forget; do not grow the table
             self.members[record.node_id] = Member(
                 node_id=record.node_id,
@@ -150,19 +175,30 @@ class MemberTable:
                 zone=record.zone,
                 state=record.state,
                 incarnation=record.incarnation,
+                name=record.name,
+                tags=record.tags,
             )
             self.up_count += 1
             self.up_zones[record.zone] = self.up_zones.get(record.zone, 0) + 1
-            self._digest_add(record.node_id, record.incarnation, 1)
+            self._digest_add(record.node_id, record.incarnation, 1, _meta(record))
             return Change.JOINED
         if not supersedes(record.state, record.incarnation, current.state, current.incarnation):
+            if (
+                has_metadata
+                and record.state == current.state
+                and record.incarnation == current.incarnation
+                and (record.name, record.tags) != (current.name, current.tags)
+            ):
+                return self._set_metadata(current, record)
             return Change.NONE
         old_state = current.state
+        # Handshakes carry no metadata: a record without any keeps what we knew.
+        name, tags = (record.name, record.tags) if has_metadata else (current.name, current.tags)
         if old_state == MemberState.UP:
-            self._digest_add(record.node_id, current.incarnation, -1)
+            self._digest_add(record.node_id, current.incarnation, -1, _meta(current))
             self._left_up(current.zone)
         if record.state == MemberState.UP:
-            self._digest_add(record.node_id, record.incarnation, 1)
+            self._digest_add(record.node_id, record.incarnation, 1, metadata_hash(name, tags))
         # Members are immutable snapshots (the same objects events and member_list()
         # hand out): news replaces the entry, in place in the dict's order.
         self.members[record.node_id] = Member(
@@ -172,8 +208,10 @@ class MemberTable:
             zone=record.zone,
             state=record.state,
             incarnation=record.incarnation,
+            name=name,
+            tags=tags,
         )
-        if record.state == MemberState.DOWN:
+        if record.state != MemberState.UP:
             self._down_order[record.node_id] = None
             self._trim_down()
         else:
@@ -182,17 +220,33 @@ class MemberTable:
             self._down_order.pop(record.node_id, None)
         if old_state == record.state:
             return Change.REFRESHED
-        return Change.DOWN if record.state == MemberState.DOWN else Change.UP
+        return {
+            MemberState.UP: Change.UP,
+            MemberState.DOWN: Change.DOWN,
+            MemberState.LEFT: Change.LEFT,
+        }[record.state]
 
-    def digests_with(self, node_id: bytes, incarnation: int) -> list[int]:
-        """The bucket digests as if ``node_id`` were also UP at ``incarnation`` (a node
-        adds itself this way: its table holds everyone but itself)."""
+    def _set_metadata(self, current: Member, record: MemberRecord) -> Change:
+        """Same state and incarnation, but the record says who the member is (its name
+        and tags), which a handshake-learned entry does not know."""
+        if current.state == MemberState.UP:
+            self._digest_add(current.node_id, current.incarnation, -1, _meta(current))
+            self._digest_add(current.node_id, current.incarnation, 1, _meta(record))
+        self.members[current.node_id] = dataclasses.replace(
+            current, name=record.name, tags=record.tags
+        )
+        return Change.UPDATED
+
+    def digests_with(self, node_id: bytes, incarnation: int, meta: int = 0) -> list[int]:
+        """The bucket digests as if ``node_id`` were also UP at ``incarnation`` with
+        metadata hash ``meta`` (a node adds itself this way: its table holds everyone
+        but itself)."""
         digests = list(self.digests)
-        _add_term(digests, node_id, incarnation, 1)
+        _add_term(digests, node_id, incarnation, 1, meta)
         return digests
 
-    def _digest_add(self, node_id: bytes, incarnation: int, sign: int) -> None:
-        _add_term(self.digests, node_id, incarnation, sign)
+    def _digest_add(self, node_id: bytes, incarnation: int, sign: int, meta: int = 0) -> None:
+        _add_term(self.digests, node_id, incarnation, sign, meta)
 
     def _left_up(self, zone: str | None) -> None:
         self.up_count -= 1
@@ -206,4 +260,8 @@ class MemberTable:
         while len(self._down_order) > self.max_down:
             oldest = next(iter(self._down_order))
             del self._down_order[oldest]
-            self.members.pop(oldest, None)  # DOWN: not in any digest
+            self.members.pop(oldest, None)  # DOWN or LEFT: not in any digest
+
+
+def _meta(member: Member | MemberRecord) -> int:
+    return metadata_hash(member.name, member.tags)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from gwyh_mp.protocol import wire
-from gwyh_mp.protocol.events import Event, MemberDown, MemberUp
+from gwyh_mp.protocol.events import Event, MemberDown, MemberLeft, MemberUp, MemberUpdated
 from gwyh_mp.protocol.flood import Flood
 from gwyh_mp.protocol.liveness import Liveness
 from gwyh_mp.protocol.membership import Change, MemberTable, record_of
@@ -70,8 +70,8 @@ class MembershipChanges:
         change = self.members.apply(record, keep_address=has_session and not direct)
         if change is Change.NONE and direct:
             member = self.members.get(record.node_id)
-            if member is not None and member.state == MemberState.DOWN:
-                # It talks to us, yet we hold a DOWN for it: let it refute.
+            if member is not None and member.state != MemberState.UP:
+                # It talks to us, yet we hold a DOWN (or LEFT) for it: let it refute.
                 self._queue_control(
                     record.node_id, FrameType.PEERS, wire.encode_members([record_of(member)])
                 )
@@ -85,10 +85,17 @@ class MembershipChanges:
             if announce:
                 self.announce(record_of(member), now)
             subscriptions.schedule_reassign(now)
-        elif change is Change.DOWN:
+        elif change is Change.UPDATED:
             member = self.members.get(record.node_id)
             assert member is not None
-            self._emit(MemberDown(member))
+            self._emit(MemberUpdated(member))
+            if source == record.node_id:
+                # The member told us its own name and tags (its handshake carried none).
+                self.announce(record_of(member), now)
+        elif change in (Change.DOWN, Change.LEFT):
+            member = self.members.get(record.node_id)
+            assert member is not None
+            self._emit(MemberDown(member) if change is Change.DOWN else MemberLeft(member))
             if record.node_id in subscriptions.subscribers:
                 # It will not get our forward of this news any more: tell it directly.
                 self._queue_control(
@@ -107,8 +114,8 @@ class MembershipChanges:
 
     def declare_down(self, node_id: bytes, now: float) -> None:
         member = self.members.get(node_id)
-        if member is None or member.state == MemberState.DOWN:
-            return
+        if member is None or member.state != MemberState.UP:
+            return  # already DOWN, or LEFT: a member that said goodbye is never accused
         self.stats.bump("declared_down")
         self.apply(record_of(member, MemberState.DOWN), now, announce=True)
 

@@ -32,7 +32,7 @@ from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.anti_entropy import AntiEntropy
 from gwyh_mp.protocol.crypto import DecryptError
 from gwyh_mp.protocol.dissemination import BroadcastChannel, Datagram, Fanout, Outgoing, SeenSet
-from gwyh_mp.protocol.events import Event, Member
+from gwyh_mp.protocol.events import Event, Member, RejectedHandshakes
 from gwyh_mp.protocol.flood import Flood
 from gwyh_mp.protocol.handshake import Established
 from gwyh_mp.protocol.inbound import broadcast_ids_end, open_broadcast, open_control
@@ -229,10 +229,10 @@ class NodeCore:
         self.peers.bootstrap(now)
 
     def leave(self, now: float) -> None:
-        """Graceful exit: tell the cluster we are DOWN and end our subscriptions."""
+        """Graceful exit: tell the cluster we LEFT and end our subscriptions."""
         if not self._running:
             return
-        self.membership.announce(self._self_record(MemberState.DOWN), now)
+        self.membership.announce(self._self_record(MemberState.LEFT), now)
         for provider_id in list(self.providers):
             self._queue_control(provider_id, FrameType.UNSUBSCRIBE)
         self.providers.clear()
@@ -290,11 +290,22 @@ class NodeCore:
 
     def local_member(self) -> Member:
         host, port = self._advertised
-        state = MemberState.UP if self._running else MemberState.DOWN
-        return Member(self.node_id, host, port, self.zone, state, self.incarnation)
+        if self._running:
+            state = MemberState.UP
+        else:
+            state = MemberState.LEFT if self._left else MemberState.DOWN
+        config = self.config
+        return Member(
+            self.node_id, host, port, self.zone, state, self.incarnation, config.name, config.tags
+        )
 
     def member_list(self) -> list[Member]:
         return list(self.members.members.values())
+
+    def take_rejected_handshakes(self) -> list[RejectedHandshakes]:
+        """Handshakes refused for a wrong key or as expired, by source, since the last
+        call (bounded: see handshake.RejectLog)."""
+        return self.handshaker.rejected.drain()
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
@@ -627,6 +638,10 @@ class NodeCore:
             zone=est.peer_zone,
         )
         self.membership.apply(record, now, announce=True, direct=True)
+        if self.config.name or self.config.tags:
+            # A handshake carries no name or tags: tell this peer directly.
+            own = wire.encode_members([self._self_record(MemberState.UP)])
+            self._queue_control(est.peer_id, FrameType.PEERS, own)
         if self.peers.owes_peer_request(est.addr):
             self.anti_entropy.request_peers(est.peer_id)
         self.subscriptions.on_established(est.peer_id)
@@ -653,6 +668,8 @@ class NodeCore:
             host=host,
             port=port,
             zone=self.zone,
+            name=self.config.name,
+            tags=self.config.tags,
         )
 
     def reselect_providers(self, now: float) -> None:

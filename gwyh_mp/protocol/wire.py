@@ -73,7 +73,8 @@ class EntryKind(enum.IntEnum):
 
 class MemberState(enum.IntEnum):
     UP = 1
-    DOWN = 2
+    DOWN = 2  # declared failed by the cluster
+    LEFT = 3  # announced its own graceful leave
 
 
 PREFIX = struct.Struct("!BB")
@@ -318,8 +319,98 @@ def decode_fragment_nak(body: bytes) -> tuple[bytes, list[int]]:
 
 
 # Member record (PEERS frames and STATUS entries):
-# node id, incarnation, state, port; then zone and host, length-prefixed.
+# node id, incarnation, state, port; then zone and host, length-prefixed. The state
+# byte's top bit flags a trailing metadata block (name and tags); a record without
+# metadata encodes exactly as before the block existed.
 MEMBER_FIXED = struct.Struct("!16sIBH")
+STATE_METADATA_FLAG = 0x80
+META_LEN = struct.Struct("!H")
+MAX_NAME_BYTES = 64
+MAX_TAGS = 16
+MAX_TAG_KEY_BYTES = 32
+MAX_TAG_VALUE_BYTES = 128
+# The whole block after its length; keeps the largest record (153 + 2 + 320 B) inside
+# one STATUS entry and one PEERS frame at the smallest allowed datagram (576 B).
+MAX_METADATA_BYTES = 320
+TAG_KEY_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+
+Tags = tuple[tuple[str, str], ...]
+
+
+def metadata_problem(name: str, tags: Tags) -> str | None:
+    """Why this name and these tags cannot travel in a member record (None: they can).
+    Config.validate says the same to the user; encode refuses the same."""
+    raw_name = name.encode()
+    if len(raw_name) > MAX_NAME_BYTES:
+        return f"name is {len(raw_name)} bytes of UTF-8; at most {MAX_NAME_BYTES} allowed"
+    if len(tags) > MAX_TAGS:
+        return f"tags: {len(tags)} given; at most {MAX_TAGS} allowed"
+    seen: set[str] = set()
+    for key, value in tags:
+        raw_key = key.encode()
+        if not raw_key or len(raw_key) > MAX_TAG_KEY_BYTES or not set(raw_key) <= TAG_KEY_CHARS:
+            return (
+                f"tags: key {key!r} must be 1-{MAX_TAG_KEY_BYTES} characters from A-Z a-z 0-9 _ . -"
+            )
+        if key in seen:
+            return f"tags: key {key!r} given twice"
+        seen.add(key)
+        if len(value.encode()) > MAX_TAG_VALUE_BYTES:
+            return f"tags: value of {key!r} is over {MAX_TAG_VALUE_BYTES} bytes of UTF-8"
+    size = len(encode_metadata(name, tags))
+    if size > MAX_METADATA_BYTES:
+        return (
+            f"tags: name and tags take {size} bytes encoded; at most {MAX_METADATA_BYTES} allowed"
+        )
+    return None
+
+
+def encode_metadata(name: str, tags: Tags) -> bytes:
+    parts = [bytes((len(raw := name.encode()),)), raw, bytes((len(tags),))]
+    for key, value in tags:
+        raw_key, raw_value = key.encode(), value.encode()
+        parts += [bytes((len(raw_key),)), raw_key, bytes((len(raw_value),)), raw_value]
+    return b"".join(parts)
+
+
+def _decode_text(block: bytes, offset: int, limit: int) -> tuple[bytes, int]:
+    if offset >= len(block):
+        raise WireError("truncated metadata")
+    length = block[offset]
+    offset += 1
+    if length > limit or offset + length > len(block):
+        raise WireError("bad metadata field length")
+    return block[offset : offset + length], offset + length
+
+
+def _decode_metadata(block: bytes) -> tuple[str, Tags]:
+    """Only the canonical form decodes (keys in increasing order, nothing after the
+    tags, not empty), so every accepted record re-encodes to the same bytes."""
+    try:
+        raw_name, offset = _decode_text(block, 0, MAX_NAME_BYTES)
+        if offset >= len(block):
+            raise WireError("truncated metadata")
+        count = block[offset]
+        offset += 1
+        if count > MAX_TAGS:
+            raise WireError("too many tags")
+        tags = []
+        for _ in range(count):
+            raw_key, offset = _decode_text(block, offset, MAX_TAG_KEY_BYTES)
+            raw_value, offset = _decode_text(block, offset, MAX_TAG_VALUE_BYTES)
+            if not raw_key or not set(raw_key) <= TAG_KEY_CHARS:
+                raise WireError("bad tag key")
+            tags.append((raw_key.decode(), raw_value.decode()))
+        name = raw_name.decode()
+    except UnicodeDecodeError as exc:
+        raise WireError("metadata is not UTF-8") from exc
+    if offset != len(block):
+        raise WireError("trailing bytes in metadata")
+    if not name and not tags:
+        raise WireError("empty metadata block")
+    if any(tags[i][0] >= tags[i + 1][0] for i in range(len(tags) - 1)):
+        raise WireError("tag keys not in increasing order")
+    return name, tuple(tags)
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +421,12 @@ class MemberRecord:
     host: str
     port: int
     zone: str | None
+    name: str = ""
+    tags: Tags = ()  # (key, value) pairs sorted by key, keys unique
+
+    @property
+    def has_metadata(self) -> bool:
+        return bool(self.name or self.tags)
 
     def encode(self) -> bytes:
         try:
@@ -338,11 +435,21 @@ class MemberRecord:
             raise ValueError(f"host {self.host!r} is not ASCII") from None
         if len(host) > MAX_HOST_BYTES:
             raise ValueError("host too long")
+        state = int(self.state)
+        metadata = b""
+        if self.name or self.tags:
+            problem = metadata_problem(self.name, self.tags)
+            if problem is not None:
+                raise ValueError(problem)
+            block = encode_metadata(self.name, tuple(sorted(self.tags)))
+            metadata = META_LEN.pack(len(block)) + block
+            state |= STATE_METADATA_FLAG
         return (
-            MEMBER_FIXED.pack(self.node_id, self.incarnation, self.state, self.port)
+            MEMBER_FIXED.pack(self.node_id, self.incarnation, state, self.port)
             + _encode_zone(self.zone)
             + bytes((len(host),))
             + host
+            + metadata
         )
 
 
@@ -351,7 +458,7 @@ def decode_member(buf: bytes | memoryview, offset: int = 0) -> tuple[MemberRecor
         raise WireError("truncated member record")
     node_id, incarnation, state, port = MEMBER_FIXED.unpack_from(buf, offset)
     try:
-        member_state = MemberState(state)
+        member_state = MemberState(state & ~STATE_METADATA_FLAG)
     except ValueError as exc:
         raise WireError("bad member state") from exc
     zone, offset = _decode_zone(buf, offset + MEMBER_FIXED.size)
@@ -368,6 +475,17 @@ def decode_member(buf: bytes | memoryview, offset: int = 0) -> tuple[MemberRecor
         host.encode("idna")  # what sendto() does with a name; refused names (a..b) are dropped
     except UnicodeError as exc:
         raise WireError("host is not a usable ASCII name") from exc
+    offset += host_len
+    name, tags = "", ()
+    if state & STATE_METADATA_FLAG:
+        if offset + META_LEN.size > len(buf):
+            raise WireError("truncated metadata length")
+        (meta_len,) = META_LEN.unpack_from(buf, offset)
+        offset += META_LEN.size
+        if meta_len > MAX_METADATA_BYTES or offset + meta_len > len(buf):
+            raise WireError("bad metadata length")
+        name, tags = _decode_metadata(bytes(buf[offset : offset + meta_len]))
+        offset += meta_len
     record = MemberRecord(
         node_id=node_id,
         incarnation=incarnation,
@@ -375,8 +493,10 @@ def decode_member(buf: bytes | memoryview, offset: int = 0) -> tuple[MemberRecor
         host=host,
         port=port,
         zone=zone,
+        name=name,
+        tags=tags,
     )
-    return record, offset + host_len
+    return record, offset
 
 
 def encode_members(records: list[MemberRecord]) -> bytes:

@@ -60,7 +60,7 @@ class SingleProcessRuntime(CoreDriver):
         self._flush()
 
     async def stop(self, linger_s: float = 0.2) -> None:
-        """Leave gracefully: announce DOWN, end subscriptions, give the packets a
+        """Leave gracefully: announce LEFT, end subscriptions, give the packets a
         moment to leave, then close."""
         if self.core is None or self._sock is None or self._loop is None:
             return
