@@ -31,12 +31,13 @@ from gwyh_mp.api import Node, StreamOverflow
 from gwyh_mp.cliargs import (
     Parser,
     addr,
+    float_at_least,
     int_range,
-    positive_float,
+    peer_addr,
     seconds_0_to_1,
     strategy,
 )
-from gwyh_mp.config import Config, ConfigError
+from gwyh_mp.config import MIN_HEARTBEAT_INTERVAL_S, Config, ConfigError
 from gwyh_mp.control import ControlError, ControlServer, default_path, message_record
 from gwyh_mp.identity import DataDir, IdentityError
 from gwyh_mp.metrics import MetricsServer
@@ -51,6 +52,7 @@ PROG = "gwyh-node"
 EXIT_USAGE = 2
 EXIT_RUNTIME = 1
 STDIN_CHUNK = 1 << 16
+MIN_STATS_INTERVAL_S = 0.1
 
 # Config fields as the flags that set them, so a range error names what the user typed.
 FLAG_OF_FIELD = {
@@ -127,7 +129,7 @@ def _add_network_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--bootstrap",
-        type=addr,
+        type=peer_addr,
         action="append",
         default=[],
         metavar="HOST:PORT",
@@ -153,10 +155,10 @@ def _add_membership_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--heartbeat-interval",
-        type=positive_float,
+        type=float_at_least(MIN_HEARTBEAT_INTERVAL_S),
         default=5.0,
         metavar="S",
-        help="seconds between heartbeats (default 5)",
+        help="seconds between heartbeats (default 5, at least 0.01)",
     )
     g.add_argument(
         "--missed-heartbeats",
@@ -213,9 +215,9 @@ def _add_io_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--stats-interval",
-        type=positive_float,
+        type=float_at_least(MIN_STATS_INTERVAL_S),
         metavar="S",
-        help="print statistics as JSON lines on stderr every S seconds",
+        help="print statistics as JSON lines on stderr every S seconds (at least 0.1)",
     )
     g.add_argument(
         "--metrics",

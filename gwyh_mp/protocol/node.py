@@ -242,9 +242,11 @@ class NodeCore:
         return self._running
 
     def set_bound_port(self, port: int) -> None:
-        """The runtime bound port 0 and learned the real one."""
-        host, _ = self._advertised
-        self._advertised = (host, port)
+        """The runtime bound port 0 and learned the real one. An explicit advertised
+        port is kept: behind a port mapping it differs from the bound one on purpose."""
+        host, advertised_port = self._advertised
+        if self.config.advertise is None or advertised_port == 0:
+            self._advertised = (host, port)
 
     # ------------------------------------------------------------------ public API
 
