@@ -63,6 +63,7 @@ FLAG_OF_FIELD = {
     "subscriptions": "--subscriptions",
     "heartbeat_interval_s": "--heartbeat-interval",
     "missed_heartbeats": "--missed-heartbeats",
+    "max_members": "--max-members",
     "max_datagram_bytes": "--max-datagram",
     "flush_interval_s": "--flush-interval",
     "workers": "--workers",
@@ -166,6 +167,13 @@ def _add_membership_options(p: argparse.ArgumentParser) -> None:
         default=3,
         metavar="N",
         help="missed heartbeats before a provider is declared DOWN (default 3)",
+    )
+    g.add_argument(
+        "--max-members",
+        type=int_range(16, 10_000_000),
+        default=Config().max_members,
+        metavar="N",
+        help="most members held; news of more is refused and counted (default 20000)",
     )
     g.add_argument("--seed", type=int, help="seed for reproducible peer selection")
 
@@ -296,6 +304,7 @@ def config_from_args(args: argparse.Namespace, node_id: bytes | None = None) -> 
         workers=args.workers,
         node_id=node_id,
         ring_bytes=args.ring_bytes,
+        max_members=args.max_members,
     )
     try:
         return config.validate()

@@ -79,6 +79,14 @@ class Config:
     """Random delay before re-selecting providers, so bursts of changes coalesce."""
     peer_sync_interval_s: float = 30.0
     """How often to ask a provider for its member list (anti-entropy for lost news)."""
+    max_members: int = 20_000
+    """Most members the table holds (DOWN ones aside, which are bounded separately):
+    news of further members is refused and counted (``members_refused``), except a
+    member completing a handshake with us, which replaces one known only by hearsay.
+    About 300 bytes each: the default bounds the table near 6 MB."""
+    peer_list_max_records: int = 1024
+    """Member records in one answer to a peer-list request (one page, ~45 KB at most);
+    views larger than that converge over successive anti-entropy rounds."""
     seed: int | None = None
     """Seed for peer selection; with a fixed node_id, selection is reproducible."""
 
@@ -206,6 +214,8 @@ class Config:
             )
         _positive_int("missed_heartbeats", self.missed_heartbeats, maximum=100)
         _positive("peer_sync_interval_s", self.peer_sync_interval_s)
+        _positive_int("max_members", self.max_members, minimum=16, maximum=10_000_000)
+        _positive_int("peer_list_max_records", self.peer_list_max_records, minimum=16)
         low, high = self.reassign_delay_s
         if not 0 <= low <= high:
             raise ConfigError("reassign_delay_s must be (low, high) with 0 <= low <= high")

@@ -5,6 +5,7 @@ an advertised port that a port mapping chose."""
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import time
 from collections.abc import Callable
@@ -14,8 +15,10 @@ import pytest
 from gwyh_mp.api import Node
 from gwyh_mp.config import Config
 from gwyh_mp.protocol.node import NodeCore
+from gwyh_mp.protocol.wire import FrameType, MemberRecord, MemberState, encode_members
 from gwyh_mp.runtime.mmsg import BatchSender, send_skipping_refused
-from tests.helpers_core import PSK, addr, seeded_random
+from gwyh_mp.simulation import SimNode
+from tests.helpers_core import PSK, CheckedSimNetwork, addr, make_cluster, seeded_random
 
 
 def bound_core(label: str, **overrides: object) -> NodeCore:
@@ -45,6 +48,7 @@ def test_advertised_port_survives_binding_port_0() -> None:
 
 # Addresses a gossiped member record could carry before wire.decode_member refused them:
 # IDNA rejects the empty label of "a..b" (UnicodeError), the kernel rejects port 0 (EINVAL).
+SPOOFED = ("192.0.2.66", 4242)  # a third party a replayer points replies at
 UNSENDABLE = [("a..b", 7000), ("127.0.0.1", 0)]
 
 
@@ -111,3 +115,78 @@ async def test_node_survives_unsendable_addresses(workers: int) -> None:
     finally:
         await other.stop()
         await node.stop()
+
+
+# ---------------------------------------------------------------- item 3: member table
+
+
+def _fill_with_fakes(net: CheckedSimNetwork, insider: SimNode, victim: SimNode, n: int) -> None:
+    fake = random.Random("fakes")
+    records = [
+        MemberRecord(fake.randbytes(16), 0, MemberState.UP, "10.7.7.7", 7, None) for _ in range(n)
+    ]
+    insider.core._queue_control(victim.core.node_id, FrameType.PEERS, encode_members(records))
+    net.pump(insider)
+    net.run_for(0.05)
+
+
+def test_a_full_table_still_admits_a_member_that_handshakes() -> None:
+    net, addrs = make_cluster(3, seed=5, max_members=16, peer_sync_interval_s=1e3)
+    victim, insider = net.nodes[addrs[0]], net.nodes[addrs[1]]
+    _fill_with_fakes(net, insider, victim, 100)
+    table = victim.core.members
+    assert len(table) == 16 and victim.core.stats["members_refused"] == 100 - 14
+    newcomer = net.add_node(
+        Config.local(bind=addr(9), psks=[PSK], bootstrap=[addrs[0]], max_members=16)
+    )
+    net.run_for(3.0)
+    assert table.get(newcomer.core.node_id) is not None  # a gossiped ghost made room
+    assert len(table) == 16 and victim.core.stats["members_evicted"] >= 1
+    real = {n.core.node_id for n in net.nodes.values()} - {victim.core.node_id}
+    assert real <= set(table.members)
+
+
+def test_peer_list_goes_only_to_the_handshaken_address() -> None:
+    # Regression: a captured PEERS_REQUEST replayed from a spoofed source roamed the
+    # session there, and the answer (339 KB for 35 B) went to that third party (§8.6).
+    net, addrs = make_cluster(3, seed=6, peer_sync_interval_s=1e3)
+    victim, insider = net.nodes[addrs[0]], net.nodes[addrs[1]]
+    session = victim.core.links[insider.core.node_id].session
+    assert session is not None and session.verified_addr == insider.addr
+    net.run_for(1.0)  # past the per-peer answer interval
+    insider.core._queue_control(victim.core.node_id, FrameType.PEERS_REQUEST, b"")
+    request = [d for d, to in insider.core.datagrams_to_send(net.now) if to == victim.addr]
+    assert len(request) == 1
+    sent = victim.core.stats.get("peer_records_sent", 0)
+    victim.core.receive_datagram(bytes(request[0]), SPOOFED, net.now)
+    assert session.addr == SPOOFED  # roamed: an authenticated packet came from there
+    out = victim.core.datagrams_to_send(net.now)
+    assert sum(len(d) for d, to in out if to == SPOOFED) <= len(request[0])
+    assert victim.core.stats.get("peer_records_sent", 0) == sent
+    assert victim.core.stats["peer_list_unverified_address"] == 1
+    # From the verified address, the same request is answered.
+    insider.core._queue_control(victim.core.node_id, FrameType.PEERS_REQUEST, b"")
+    net.pump(insider)
+    net.run_for(0.05)
+    assert session.addr == insider.addr
+    assert victim.core.stats.get("peer_records_sent", 0) > sent
+
+
+def test_peer_list_pages_cover_the_whole_table_over_rounds() -> None:
+    net, addrs = make_cluster(3, seed=7, peer_list_max_records=16, peer_sync_interval_s=1e3)
+    victim, insider = net.nodes[addrs[0]], net.nodes[addrs[1]]
+    _fill_with_fakes(net, insider, victim, 200)  # the victim learns 200 members
+    asker = net.nodes[addrs[2]]
+    assert len(victim.core.members) - len(asker.core.members) == 200
+    digests = asker.core.anti_entropy.member_digests
+    rounds = 0
+    while digests() != victim.core.anti_entropy.member_digests():
+        rounds += 1
+        assert rounds <= 100, "digest sync did not converge"
+        before = victim.core.stats.get("peer_records_sent", 0)
+        asker.core.anti_entropy.request_peers(victim.core.node_id)
+        net.pump(asker)
+        net.run_for(0.6)
+        assert victim.core.stats.get("peer_records_sent", 0) - before <= 16
+    assert rounds >= 200 // 16  # it took pages, not one answer
+    print(f"\n200 members, pages of 16 records: converged in {rounds} requests")

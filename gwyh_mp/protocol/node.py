@@ -107,7 +107,7 @@ class NodeCore:
         self.links = self.peers.links
         self.handshaker = self.peers.handshaker
         self.keyring = self.handshaker.keyring
-        self.members = MemberTable()
+        self.members = MemberTable(max_up=config.max_members)
         self.seen = SeenSet(config.seen_set_size)
         self.fanout = Fanout(
             BroadcastChannel(random_bytes(32)),
@@ -141,6 +141,7 @@ class NodeCore:
             self.members,
             config.peer_sync_interval_s,
             config.max_datagram_bytes,
+            config.peer_list_max_records,
             self._rng,
             self.stats,
             now,
@@ -576,7 +577,7 @@ class NodeCore:
         elif ftype == FrameType.UNSUBSCRIBE:
             self.subscribers.pop(peer_id, None)
         elif ftype == FrameType.PEERS_REQUEST:
-            self.anti_entropy.send_peer_list(peer_id, body)
+            self.anti_entropy.answer(peer_id, body, link, now)
         elif ftype == FrameType.PEERS:
             for record in wire.decode_members(body):
                 self.membership.apply(record, now, announce=False, source=peer_id)
