@@ -389,6 +389,7 @@ def test_help_version_and_subcommand_help() -> None:
         ("--heartbeat-interval", "1e-9", "--heartbeat-interval: '1e-9' must be >= 0.01"),
         ("--stats-interval", "1e-9", "--stats-interval: '1e-9' must be >= 0.1"),
         ("--bootstrap", "127.0.0.1:0", "--bootstrap: '127.0.0.1:0': port 0 is not a peer's port"),
+        ("--max-members", "5", "--max-members: '5' must be between 16 and 10000000"),
     ],
 )
 def test_bad_numbers_name_the_flag(tmp_path: Path, flag: str, value: str, needle: str) -> None:
