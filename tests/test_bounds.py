@@ -14,6 +14,7 @@ import pytest
 
 from gwyh_mp.api import Node
 from gwyh_mp.config import Config
+from gwyh_mp.protocol.anti_entropy import PEER_LIST_MIN_INTERVAL_S
 from gwyh_mp.protocol.node import NodeCore
 from gwyh_mp.protocol.wire import FrameType, MemberRecord, MemberState, encode_members
 from gwyh_mp.runtime.mmsg import BatchSender, send_skipping_refused
@@ -190,3 +191,25 @@ def test_peer_list_pages_cover_the_whole_table_over_rounds() -> None:
         assert victim.core.stats.get("peer_records_sent", 0) - before <= 16
     assert rounds >= 200 // 16  # it took pages, not one answer
     print(f"\n200 members, pages of 16 records: converged in {rounds} requests")
+
+
+def test_a_full_page_is_followed_by_the_next_at_once() -> None:
+    # With pages, a newcomer to a large cluster must not wait peer_sync_interval_s (30 s)
+    # per page: a full page makes it ask again on the next heartbeat tick.
+    net, addrs = make_cluster(3, seed=7, peer_list_max_records=16, peer_sync_interval_s=1e3)
+    victim, insider = net.nodes[addrs[0]], net.nodes[addrs[1]]
+    _fill_with_fakes(net, insider, victim, 200)
+    asker = net.nodes[addrs[2]]
+    assert victim.core.node_id in asker.core.providers
+    net.run_for(PEER_LIST_MIN_INTERVAL_S)  # past the answer interval of the join's request
+    start = net.now
+    asker.core.anti_entropy.request_peers(victim.core.node_id)
+    net.pump(asker)
+    assert net.run_until_true(
+        lambda: asker.core.anti_entropy.member_digests()
+        == victim.core.anti_entropy.member_digests(),
+        timeout_s=120,  # without follow-ups: one page per peer_sync_interval_s (1000 s)
+        step_s=0.5,
+    )
+    took = net.now - start
+    print(f"\n200 members, pages of 16, follow-ups on heartbeat ticks: {took:.1f} s simulated")

@@ -53,6 +53,10 @@ class AntiEntropy:
         self._max_datagram_bytes = max_datagram_bytes
         self._max_records = max_records
         self._next_page = 0  # where the next answer starts: a bucket, or an UP index
+        # The peer last asked: while its answers change our view, there may be more
+        # pages, so the next is asked for on the next tick (see on_records).
+        self._pulling: bytes | None = None
+        self._follow_up: bytes | None = None
         self._rng = rng  # the node's: one stream of draws keeps a simulation reproducible
         self.stats = stats
         self._incarnation = incarnation
@@ -66,8 +70,24 @@ class AntiEntropy:
     def sync(self, now: float, providers: dict[bytes, object]) -> None:
         """Pull from one provider at random (checked on the heartbeat tick)."""
         self.next_sync = now + self.interval_s
+        follow_up, self._follow_up = self._follow_up, None
+        if follow_up in providers:
+            self.request_peers(follow_up)
+            return
         provider_id = self._rng.choice(sorted(providers))
         self.request_peers(provider_id)
+
+    def on_records(self, peer_id: bytes, changed_view: bool, now: float) -> None:
+        """A PEERS frame came from ``peer_id``. If it answers our request and changed
+        who we count UP, the next page is asked for on the first heartbeat tick past
+        the peer's answer interval, not a whole ``peer_sync_interval_s`` later; an
+        answer that changes nothing (views agree, or our table is full) ends that."""
+        if peer_id != self._pulling or not changed_view:
+            return
+        self._pulling = None
+        self._follow_up = peer_id
+        # Past the peer's answer interval, or the follow-up would be dropped there.
+        self.next_sync = min(self.next_sync, now + 2 * PEER_LIST_MIN_INTERVAL_S)
 
     def member_digests(self) -> list[int]:
         """Per-bucket digests of our view of the whole cluster, ourselves included (so
@@ -78,6 +98,7 @@ class AntiEntropy:
         """Anti-entropy pull: our bucket digests go along, so the answer carries only
         the buckets where our views differ."""
         body = _DIGESTS.pack(*self.member_digests())
+        self._pulling = peer_id
         self._queue_control(peer_id, FrameType.PEERS_REQUEST, body)
 
     def answer(self, peer_id: bytes, request: bytes, link: PeerLink, now: float) -> None:

@@ -579,8 +579,10 @@ class NodeCore:
         elif ftype == FrameType.PEERS_REQUEST:
             self.anti_entropy.answer(peer_id, body, link, now)
         elif ftype == FrameType.PEERS:
+            digests = self.members.digests[:]
             for record in wire.decode_members(body):
                 self.membership.apply(record, now, announce=False, source=peer_id)
+            self.anti_entropy.on_records(peer_id, digests != self.members.digests, now)
         elif ftype == FrameType.CHANNEL_KEY:
             self.peers.set_channel_key(peer_id, link, body)
         elif ftype == FrameType.FRAGMENT_NAK:
