@@ -206,8 +206,9 @@ def test_a_full_page_is_followed_by_the_next_at_once() -> None:
     asker.core.anti_entropy.request_peers(victim.core.node_id)
     net.pump(asker)
     assert net.run_until_true(
-        lambda: asker.core.anti_entropy.member_digests()
-        == victim.core.anti_entropy.member_digests(),
+        lambda: (
+            asker.core.anti_entropy.member_digests() == victim.core.anti_entropy.member_digests()
+        ),
         timeout_s=120,  # without follow-ups: one page per peer_sync_interval_s (1000 s)
         step_s=0.5,
     )
