@@ -83,7 +83,7 @@ class Config:
     """Most members the table holds (DOWN ones aside, which are bounded separately):
     news of further members is refused and counted (``members_refused``), except a
     member completing a handshake with us, which replaces one known only by hearsay.
-    About 300 bytes each: the default bounds the table near 6 MB."""
+    About 500 bytes each (measured): the default bounds the table near 10 MB."""
     peer_list_max_records: int = 1024
     """Member records in one answer to a peer-list request (one page, ~45 KB at most);
     views larger than that converge over successive anti-entropy rounds."""
