@@ -31,13 +31,14 @@ from gwyh_mp.api import Node, StreamOverflow
 from gwyh_mp.cliargs import (
     Parser,
     addr,
+    float_at_least,
     int_range,
-    positive_float,
+    peer_addr,
     seconds_0_to_1,
     strategy,
     tag_pair,
 )
-from gwyh_mp.config import Config, ConfigError
+from gwyh_mp.config import MIN_HEARTBEAT_INTERVAL_S, Config, ConfigError
 from gwyh_mp.control import ControlError, ControlServer, default_path, message_record
 from gwyh_mp.identity import DataDir, IdentityError
 from gwyh_mp.metrics import MetricsServer
@@ -52,6 +53,7 @@ PROG = "gwyh-node"
 EXIT_USAGE = 2
 EXIT_RUNTIME = 1
 STDIN_CHUNK = 1 << 16
+MIN_STATS_INTERVAL_S = 0.1
 
 # Config fields as the flags that set them, so a range error names what the user typed.
 FLAG_OF_FIELD = {
@@ -64,6 +66,7 @@ FLAG_OF_FIELD = {
     "subscriptions": "--subscriptions",
     "heartbeat_interval_s": "--heartbeat-interval",
     "missed_heartbeats": "--missed-heartbeats",
+    "max_members": "--max-members",
     "max_datagram_bytes": "--max-datagram",
     "flush_interval_s": "--flush-interval",
     "workers": "--workers",
@@ -135,7 +138,7 @@ def _add_network_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--bootstrap",
-        type=addr,
+        type=peer_addr,
         action="append",
         default=[],
         metavar="HOST:PORT",
@@ -172,10 +175,10 @@ def _add_membership_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--heartbeat-interval",
-        type=positive_float,
+        type=float_at_least(MIN_HEARTBEAT_INTERVAL_S),
         default=5.0,
         metavar="S",
-        help="seconds between heartbeats (default 5)",
+        help="seconds between heartbeats (default 5, at least 0.01)",
     )
     g.add_argument(
         "--missed-heartbeats",
@@ -183,6 +186,13 @@ def _add_membership_options(p: argparse.ArgumentParser) -> None:
         default=3,
         metavar="N",
         help="missed heartbeats before a provider is declared DOWN (default 3)",
+    )
+    g.add_argument(
+        "--max-members",
+        type=int_range(16, 10_000_000),
+        default=Config().max_members,
+        metavar="N",
+        help="most members held; news of more is refused and counted (default 20000)",
     )
     g.add_argument("--seed", type=int, help="seed for reproducible peer selection")
 
@@ -232,9 +242,9 @@ def _add_io_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--stats-interval",
-        type=positive_float,
+        type=float_at_least(MIN_STATS_INTERVAL_S),
         metavar="S",
-        help="print statistics as JSON lines on stderr every S seconds",
+        help="print statistics as JSON lines on stderr every S seconds (at least 0.1)",
     )
     g.add_argument(
         "--metrics",
@@ -315,6 +325,7 @@ def config_from_args(args: argparse.Namespace, node_id: bytes | None = None) -> 
         workers=args.workers,
         node_id=node_id,
         ring_bytes=args.ring_bytes,
+        max_members=args.max_members,
     )
     try:
         return config.validate()

@@ -44,6 +44,19 @@ def positive_float(text: str) -> float:
     return value
 
 
+def float_at_least(minimum: float) -> Callable[[str], float]:
+    """A finite float >= minimum: intervals shorter than that only spin the CPU."""
+
+    def parse(text: str) -> float:
+        value = _finite(text)
+        if not value >= minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be >= {minimum:g}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
 def seconds_0_to_1(text: str) -> float:
     value = _finite(text)
     if not 0 <= value <= 1:
@@ -76,6 +89,14 @@ def addr(text: str) -> tuple[str, int]:
         return parse_addr(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def peer_addr(text: str) -> tuple[str, int]:
+    """A peer's address: like ``addr``, but port 0 (bind to any) names no peer."""
+    host, port = addr(text)
+    if port == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: port 0 is not a peer's port")
+    return host, port
 
 
 def strategy(text: str) -> Strategy:

@@ -17,6 +17,7 @@ from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.selection import Strategy
 
 Addr = tuple[str, int]
+MIN_HEARTBEAT_INTERVAL_S = 0.01
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
 
@@ -53,7 +54,8 @@ class Config:
     bind: Addr = ("127.0.0.1", 6969)
     """UDP address to listen on (port 0 picks a free one)."""
     advertise: Addr | None = None
-    """Address other nodes should use for us, if not the bind address (NAT, 0.0.0.0)."""
+    """Address other nodes should use for us, if not the bind address (NAT, 0.0.0.0).
+    Its port is kept as given (a port mapping); port 0 means "the bound port"."""
     psks: list[bytes] = field(default_factory=list)
     """Pre-shared keys. All are accepted; list old and new together while rotating."""
     bootstrap: list[Addr] = field(default_factory=list)
@@ -74,13 +76,22 @@ class Config:
     subscriptions: int = 5
     """N: how many providers this node receives broadcasts from (its in-degree)."""
     heartbeat_interval_s: float = 5.0
-    """Providers heartbeat subscribers (and subscribers refresh) this often."""
+    """Providers heartbeat subscribers (and subscribers refresh) this often; at least
+    MIN_HEARTBEAT_INTERVAL_S (shorter only spins the CPU)."""
     missed_heartbeats: int = 3
     """A provider silent for this many intervals is declared DOWN."""
     reassign_delay_s: tuple[float, float] = (0.05, 0.5)
     """Random delay before re-selecting providers, so bursts of changes coalesce."""
     peer_sync_interval_s: float = 30.0
     """How often to ask a provider for its member list (anti-entropy for lost news)."""
+    max_members: int = 20_000
+    """Most members the table holds (DOWN ones aside, which are bounded separately):
+    news of further members is refused and counted (``members_refused``), except a
+    member completing a handshake with us, which replaces one known only by hearsay.
+    About 500 bytes each (measured): the default bounds the table near 10 MB."""
+    peer_list_max_records: int = 1024
+    """Member records in one answer to a peer-list request (one page, ~45 KB at most);
+    views larger than that converge over successive anti-entropy rounds."""
     seed: int | None = None
     """Seed for peer selection; with a fixed node_id, selection is reproducible."""
 
@@ -188,6 +199,8 @@ class Config:
             _check_addr("advertise", self.advertise)
         for addr in self.bootstrap:
             _check_addr("bootstrap", addr, names=True)
+            if addr[1] == 0:
+                raise ConfigError(f"bootstrap {addr[0]}:0: port 0 is not a peer's port")
         if self.zone is not None and len(self.zone.encode()) > wire.MAX_ZONE_BYTES:
             raise ConfigError(f"zone must be at most {wire.MAX_ZONE_BYTES} bytes of UTF-8")
         if isinstance(self.tags, dict):
@@ -205,8 +218,15 @@ class Config:
                 raise ConfigError(str(exc)) from None
         _positive_int("subscriptions", self.subscriptions, maximum=64)
         _positive("heartbeat_interval_s", self.heartbeat_interval_s)
+        if self.heartbeat_interval_s < MIN_HEARTBEAT_INTERVAL_S:
+            raise ConfigError(
+                f"heartbeat_interval_s must be >= {MIN_HEARTBEAT_INTERVAL_S}, "
+                f"got {self.heartbeat_interval_s!r}"
+            )
         _positive_int("missed_heartbeats", self.missed_heartbeats, maximum=100)
         _positive("peer_sync_interval_s", self.peer_sync_interval_s)
+        _positive_int("max_members", self.max_members, minimum=16, maximum=10_000_000)
+        _positive_int("peer_list_max_records", self.peer_list_max_records, minimum=16)
         low, high = self.reassign_delay_s
         if not 0 <= low <= high:
             raise ConfigError("reassign_delay_s must be (low, high) with 0 <= low <= high")
@@ -255,9 +275,10 @@ class Config:
 
     @property
     def advertised(self) -> Addr:
-        """The address we tell others about."""
+        """The address we tell others about (before a bound port 0 is known)."""
         if self.advertise is not None:
-            return self.advertise
+            host, port = self.advertise
+            return host, port or self.bind[1]
         host, port = self.bind
         if host in ("0.0.0.0", "", "::"):
             host = "127.0.0.1"

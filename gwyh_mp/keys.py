@@ -80,8 +80,13 @@ def read_key_file(path: str) -> bytes:
     """The key in ``path``, stripped of surrounding whitespace and checked; warns once
     when the file is readable by its group or others."""
     try:
-        with open(path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb") as f:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise KeyFileError(f"key file {path} is not a regular file")
+            os.set_blocking(fd, True)
             raw = f.read(MAX_KEY_FILE_BYTES + 1)
     except OSError as exc:
         raise KeyFileError(f"cannot read key file {path}: {exc.strerror or exc}") from None

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from gwyh_mp.config import Config
 from gwyh_mp.protocol import wire
+from gwyh_mp.protocol.anti_entropy import PEER_LIST_MIN_INTERVAL_S
 from gwyh_mp.protocol.crypto import nonce, open_sealed
 from gwyh_mp.protocol.events import MemberDown, MemberUp, ProviderChanged
 from gwyh_mp.protocol.membership import DIGEST_BUCKETS, bucket_of, id_hash
@@ -109,7 +110,9 @@ def converged(n: int, seed: int, **overrides: object) -> tuple[CheckedSimNetwork
 
 def ask(net: CheckedSimNetwork, requester: SimNode, responder: SimNode, body: bytes | None) -> None:
     """Make ``requester`` send one PEERS_REQUEST to ``responder`` (``None``: the real
-    digest request) and deliver everything that follows for a few link delays."""
+    digest request) and deliver everything that follows for a few link delays; first
+    wait out the responder's per-peer answer interval."""
+    net.run_for(PEER_LIST_MIN_INTERVAL_S)
     rid = responder.core.node_id
     if body is None:
         requester.core.anti_entropy.request_peers(rid)

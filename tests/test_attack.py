@@ -15,12 +15,14 @@ import signal
 import socket
 import struct
 import time
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from gwyh_mp.protocol import wire
+from tests.helpers_core import make_cluster
 from tests.procs import (
     STDIO_FAST,
     NodeProcess,
@@ -256,3 +258,65 @@ def test_insider_1_byte_fragment_flood_holds_nothing_and_is_not_relayed() -> Non
         assert len(r) == 0 and r.held_bytes == 0 and r.total_bytes == 0
         # Every forged fragment was seen once, straight from the attacker: no hop relayed it.
         assert r.stats["rejected:bad_fragment_size"] == injected, dict(r.stats)
+
+
+def test_insider_offering_200k_fake_members_fills_the_table_to_its_maximum_only() -> None:
+    """Issue 11 item 3: 6.7 MB of PEERS frames made 200k members (+61 MB); a 35-byte
+    PEERS_REQUEST then cost seconds of CPU and a 6.8 MB answer."""
+    max_members, page = 2_000, 256
+    net, addrs = make_cluster(
+        3, seed=11, max_members=max_members, peer_list_max_records=page, peer_sync_interval_s=1e3
+    )
+    insider, victim = net.nodes[addrs[1]], net.nodes[addrs[0]]
+    victim_id = victim.core.node_id
+    assert victim_id in insider.core.links and insider.core.links[victim_id].session is not None
+    fake = random.Random("fake-members")
+    offered = offered_bytes = 0
+    tracemalloc.start()
+    before, _ = tracemalloc.get_traced_memory()
+    while offered < 200_000:  # 1,000 records a frame, 10 frames a pump
+        for _ in range(10):
+            records = [
+                wire.MemberRecord(fake.randbytes(16), 0, wire.MemberState.UP, "10.7.7.7", 7, None)
+                for _ in range(1_000)
+            ]
+            body = wire.encode_members(records)
+            offered_bytes += len(body)
+            insider.core._queue_control(victim_id, wire.FrameType.PEERS, body)
+            offered += len(records)
+        net.pump(insider)
+        net.run_for(0.01)
+    del records, body
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    table = victim.core.members
+    refused = victim.core.stats.get("members_refused", 0)
+    assert len(table) == table.up_count == max_members
+    assert refused == offered - (max_members - 2)  # the two real peers were there first
+    assert grown < max_members * 2_000  # ~500 B a member; the rest is the sim's slack
+    # A newcomer-style PEERS_REQUEST (empty body, the cheapest) gets one page.
+    answers: list[int] = []
+
+    def tap(src: tuple[str, int], dst: tuple[str, int], data: bytes) -> None:
+        if src == victim.addr and dst == insider.addr:
+            answers.append(len(data))
+
+    net.on_receive = tap
+    insider.core._queue_control(victim_id, wire.FrameType.PEERS_REQUEST, b"")
+    net.pump(insider)
+    net.run_for(0.05)
+    sent_records = victim.core.stats.get("peer_records_sent", 0)
+    assert 0 < sum(answers) <= page * 64  # a page of records (~45 B each) and framing
+    # And again at once: rate-limited per session.
+    insider.core._queue_control(victim_id, wire.FrameType.PEERS_REQUEST, b"")
+    net.pump(insider)
+    net.run_for(0.05)
+    assert victim.core.stats.get("peer_list_rate_limited", 0) >= 1
+    print(
+        f"\nfake members offered {offered} ({offered_bytes} B of PEERS bodies): table "
+        f"{len(table)} (max {max_members}), refused {refused}, traced growth {grown} B; "
+        f"PEERS_REQUEST answer {sum(answers)} B in {len(answers)} datagrams "
+        f"(<= {page} records; {victim.core.stats.get('peer_records_sent', 0)} records sent "
+        f"in all)"
+    )
+    assert victim.core.stats.get("peer_records_sent", 0) == sent_records

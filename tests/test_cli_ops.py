@@ -400,6 +400,11 @@ def test_help_version_and_subcommand_help() -> None:
         ("--max-datagram", "100", "--max-datagram: '100' must be between 576 and 65507"),
         ("--subscriptions", "65", "--subscriptions: '65' must be between 1 and 64"),
         ("--missed-heartbeats", "0", "--missed-heartbeats: '0' must be between 1 and 100"),
+        # Regression (issue 11 item 9): these spun the CPU or failed later as "cannot bind".
+        ("--heartbeat-interval", "1e-9", "--heartbeat-interval: '1e-9' must be >= 0.01"),
+        ("--stats-interval", "1e-9", "--stats-interval: '1e-9' must be >= 0.1"),
+        ("--bootstrap", "127.0.0.1:0", "--bootstrap: '127.0.0.1:0': port 0 is not a peer's port"),
+        ("--max-members", "5", "--max-members: '5' must be between 16 and 10000000"),
     ],
 )
 def test_bad_numbers_name_the_flag(tmp_path: Path, flag: str, value: str, needle: str) -> None:
@@ -434,6 +439,23 @@ def test_weak_and_readable_keys(tmp_path: Path) -> None:
         "--psk-file", str(readable), "--no-control", "--zone", "z" * 1000
     )  # refused after the key is read
     assert b"readable by others (mode 0644); chmod 600" in out.stderr
+
+
+def test_key_files_that_are_not_small_regular_files(tmp_path: Path) -> None:
+    # Regression (issue 11 item 9): a FIFO blocked forever; a long file must not be cut.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    out = ctl("--psk-file", str(fifo), "--no-control", timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.decode().strip() == f"gwyh-node: error: key file {fifo} is not a regular file"
+    big = tmp_path / "big"
+    big.write_bytes(KEY * 200)
+    big.chmod(0o600)
+    out = ctl("--psk-file", str(big), "--no-control", timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.decode().strip().endswith(f"key file {big} is larger than 4096 bytes")
+    out = ctl("--psk-file", str(tmp_path), "--no-control", timeout=60)
+    assert out.returncode == 1 and "Is a directory" in out.stderr.decode()
 
 
 def test_key_strength_rules() -> None:

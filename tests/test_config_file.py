@@ -124,7 +124,7 @@ def test_repeatable_flags_and_switches(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("heartbeat-interval = -1", "heartbeat-interval: '-1' must be > 0"),
+        ("heartbeat-interval = -1", "heartbeat-interval: '-1' must be >= 0.01"),
         ("heartbeat-interval = inf", "heartbeat-interval: 'inf' is not a finite number"),
         ("workers = 1.5", "workers: '1.5' is not an integer"),
         ('bind = "nowhere"', "bind: "),
@@ -169,7 +169,7 @@ def test_node_refuses_to_start_on_a_bad_file_or_variable(tmp_path: Path) -> None
     path = _toml(tmp_path / "node.toml", "heartbeat-interval = 0\n")
     out = _gwyh("--config", path, "--psk-file", "k")
     assert out.returncode == 2
-    assert out.stderr == f"gwyh-node: error: {path}: heartbeat-interval: '0' must be > 0\n"
+    assert out.stderr == f"gwyh-node: error: {path}: heartbeat-interval: '0' must be >= 0.01\n"
     out = _gwyh("--psk-file", "k", env={"GWYH_BIND": "1.2.3.4"})
     assert out.returncode == 2 and out.stderr.startswith("gwyh-node: error: environment: GWYH_BIND")
     out = _gwyh(env={})

@@ -132,17 +132,21 @@ def supersedes(new_state: MemberState, new_inc: int, old_state: MemberState, old
 
 class MemberTable:
     """All members except ourselves. Bounded: DOWN and LEFT members beyond ``max_down``
-    are forgotten oldest first, so churn cannot grow memory without limit.
+    are forgotten oldest first, so churn cannot grow memory without limit; members not yet
+    known are refused once ``max_up`` entries are neither DOWN nor LEFT (``full``).
 
     Counts are kept incrementally, so nothing that runs per membership change scans the
     whole table: ``up_count``, ``up_zones`` (UP members per zone) and the per-bucket
     ``digests`` used by anti-entropy. No per-member index beyond the one dict: a
     10,000-node simulation holds 10^8 members in one process."""
 
-    def __init__(self, max_down: int = 10_000) -> None:
+    def __init__(self, max_down: int = 10_000, max_up: int | None = None) -> None:
         self.members: dict[bytes, Member] = {}
         self._down_order: dict[bytes, None] = {}
         self.max_down = max_down
+        # Members that may join the table (Config.max_members): beyond it, news of a
+        # member we do not know is refused, so an insider cannot grow it without limit.
+        self.max_up = max_up
         self.up_count = 0
         self.up_zones: dict[str | None, int] = {}
         self.digests: list[int] = [0] * DIGEST_BUCKETS
@@ -160,6 +164,15 @@ class MemberTable:
         """Every member (UP and DOWN) whose digest bucket is in ``buckets``."""
         return [m for m in self.members.values() if bucket_of(id_hash(m.node_id)) in buckets]
 
+    def bucket_members_by_bucket(self, buckets: set[int]) -> dict[int, list[Member]]:
+        """Every member (UP and DOWN) whose digest bucket is in ``buckets``, by bucket."""
+        out: dict[int, list[Member]] = {}
+        for m in self.members.values():
+            bucket = bucket_of(id_hash(m.node_id))
+            if bucket in buckets:
+                out.setdefault(bucket, []).append(m)
+        return out
+
     def apply(self, record: MemberRecord, *, keep_address: bool = False) -> Change:
         """Merge news about a member. ``keep_address``: we hold a live session with it,
         and the address that session uses is better than hearsay."""
@@ -168,6 +181,8 @@ class MemberTable:
         if current is None:
             if record.state != MemberState.UP:
                 return Change.NONE  # nothing to forget; do not grow the table
+            if self.full:
+                return Change.NONE
             self.members[record.node_id] = Member(
                 node_id=record.node_id,
                 host=record.host,
@@ -236,6 +251,22 @@ class MemberTable:
             current, name=record.name, tags=record.tags
         )
         return Change.UPDATED
+
+    @property
+    def full(self) -> bool:
+        """No room for a member we do not know yet (entries not DOWN >= max_up)."""
+        max_up = self.max_up
+        return max_up is not None and len(self.members) - len(self._down_order) >= max_up
+
+    def forget(self, node_id: bytes) -> None:
+        """Drop a member outright (to make room for one we hold a session with)."""
+        member = self.members.pop(node_id, None)
+        if member is None:
+            return
+        if member.state == MemberState.UP:
+            self._digest_add(node_id, member.incarnation, -1, _meta(member))
+            self._left_up(member.zone)
+        self._down_order.pop(node_id, None)
 
     def digests_with(self, node_id: bytes, incarnation: int, meta: int = 0) -> list[int]:
         """The bucket digests as if ``node_id`` were also UP at ``incarnation`` with

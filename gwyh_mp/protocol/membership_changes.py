@@ -67,6 +67,15 @@ class MembershipChanges:
             return
         link = self.links.get(record.node_id)
         has_session = link is not None and link.session is not None
+        if (
+            self.members.full
+            and record.state == MemberState.UP
+            and self.members.get(record.node_id) is None
+        ):
+            if not direct:
+                self.stats.bump("members_refused")  # Config.max_members reached
+                return
+            self._make_room()
         change = self.members.apply(record, keep_address=has_session and not direct)
         if change is Change.NONE and direct:
             member = self.members.get(record.node_id)
@@ -111,6 +120,19 @@ class MembershipChanges:
             if announce:
                 self.announce(record_of(member), now)
             subscriptions.schedule_reassign(now)
+
+    def _make_room(self) -> None:
+        """The table is full and a member just completed a handshake with us: it
+        replaces the oldest member we only know by hearsay (no session, not a provider
+        or subscriber), so a table filled by gossip never locks out a real peer."""
+        links = self.links
+        busy = self.subscriptions.providers.keys() | self.subscriptions.subscribers.keys()
+        for node_id in self.members.members:
+            link = links.get(node_id)
+            if (link is None or link.session is None) and node_id not in busy:
+                self.members.forget(node_id)
+                self.stats.bump("members_evicted")
+                return
 
     def declare_down(self, node_id: bytes, now: float) -> None:
         member = self.members.get(node_id)

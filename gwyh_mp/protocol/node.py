@@ -107,7 +107,7 @@ class NodeCore:
         self.links = self.peers.links
         self.handshaker = self.peers.handshaker
         self.keyring = self.handshaker.keyring
-        self.members = MemberTable()
+        self.members = MemberTable(max_up=config.max_members)
         self.seen = SeenSet(config.seen_set_size)
         self.fanout = Fanout(
             BroadcastChannel(random_bytes(32)),
@@ -141,6 +141,7 @@ class NodeCore:
             self.members,
             config.peer_sync_interval_s,
             config.max_datagram_bytes,
+            config.peer_list_max_records,
             self._rng,
             self.stats,
             now,
@@ -244,9 +245,11 @@ class NodeCore:
         return self._running
 
     def set_bound_port(self, port: int) -> None:
-        """The runtime bound port 0 and learned the real one."""
-        host, _ = self._advertised
-        self._advertised = (host, port)
+        """The runtime bound port 0 and learned the real one. An explicit advertised
+        port is kept: behind a port mapping it differs from the bound one on purpose."""
+        host, advertised_port = self._advertised
+        if self.config.advertise is None or advertised_port == 0:
+            self._advertised = (host, port)
 
     # ------------------------------------------------------------------ public API
 
@@ -603,10 +606,12 @@ class NodeCore:
         elif ftype == FrameType.UNSUBSCRIBE:
             self.subscriptions.on_unsubscribe(peer_id, body, now)
         elif ftype == FrameType.PEERS_REQUEST:
-            self.anti_entropy.send_peer_list(peer_id, body)
+            self.anti_entropy.answer(peer_id, body, link, now)
         elif ftype == FrameType.PEERS:
+            digests = self.members.digests[:]
             for record in wire.decode_members(body):
                 self.membership.apply(record, now, announce=False, source=peer_id)
+            self.anti_entropy.on_records(peer_id, digests != self.members.digests, now)
         elif ftype == FrameType.CHANNEL_KEY:
             self.peers.set_channel_key(peer_id, link, body)
         elif ftype == FrameType.FRAGMENT_NAK:

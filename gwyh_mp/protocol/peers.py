@@ -62,6 +62,9 @@ class Session:
     replay: AntiReplayWindow = field(default_factory=AntiReplayWindow)
     last_rx: float = 0.0
     superseded: bool = False
+    # Where the handshake completed: the peer proved it receives there. ``addr`` may
+    # roam (moved()); large replies go out only while it is still this (§8.6).
+    verified_addr: Addr = ("", 0)
 
 
 @dataclass(slots=True)
@@ -73,6 +76,7 @@ class PeerLink(LinkState):
     channel_key: bytes | None = None  # the peer's provider channel key, if we subscribe
     channel_replay: AntiReplayWindow = field(default_factory=AntiReplayWindow)
     last_heard: float = 0.0
+    last_peer_list: float = float("-inf")  # when we last answered its PEERS_REQUEST
 
 
 def _installed(session: Session) -> SessionKeyInstalled:
@@ -228,6 +232,7 @@ class Peers:
             est.remote_session_id,
             est.send_key,
             est.recv_key,
+            verified_addr=est.addr,
         )
         self.sessions[est.local_session_id] = session
         self._report_session(session)

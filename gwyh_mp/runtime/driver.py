@@ -96,8 +96,11 @@ class CoreDriver:
         self._timer_at = None
         if self.core is None or self._loop is None or not self._active():
             return
-        self.core.handle_timer(self._loop.time())
-        self._flush()
+        try:
+            self.core.handle_timer(self._loop.time())
+            self._flush()
+        finally:
+            self._arm_timer()  # an error must not stop the node's clock
 
     def _arm_timer(self) -> None:
         core, loop = self.core, self._loop

@@ -17,11 +17,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
 import platform
 import socket
 import struct
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 __all__ = ["MMSG_AVAILABLE", "Address", "BatchReceiver", "BatchSender", "Payload"]
@@ -35,6 +37,9 @@ _ADDR_CACHE_MAX = 4096  # peers are few; the bound only guards against address c
 _RETRIES = 3  # EINTR / pending ECONNREFUSED: the failed call clears it, so retry briefly
 _AGAIN = frozenset({errno.EAGAIN, errno.EWOULDBLOCK})
 _TRANSIENT = frozenset({errno.EINTR, errno.ECONNREFUSED})
+# What sending to one bad destination raises: OSError (EINVAL for port 0, a failed
+# lookup), UnicodeError (IDNA refuses the host), ValueError (a malformed address).
+SEND_ERRORS = (OSError, UnicodeError, ValueError)
 # int(): the socket constants are IntFlag members, and enum arithmetic is slow.
 _MSG_DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0x40))
 _MSG_TRUNC = int(getattr(socket, "MSG_TRUNC", 0x20))
@@ -511,7 +516,7 @@ class BatchSender:
                 sendto(data, addr)
             except BlockingIOError:
                 break
-            except OSError:
+            except SEND_ERRORS:
                 if sent:  # same contract as sendmmsg: report progress, fail on retry
                     break
                 raise
@@ -562,7 +567,7 @@ class BatchSender:
                 data, addr = items[sent + j]
                 try:
                     entry = cache.get(addr) or self._sockaddr(addr)
-                except OSError:  # unresolvable address: as sendto() would raise it
+                except SEND_ERRORS:  # unresolvable address: as sendto() would raise it
                     if sent + j == 0:
                         raise
                     n, bad = j, True  # send what precedes it; it raises on the retry
@@ -590,6 +595,50 @@ class BatchSender:
                 break
             _raise_errno(err)
         return sent
+
+
+def send_skipping_refused(
+    sender: BatchSender,
+    items: Sequence[tuple[Payload, tuple]],
+    on_refused: Callable[[tuple, Exception], None],
+) -> int:
+    """``sender.send_batch`` that drops, instead of raising, each item whose address
+    the resolver or the kernel refuses (a gossiped ``a..b`` fails IDNA, port 0 gives
+    EINVAL): ``on_refused(address, error)`` hears of it and the rest still go out.
+    Returns how many leading items are done (sent or dropped); fewer than
+    ``len(items)`` only when the socket buffer is full."""
+    done, total = 0, len(items)
+    while done < total:
+        try:
+            sent = sender.send_batch(items[done:] if done else items)
+        except SEND_ERRORS as exc:
+            on_refused(items[done][1], exc)
+            done += 1
+            continue
+        done += sent
+        if not sent:
+            break
+    return done
+
+
+class RefusalLog:
+    """Logs refused destinations at most once per ``interval_s``, with how many were
+    refused meanwhile, so a gossiped bad address cannot flood the log."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
+        self._log = logger
+        self._interval_s = interval_s
+        self._next_at = float("-inf")
+        self._quiet = 0
+
+    def refused(self, addr: tuple, exc: Exception) -> None:
+        now = time.monotonic()
+        if now < self._next_at:
+            self._quiet += 1
+            return
+        more = f" ({self._quiet} more since the last report)" if self._quiet else ""
+        self._log.warning("cannot send to %r: %s%s", addr, exc, more)
+        self._next_at, self._quiet = now + self._interval_s, 0
 
 
 def _pin(data: Payload, keep: list[object]) -> tuple[int, int]:

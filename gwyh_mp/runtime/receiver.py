@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import marshal
 import os
 import select
@@ -37,7 +38,7 @@ from gwyh_mp.protocol.crypto import AntiReplayWindow, DecryptError, seal
 from gwyh_mp.protocol.dissemination import SeenSet
 from gwyh_mp.protocol.inbound import broadcast_ids_end, open_broadcast, open_control
 from gwyh_mp.runtime import udp
-from gwyh_mp.runtime.mmsg import BatchReceiver, BatchSender
+from gwyh_mp.runtime.mmsg import SEND_ERRORS, BatchReceiver, BatchSender, RefusalLog
 from gwyh_mp.runtime.shm_ring import ShmRing, ShmRingHandle
 
 # Ring record kinds, coordinator -> receiver.
@@ -54,6 +55,7 @@ CONTROL = 13
 RAW = 14  # anything the receiver cannot handle: the coordinator's core processes it
 STATS = 15
 
+log = logging.getLogger("gwyh_mp.receiver")
 PR_SET_PDEATHSIG = 1
 # Datagrams a receiver cannot judge itself (handshakes, wrong version, a session whose
 # keys have not reached it yet) go to the coordinator, at most this many per second
@@ -119,6 +121,7 @@ class Receiver:
         self.parent_pid = parent_pid
         self.receiver = BatchReceiver(sock, 64, udp.MAX_DATAGRAM)
         self.sender = BatchSender(sock)
+        self._refusals = RefusalLog(log)
         self.sessions: dict[int, SessionEntry] = {}
         self.channels: dict[bytes, ChannelEntry] = {}
         self.seen = SeenSet(seen_set_size)
@@ -189,8 +192,11 @@ class Receiver:
         while done < len(datagrams):
             try:
                 done += self.sender.send_batch(datagrams[done:])
-            except OSError:
-                done += 1  # that one datagram cannot be sent (e.g. unreachable); go on
+            except SEND_ERRORS as exc:
+                # That one destination cannot be sent to (unreachable, port 0, a host
+                # IDNA refuses): count it and go on with the rest.
+                self._refusals.refused(datagrams[done][1], exc)
+                done += 1
                 self.bump("send_errors")
                 continue
             if done < len(datagrams):

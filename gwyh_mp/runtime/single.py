@@ -22,7 +22,7 @@ from gwyh_mp.protocol.events import Event
 from gwyh_mp.protocol.node import NodeCore
 from gwyh_mp.runtime import udp
 from gwyh_mp.runtime.driver import CoreDriver
-from gwyh_mp.runtime.mmsg import BatchReceiver, BatchSender
+from gwyh_mp.runtime.mmsg import BatchReceiver, BatchSender, RefusalLog, send_skipping_refused
 
 log = logging.getLogger("gwyh_mp")
 
@@ -41,6 +41,7 @@ class SingleProcessRuntime(CoreDriver):
         self._reading = False
         self._receiver: BatchReceiver | None = None
         self._sender: BatchSender | None = None
+        self._refusals = RefusalLog(log)
         self.address: Addr | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -134,9 +135,14 @@ class SingleProcessRuntime(CoreDriver):
                 self._send(datagrams)
         self._after_flush(core)
 
+    def _refused(self, addr: tuple, exc: Exception) -> None:
+        if self.core is not None:
+            self.core.stats.bump("send_errors")
+        self._refusals.refused(addr, exc)
+
     def _send(self, datagrams: list[tuple[bytes, Addr]]) -> None:
         assert self._sender is not None
-        sent = self._sender.send_batch(datagrams)
+        sent = send_skipping_refused(self._sender, datagrams, self._refused)
         if sent < len(datagrams):
             # Kernel buffer full: keep the rest, in order, until the socket drains.
             self._unsent.extend(datagrams[sent:])
@@ -151,7 +157,7 @@ class SingleProcessRuntime(CoreDriver):
         assert self._sender is not None and self._loop is not None and self._sock is not None
         pending = list(self._unsent)
         self._unsent.clear()
-        sent = self._sender.send_batch(pending)
+        sent = send_skipping_refused(self._sender, pending, self._refused)
         if sent < len(pending):
             self._unsent.extend(pending[sent:])
             return
