@@ -37,6 +37,17 @@ def write_key(directory: Path, name: str, key: bytes) -> str:
     return str(path)
 
 
+def terminate(proc: subprocess.Popen, timeout: float = 10.0) -> int:
+    """SIGTERM (a graceful leave), then SIGKILL if it does not exit in time; the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(5)
+
+
 class NodeProcess:
     """A ``gwyh-node`` subprocess whose stdout JSON lines and stderr lines are read
     by background threads, so a test can wait for conditions without blocking."""
@@ -102,13 +113,7 @@ class NodeProcess:
             return self.stats[-1] if self.stats else {}
 
     def terminate(self, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
+        return terminate(self.proc, timeout)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -22,7 +22,7 @@ import orjson
 import pytest
 
 from gwyh_mp import keys
-from tests.procs import NODE_CMD, free_udp_port, write_key
+from tests.procs import NODE_CMD, free_udp_port, terminate, write_key
 
 KEY = b"cli-ops-test-key-0123456789abcdefghij"
 NEW_KEY = b"cli-ops-new-key-ZYXWVUTSRQ9876543210zyx"
@@ -75,13 +75,7 @@ class Proc:
         self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
+        return terminate(self.proc, timeout)
 
 
 @contextlib.contextmanager
