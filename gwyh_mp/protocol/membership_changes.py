@@ -156,6 +156,27 @@ class MembershipChanges:
                 # It was chosen as a provider and never answered: treat as silent.
                 self.declare_down(member.node_id, now)
 
+    def on_handshake(
+        self, peer_id: bytes, incarnation: int, addr: tuple[str, int], zone: str | None, now: float
+    ) -> None:
+        """A handshake completed: the peer is UP at the address it came from."""
+        record = MemberRecord(
+            node_id=peer_id,
+            incarnation=incarnation,
+            state=MemberState.UP,
+            host=addr[0],
+            port=addr[1],
+            zone=zone,
+        )
+        self.apply(record, now, announce=True, direct=True)
+
+    def on_peers(self, peer_id: bytes, body: bytes, now: float) -> bool:
+        """A PEERS frame: apply its records; did the UP view (the digests) change?"""
+        digests = self.members.digests[:]
+        for record in wire.decode_members(body):
+            self.apply(record, now, announce=False, source=peer_id)
+        return digests != self.members.digests
+
     def learn(self, records: list[MemberRecord]) -> int:
         """Seed the table silently: no events, no announcements, no reselection."""
         apply = self.members.apply

@@ -39,6 +39,7 @@ from gwyh_mp.protocol.inbound import broadcast_ids_end, open_broadcast, open_con
 from gwyh_mp.protocol.large_messages import LargeMessages
 from gwyh_mp.protocol.links import LinkQueues, pacing_config
 from gwyh_mp.protocol.liveness import Liveness
+from gwyh_mp.protocol.local_member import LocalMember
 from gwyh_mp.protocol.membership import MemberTable
 from gwyh_mp.protocol.membership_changes import MembershipChanges
 from gwyh_mp.protocol.offload import OffloadUpdate
@@ -91,6 +92,8 @@ class NodeCore:
         self._control: dict[bytes, list[bytes]] = {}
         self._events: deque[Event] = deque()
         self._last_now = now
+        self.me = LocalMember(config, self.node_id, lambda: self.incarnation)
+        self._self_record = self.me.record
         self.peers = Peers(
             config,
             self.node_id,
@@ -99,7 +102,7 @@ class NodeCore:
             wall_offset_s=wall_offset_s,
             defer_sealing=defer_sealing,
             incarnation=lambda: self.incarnation,
-            advertised=lambda: self._advertised,
+            advertised=lambda: self.me.advertised,
             send=lambda datagram, addr: self._outbox.append((datagram, addr)),
             on_link_dropped=lambda peer_id, link: self.link_queues.forget(peer_id, link),
         )
@@ -212,7 +215,6 @@ class NodeCore:
         self._next_heartbeat = now
         self._running = False
         self._left = False
-        self._advertised = config.advertised
 
     @property
     def incarnation(self) -> int:
@@ -234,9 +236,7 @@ class NodeCore:
         if not self._running:
             return
         self.membership.announce(self._self_record(MemberState.LEFT), now)
-        for provider_id in list(self.providers):
-            self._queue_control(provider_id, FrameType.UNSUBSCRIBE)
-        self.providers.clear()
+        self.subscriptions.unsubscribe_all()
         self._running = False
         self._left = True
 
@@ -245,11 +245,8 @@ class NodeCore:
         return self._running
 
     def set_bound_port(self, port: int) -> None:
-        """The runtime bound port 0 and learned the real one. An explicit advertised
-        port is kept: behind a port mapping it differs from the bound one on purpose."""
-        host, advertised_port = self._advertised
-        if self.config.advertise is None or advertised_port == 0:
-            self._advertised = (host, port)
+        """The runtime bound port 0 and learned the real one."""
+        self.me.set_bound_port(port)
 
     # ------------------------------------------------------------------ public API
 
@@ -292,15 +289,9 @@ class NodeCore:
         return msg_id
 
     def local_member(self) -> Member:
-        host, port = self._advertised
         if self._running:
-            state = MemberState.UP
-        else:
-            state = MemberState.LEFT if self._left else MemberState.DOWN
-        config = self.config
-        return Member(
-            self.node_id, host, port, self.zone, state, self.incarnation, config.name, config.tags
-        )
+            return self.me.member(MemberState.UP)
+        return self.me.member(MemberState.LEFT if self._left else MemberState.DOWN)
 
     def member_list(self) -> list[Member]:
         return list(self.members.members.values())
@@ -353,15 +344,9 @@ class NodeCore:
 
     def set_reading_paused(self, paused: bool) -> None:
         """The runtime stopped (or resumed) reading the socket because the application
-        is not consuming deliveries. Paused past SATURATED_AFTER_HEARTBEATS, the node
-        refuses subscribers (subscriptions.check_saturation) instead of relaying nothing."""
-        subscriptions = self.subscriptions
+        is not consuming deliveries (see Subscriptions.set_reading_paused)."""
         self.liveness.set_deaf(paused, self._last_now)
-        if not paused:
-            subscriptions.reading_paused_since = None
-            subscriptions.saturated = False
-        elif subscriptions.reading_paused_since is None:
-            subscriptions.reading_paused_since = self._last_now
+        self.subscriptions.set_reading_paused(paused, self._last_now)
 
     @property
     def accepting(self) -> bool:
@@ -608,10 +593,8 @@ class NodeCore:
         elif ftype == FrameType.PEERS_REQUEST:
             self.anti_entropy.answer(peer_id, body, link, now)
         elif ftype == FrameType.PEERS:
-            digests = self.members.digests[:]
-            for record in wire.decode_members(body):
-                self.membership.apply(record, now, announce=False, source=peer_id)
-            self.anti_entropy.on_records(peer_id, digests != self.members.digests, now)
+            changed = self.membership.on_peers(peer_id, body, now)
+            self.anti_entropy.on_records(peer_id, changed, now)
         elif ftype == FrameType.CHANNEL_KEY:
             self.peers.set_channel_key(peer_id, link, body)
         elif ftype == FrameType.FRAGMENT_NAK:
@@ -634,15 +617,9 @@ class NodeCore:
         # accepted whether or not it subscribed (fanout still follows subscriptions).
         self._queue_control(est.peer_id, FrameType.CHANNEL_KEY, self.fanout.channel.key)
         self.stats.bump("sessions_established")
-        record = MemberRecord(
-            node_id=est.peer_id,
-            incarnation=est.peer_incarnation,
-            state=MemberState.UP,
-            host=est.addr[0],
-            port=est.addr[1],
-            zone=est.peer_zone,
+        self.membership.on_handshake(
+            est.peer_id, est.peer_incarnation, est.addr, est.peer_zone, now
         )
-        self.membership.apply(record, now, announce=True, direct=True)
         if self.config.name or self.config.tags:
             # A handshake carries no name or tags: tell this peer directly.
             own = wire.encode_members([self._self_record(MemberState.UP)])
@@ -664,19 +641,6 @@ class NodeCore:
 
     # ------------------------------------------------------------------ membership
 
-    def _self_record(self, state: MemberState) -> MemberRecord:
-        host, port = self._advertised
-        return MemberRecord(
-            node_id=self.node_id,
-            incarnation=self.incarnation,
-            state=state,
-            host=host,
-            port=port,
-            zone=self.zone,
-            name=self.config.name,
-            tags=self.config.tags,
-        )
-
     def reselect_providers(self, now: float) -> None:
         """Run provider selection now over the current member table (it otherwise runs
         a short random delay after membership changes). For embedders that seeded the
@@ -694,9 +658,7 @@ class NodeCore:
     def set_seeds(self, addrs: list[Addr], now: float) -> None:
         """The runtime resolved the seed names (again): bootstrap from these from now
         on, and at once if this node has no provider."""
-        self.peers.seeds = set(addrs)
-        if self._running and not self.providers:
-            self.peers.bootstrap(now)
+        self.peers.set_seeds(addrs, now, bootstrap=self._running and not self.providers)
 
     # ------------------------------------------------------------------ sending
 

@@ -147,6 +147,12 @@ class Peers:
         wall_ns = int((now + self.wall_offset_s) * 1e9)
         self._send(self.handshaker.initiate(addr, now, wall_ns, self._incarnation()), addr)
 
+    def set_seeds(self, addrs: list[Addr], now: float, *, bootstrap: bool) -> None:
+        """New seed addresses (names resolved again); ``bootstrap``: use them at once."""
+        self.seeds = set(addrs)
+        if bootstrap:
+            self.bootstrap(now)
+
     def bootstrap(self, now: float) -> None:
         """(Re)join through the seeds: a handshake with each, then a peer list."""
         advertised = self._advertised()

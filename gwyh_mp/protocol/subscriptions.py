@@ -168,6 +168,12 @@ class Subscriptions:
         self.stats.bump("reassignments")
         self.providers_changed()
 
+    def unsubscribe_all(self) -> None:
+        """A graceful leave: end every subscription of ours."""
+        for provider_id in list(self.providers):
+            self._queue_control(provider_id, FrameType.UNSUBSCRIBE)
+        self.providers.clear()
+
     def start_over(self, now: float) -> None:
         """Every provider fell silent at once (we are likelier the one cut off): drop
         them all and rejoin through the seeds."""
@@ -250,6 +256,16 @@ class Subscriptions:
             self.refused[peer_id] = now + REFUSED_FOR_WATCHDOGS * self._watchdog_s
             self.providers_changed()
             self.schedule_reassign(now)
+
+    def set_reading_paused(self, paused: bool, now: float) -> None:
+        """The runtime stopped (or resumed) reading the socket because the application
+        is not consuming deliveries; paused past SATURATED_AFTER_HEARTBEATS, this node
+        refuses subscribers (check_saturation) instead of relaying nothing."""
+        if not paused:
+            self.reading_paused_since = None
+            self.saturated = False
+        elif self.reading_paused_since is None:
+            self.reading_paused_since = now
 
     def check_saturation(self, now: float) -> str | None:
         """Heartbeat: has reading been paused (the application is not keeping up) for
