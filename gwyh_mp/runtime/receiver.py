@@ -241,7 +241,7 @@ class Receiver:
 
     def classify(self, data: bytes, host: str, port: int) -> bytes | None:
         if len(data) < 2:
-            self.bump("drop_malformed")
+            self.bump("drop_short")  # the core's reasons, so /metrics reads the same
             return None
         if data[0] != wire.VERSION:
             return self.raw(host, port, data)  # the coordinator counts and logs it
@@ -288,7 +288,10 @@ class Receiver:
                 return None
             return _dumps((CONTROL, sid, seq, host, port, plaintext))
         minimum = _HANDSHAKE_MIN_BYTES.get(ptype)
-        if minimum is None or len(data) < minimum:
+        if minimum is None:
+            self.bump("drop_bad_type")
+            return None
+        if len(data) < minimum:
             self.bump("drop_malformed")
             return None
         return self.raw(host, port, data)  # handshakes: rare, the coordinator's job
