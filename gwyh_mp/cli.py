@@ -38,7 +38,7 @@ from gwyh_mp.cliargs import (
     strategy,
     tag_pair,
 )
-from gwyh_mp.config import MIN_HEARTBEAT_INTERVAL_S, Config, ConfigError
+from gwyh_mp.config import DISSEMINATION_MODES, MIN_HEARTBEAT_INTERVAL_S, Config, ConfigError
 from gwyh_mp.control import ControlError, ControlServer, default_path, message_record
 from gwyh_mp.identity import DataDir, IdentityError
 from gwyh_mp.metrics import MetricsServer
@@ -69,6 +69,7 @@ FLAG_OF_FIELD = {
     "max_members": "--max-members",
     "max_datagram_bytes": "--max-datagram",
     "flush_interval_s": "--flush-interval",
+    "dissemination": "--dissemination",
     "workers": "--workers",
     "psks": "--psk-file",
     "pre-shared keys": "--psk-file keys",
@@ -216,6 +217,13 @@ def _add_tuning_options(p: argparse.ArgumentParser) -> None:
         "for up to 5 ms more latency per hop)",
     )
     g.add_argument(
+        "--dissemination",
+        choices=DISSEMINATION_MODES,
+        default="eager",
+        help="eager: every provider sends each broadcast in full; trees: one provider per "
+        "origin does, the others send only its id (fewer duplicate datagrams; see README)",
+    )
+    g.add_argument(
         "--workers",
         type=int_range(1, max(64, (os.cpu_count() or 1) * 4)),
         default=usable_cpus(),
@@ -321,6 +329,7 @@ def config_from_args(args: argparse.Namespace, node_id: bytes | None = None) -> 
         missed_heartbeats=args.missed_heartbeats,
         max_datagram_bytes=args.max_datagram,
         flush_interval_s=args.flush_interval,
+        dissemination=args.dissemination,
         seed=args.seed,
         workers=args.workers,
         node_id=node_id,

@@ -21,6 +21,9 @@ MIN_HEARTBEAT_INTERVAL_S = 0.01
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
 
+DISSEMINATION_MODES = ("eager", "trees")
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message says which and why."""
 
@@ -106,6 +109,10 @@ class Config:
     """Bound on responder handshakes waiting for their OkBoss."""
 
     # -- dissemination ---------------------------------------------------------------
+    dissemination: str = "eager"
+    """How application broadcasts reach this node: ``eager`` (every provider sends each
+    message in full) or ``trees`` (one provider per origin sends it in full, the others
+    only its id; protocol/trees.py). Either way the node serves both to its subscribers."""
     seen_set_size: int = 200_000
     """Message ids remembered for de-duplication (memory: ~100 B per id)."""
     max_datagram_bytes: int = 1400
@@ -217,6 +224,11 @@ class Config:
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
         _positive_int("subscriptions", self.subscriptions, maximum=64)
+        if self.dissemination not in DISSEMINATION_MODES:
+            raise ConfigError(
+                f"dissemination must be one of {', '.join(DISSEMINATION_MODES)}, "
+                f"got {self.dissemination!r}"
+            )
         _positive("heartbeat_interval_s", self.heartbeat_interval_s)
         if self.heartbeat_interval_s < MIN_HEARTBEAT_INTERVAL_S:
             raise ConfigError(

@@ -84,6 +84,7 @@ class PendingEntry:
     msg_id: bytes
     entry: bytes  # ENTRY_HEADER + body
     exclude: bytes | None  # the peer it came from: it already has it
+    lazy: set[bytes] | None = None  # subscribers that take it as an announcement only
 
 
 @dataclass(slots=True)
@@ -96,13 +97,18 @@ class Fanout:
     max_pending_entries: int = 10_000
     shed: int = 0
     defer_sealing: bool = False
+    # (subscriber, id, entry) for an entry a lazy subscriber gets announced instead
+    # (broadcast trees, protocol/trees.py).
+    on_lazy: Callable[[bytes, bytes, bytes], None] | None = None
 
     @property
     def max_entry_bytes(self) -> int:
         return self.max_datagram_bytes - wire.BROADCAST_OVERHEAD - wire.MESSAGE_ID_BYTES
 
-    def add(self, msg_id: bytes, entry: bytes, exclude: bytes | None) -> None:
-        self.pending.append(PendingEntry(msg_id, entry, exclude))
+    def add(
+        self, msg_id: bytes, entry: bytes, exclude: bytes | None, lazy: set[bytes] | None = None
+    ) -> None:
+        self.pending.append(PendingEntry(msg_id, entry, exclude, lazy))
 
     def flush(self, targets: list[FanoutTarget], out: list[Outgoing]) -> None:
         """Encrypt pending entries once per distinct recipient set and append one
@@ -117,6 +123,9 @@ class Fanout:
             return
         pending, self.pending = self.pending, []
         if not pending:
+            return
+        if self.on_lazy is not None and any(p.lazy for p in pending):
+            self._flush_per_target(pending, targets, out)
             return
         target_ids = {t.node_id for t in targets}
         excluded = {p.exclude for p in pending if p.exclude in target_ids}
@@ -133,6 +142,30 @@ class Fanout:
                 group = [p for p in pending if p.exclude != target.node_id]
                 if group:
                     self._send_group(group, [target], out)
+
+    def _flush_per_target(
+        self, pending: list[PendingEntry], targets: list[FanoutTarget], out: list[Outgoing]
+    ) -> None:
+        """Some entries go lazily to some subscribers: each subscriber gets what is
+        neither its own nor announced to it, and subscribers due the same entries share
+        one encryption."""
+        on_lazy = self.on_lazy
+        assert on_lazy is not None
+        groups: dict[tuple[int, ...], list[FanoutTarget]] = {}
+        for target in targets:
+            peer = target.node_id
+            chosen = []
+            for i, p in enumerate(pending):
+                if p.exclude == peer:
+                    continue
+                if p.lazy is not None and peer in p.lazy:
+                    on_lazy(peer, p.msg_id, p.entry)
+                    continue
+                chosen.append(i)
+            if chosen:
+                groups.setdefault(tuple(chosen), []).append(target)
+        for chosen_ids, group_targets in groups.items():
+            self._send_group([pending[i] for i in chosen_ids], group_targets, out)
 
     def send_to(
         self,

@@ -15,6 +15,7 @@ from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.dissemination import Fanout, SeenSet
 from gwyh_mp.protocol.events import Message
 from gwyh_mp.protocol.stats import Stats
+from gwyh_mp.protocol.trees import Trees
 from gwyh_mp.protocol.wire import MemberRecord
 
 _ENTRY_HEADER = wire.ENTRY_HEADER
@@ -44,19 +45,23 @@ class Flood:
         self._on_status = on_status  # a member record arrived in a STATUS entry
         # Large messages forward through us, so their handler is set once they exist.
         self.on_fragment: Callable[[bytes, int, bytes, bytes, bytes, float], None] | None = None
+        # Broadcast trees (protocol/trees.py), set once they exist; APP entries only.
+        self.trees: Trees | None = None
 
     def originate(self, msg_id: bytes, kind: int, body: bytes) -> None:
         """One of our own entries, into the next flush."""
         self.seen.add(msg_id)
         entry = _ENTRY_HEADER.pack(kind, 1, self.node_id, len(body)) + body
-        self.fanout.add(msg_id, entry, None)
+        lazy = self.trees.lazy_for(self.node_id) if kind == _APP and self.trees else None
+        self.fanout.add(msg_id, entry, None, lazy)
 
     def forward(
         self, msg_id: bytes, kind: int, hops: int, origin: bytes, body: bytes, source: bytes
     ) -> None:
         # Forward first, so the copy leaves before any local work on it.
         header = _ENTRY_HEADER.pack(kind, min(hops + 1, 255), origin, len(body))
-        self.fanout.add(msg_id, header + body, source)
+        lazy = self.trees.lazy_for(origin) if kind == _APP and self.trees else None
+        self.fanout.add(msg_id, header + body, source, lazy)
 
     def on_entries(
         self, ids: bytes, count: int, plaintext: bytes, source: bytes, now: float
@@ -65,6 +70,7 @@ class Flood:
         offset = 0
         end = len(plaintext)
         seen = self.seen
+        trees = self.trees if self.trees is not None and self.trees.enabled else None
         for i in range(count):
             if offset + _ENTRY_HEADER.size > end:
                 raise wire.WireError("truncated entry")
@@ -76,6 +82,8 @@ class Flood:
             msg_id = ids[16 * i : 16 * i + 16]
             if msg_id in seen.ids:
                 self.stats.bump("duplicate_entries")
+                if kind == _APP and trees is not None:
+                    trees.on_duplicate(msg_id, origin, source)
                 continue
             body = plaintext[body_start:offset]
             # Check before forwarding: whatever we pass on must be well-formed.
@@ -85,6 +93,8 @@ class Flood:
                     continue
                 seen.add(msg_id)
                 self.forward(msg_id, kind, hops, origin, body, source)
+                if trees is not None:
+                    trees.on_delivered(msg_id, origin, hops, source)
                 self.stats.bump("delivered")
                 self._deliver(Message(body, msg_id, origin, hops))
             elif kind == _STATUS:

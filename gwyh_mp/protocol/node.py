@@ -47,6 +47,7 @@ from gwyh_mp.protocol.peers import PeerLink, Peers, Session
 from gwyh_mp.protocol.selection import rng_for
 from gwyh_mp.protocol.stats import Stats
 from gwyh_mp.protocol.subscriptions import Subscriptions
+from gwyh_mp.protocol.trees import TREE_FRAMES, Trees
 from gwyh_mp.protocol.wire import FrameType, MemberRecord, MemberState, PacketType
 
 Addr = tuple[str, int]
@@ -199,6 +200,11 @@ class NodeCore:
             link_backlog_bytes=lambda: self.link_queues.backlog_bytes,
         )
         self.flood.on_fragment = self.large.on_fragment
+        self.trees = self.flood.trees = Trees(
+            config.dissemination == "trees", self.seen, self.stats,
+            queue_control=self._queue_control, clock=lambda: self._last_now,
+        )  # fmt: skip
+        self.fanout.on_lazy = self.trees.announce
         self.membership = MembershipChanges(
             self.node_id,
             self.members,
@@ -318,7 +324,7 @@ class NodeCore:
         if large.release_due(now):
             large.release(now)
         data: list[Outgoing] = []
-        resend = large.take_resends()
+        resend = large.take_resends() + self.trees.take_resends()
         if resend:
             for peer_id, entries in resend:
                 target = self.peers.fanout_target(peer_id)
@@ -377,7 +383,8 @@ class NodeCore:
         due = self.link_queues.next_timer(self._last_now)
         if due is not None and due < t:
             t = due
-        return t
+        due = self.trees.next_timer()
+        return due if due is not None and due < t else t
 
     def handle_timer(self, now: float) -> None:
         self._last_now = now
@@ -391,6 +398,7 @@ class NodeCore:
         self.liveness.handle_timer(now)
         self.large.handle_timer(now)
         self.link_queues.handle_timer(now)
+        self.trees.handle_timer(now)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_interval_s
             self._heartbeat_tick(now)
@@ -473,6 +481,7 @@ class NodeCore:
             self._on_link_packet(link, link_seq, now)
         if not ids_end:
             self.stats.bump("duplicates")  # datagrams dropped before decryption
+            self.trees.on_duplicate_ids(data[_BROADCAST_HEADER.size :], session.peer_id)
             return
         key = link.channel_key
         if key is None:
@@ -520,9 +529,11 @@ class NodeCore:
         except (wire.WireError, struct.error, ValueError, IndexError):
             self.stats.bump("drop_malformed")
 
-    def receive_broadcast_duplicate(self, sid: int, addr: Addr, link_seq: int, now: float) -> None:
-        """A receiver dropped a BROADCAST datagram as a duplicate before decrypting it;
-        its link sequence still counts for loss detection."""
+    def receive_broadcast_duplicate(
+        self, sid: int, addr: Addr, link_seq: int, now: float, ids: bytes = b""
+    ) -> None:
+        """A receiver dropped a BROADCAST datagram (message ``ids``) as a duplicate
+        before decrypting it; its link sequence still counts for loss detection."""
         self._last_now = now
         self.stats["packets_in"] = self.stats.get("packets_in", 0) + 1
         self.stats.bump("duplicates")
@@ -532,6 +543,7 @@ class NodeCore:
             session.last_rx = now
             if session.addr == addr:
                 self._on_link_packet(link, link_seq, now)
+            self.trees.on_duplicate_ids(ids, session.peer_id)
 
     def receive_control_plaintext(
         self, sid: int, seq: int, addr: Addr, plaintext: bytes, now: float
@@ -606,6 +618,8 @@ class NodeCore:
             self.link_queues.on_tail(peer_id, link, body, now)
         elif ftype == FrameType.PING:
             self._queue_control(peer_id, FrameType.PONG, body)
+        elif ftype in TREE_FRAMES:
+            self.trees.on_frame(ftype, body, peer_id, now)
         else:
             self.stats.bump("ignored_frames")
 
@@ -642,9 +656,8 @@ class NodeCore:
     # ------------------------------------------------------------------ membership
 
     def reselect_providers(self, now: float) -> None:
-        """Run provider selection now over the current member table (it otherwise runs
-        a short random delay after membership changes). For embedders that seeded the
-        table with ``learn_members``."""
+        """Run provider selection now (else it runs a short random delay after
+        membership changes); for embedders that seeded the table with learn_members."""
         self.subscriptions.reassign_at = None
         self.subscriptions.reassign(now)
 

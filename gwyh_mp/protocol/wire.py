@@ -61,6 +61,10 @@ class FrameType(enum.IntEnum):
     CHANNEL_KEY = 0x0A
     FRAGMENT_NAK = 0x0B
     TAIL = 0x0C
+    # Epidemic broadcast trees (protocol/trees.py): lazy announcements and their repair.
+    IHAVE = 0x18
+    GRAFT = 0x19
+    PRUNE = 0x1A
 
 
 class EntryKind(enum.IntEnum):
@@ -539,3 +543,62 @@ def iter_frames(plaintext: bytes | memoryview) -> list[tuple[int, bytes]]:
         frames.append((ftype, bytes(plaintext[offset : offset + length])))
         offset += length
     return frames
+
+
+# ---------------------------------------------------------------- broadcast trees
+# IHAVE and GRAFT bodies: groups of message ids that share an origin.
+#   group: origin:16s  hops:u8  count:u8  count x id:16s   (GRAFT: hops is 0)
+# A GRAFT group with count 0 asks for the origin's messages in full from now on,
+# without asking for any message. A PRUNE body is origins only: n x origin:16s.
+TREE_GROUP_HEADER = struct.Struct("!16sBB")
+MAX_TREE_GROUP_IDS = 255
+
+
+def encode_id_groups(groups: list[tuple[bytes, int, list[bytes]]]) -> bytes:
+    """(origin, hops, ids) groups as one IHAVE/GRAFT body; a group of more than 255
+    ids is split. The caller keeps the body under MAX_FRAME_BODY."""
+    parts: list[bytes] = []
+    pack = TREE_GROUP_HEADER.pack
+    for origin, hops, ids in groups:
+        if len(origin) != NODE_ID_BYTES:
+            raise ValueError("origin must be 16 bytes")
+        if not ids:
+            parts.append(pack(origin, hops, 0))
+            continue
+        for start in range(0, len(ids), MAX_TREE_GROUP_IDS):
+            chunk = ids[start : start + MAX_TREE_GROUP_IDS]
+            parts.append(pack(origin, min(hops, 255), len(chunk)))
+            parts.extend(chunk)
+    return b"".join(parts)
+
+
+def decode_id_groups(body: bytes) -> list[tuple[bytes, int, list[bytes]]]:
+    """The inverse of encode_id_groups; WireError on anything truncated."""
+    out: list[tuple[bytes, int, list[bytes]]] = []
+    offset = 0
+    end = len(body)
+    header = TREE_GROUP_HEADER
+    while offset < end:
+        if offset + header.size > end:
+            raise WireError("truncated id group")
+        origin, hops, count = header.unpack_from(body, offset)
+        offset += header.size
+        stop = offset + count * MESSAGE_ID_BYTES
+        if stop > end:
+            raise WireError("truncated id group ids")
+        out.append((origin, hops, [body[i : i + 16] for i in range(offset, stop, 16)]))
+        offset = stop
+    return out
+
+
+def encode_origins(origins: list[bytes]) -> bytes:
+    """A PRUNE body."""
+    if any(len(o) != NODE_ID_BYTES for o in origins):
+        raise ValueError("origins must be 16 bytes")
+    return b"".join(origins)
+
+
+def decode_origins(body: bytes) -> list[bytes]:
+    if len(body) % NODE_ID_BYTES:
+        raise WireError("prune body is not a whole number of origins")
+    return [body[i : i + NODE_ID_BYTES] for i in range(0, len(body), NODE_ID_BYTES)]

@@ -319,8 +319,8 @@ class MultiProcessRuntime(CoreDriver):
                     sid, (host, port), link_seq, chan_seq, ids, plaintext, now
                 )
             elif kind == DUPLICATE:
-                _, sid, host, port, link_seq = record
-                core.receive_broadcast_duplicate(sid, (host, port), link_seq, now)
+                _, sid, host, port, link_seq, ids = record
+                core.receive_broadcast_duplicate(sid, (host, port), link_seq, now, ids)
             elif kind == CONTROL:
                 _, sid, seq, host, port, plaintext = record
                 core.receive_control_plaintext(sid, seq, (host, port), plaintext, now)

@@ -12,7 +12,7 @@ ends are this program; see shm_ring):
     coordinator -> receiver                         receiver -> coordinator
     (SESSION_KEY, sid, peer, recv_key, host, port)  (BROADCAST, sid, host, port, link_seq,
     (SESSION_RETIRED, sid)                              chan_seq, ids, plaintext)
-    (CHANNEL_KEY, peer, channel_key or b"")         (DUPLICATE, sid, host, port, link_seq)
+    (CHANNEL_KEY, peer, channel_key or b"")         (DUPLICATE, sid, host, port, link_seq, ids)
     (SEEN_IDS, ids)          new seen ids           (CONTROL, sid, seq, host, port, plaintext)
     (SEND_JOBS, jobs, sends) seal and send          (RAW, host, port, datagram)
     (QUIT,)                                         (STATS, index, stats)
@@ -260,7 +260,9 @@ class Receiver:
                 return None
             if not ids_end:
                 self.bump("duplicates")
-                return _dumps((DUPLICATE, sid, host, port, link_seq))
+                # The ids let a core in trees mode prune the sender (protocol/trees.py).
+                ids = data[_IDS_START : _IDS_START + count * wire.MESSAGE_ID_BYTES]
+                return _dumps((DUPLICATE, sid, host, port, link_seq, ids))
             channel = self.channels.get(session.peer_id)
             if channel is None:
                 return self.raw(host, port, data)

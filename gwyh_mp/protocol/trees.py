@@ -1,0 +1,412 @@
+"""Epidemic broadcast trees (lazy push) for application broadcasts.
+
+After Plumtree (Leitao, Pereira, Rodrigues, SRDS 2007). With eager push every node
+receives each message once from each of its N providers and drops N-1 copies. With
+trees a node takes a message in full from one provider and only its id from the others:
+
+- A copy that arrives as a duplicate from a provider other than the one we keep for its
+  origin makes us send that provider PRUNE(origin): from then on it sends us the
+  origin's messages as ids only (IHAVE, batched per peer every IHAVE_INTERVAL_S).
+- An announced id not received within GRAFT_TIMEOUT_S makes us send GRAFT(origin, id)
+  to an announcer: it answers with the message from a bounded cache and sends us the
+  origin's messages in full again. The next announcer is tried after each timeout, so
+  a silent eager provider, a lost IHAVE or a lost GRAFT cost one timeout each.
+- The quickest-path optimisation: the first copy of a message decides which provider we
+  keep (first arrival wins; the slower one is pruned by its duplicate), and an IHAVE
+  showing HOP_MARGIN fewer hops than the path we keep swaps the two (GRAFT with no id
+  to the announcer, PRUNE to the old one).
+
+Eager sets are per origin, not per node. Subscriptions are directed (a provider feeds
+its subscribers, not the other way round), so Plumtree's single spanning tree, which
+serves every origin only because its links are symmetric, does not exist here: with one
+eager provider per node the eager graph is a set of in-trees that reaches a node only
+from its ancestors, and every other origin's messages would come by graft, then be
+pruned by the next duplicate, over and over (the thrashing the paper's per-node eager
+set shows under many senders). Per origin, the first-arrival rule builds each origin's
+own shortest-delay tree. The cost is the first message of each origin (eager to
+everyone, redundancy as in eager mode) and a small table per origin: a provider keeps
+the set of subscribers that pruned each origin; a subscriber keeps, per origin, the
+provider it takes it from and the ones it pruned (all bounded, oldest forgotten first;
+forgetting only makes a link eager again, which costs duplicates, never a message).
+
+Only APP entries take the lazy path. STATUS entries (membership) and control frames stay
+on eager push: they are rare, and their loss costs more than their copies. FRAGMENT
+entries of large messages also stay eager: their windows, NAKs and reassembly already
+pace them per link, and a lazily announced fragment would stall a window for a timeout.
+
+Every node answers PRUNE and GRAFT and announces to pruned subscribers, whatever its
+setting; ``enabled`` (Config.dissemination == "trees") only decides whether this node
+prunes its own providers. A cluster can therefore mix the two modes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gwyh_mp.protocol import wire
+from gwyh_mp.protocol.dissemination import SeenSet
+from gwyh_mp.protocol.stats import Stats
+from gwyh_mp.protocol.wire import FrameType
+
+IHAVE_INTERVAL_S = 0.01
+"""Announcements to a lazy subscriber are batched this long (many ids per datagram)."""
+GRAFT_TIMEOUT_S = 0.06
+"""How long an announced id may stay missing before we graft (then per further try)."""
+PRUNE_RESEND_S = 0.5
+"""A pruned provider still sending in full this long after our PRUNE gets another
+(a PRUNE travels in an unacknowledged control frame and may be lost)."""
+HOP_MARGIN = 2
+"""An announcement this many hops shorter than the path we keep swaps the two."""
+GRAFT_TRIES = 4
+MAX_ANNOUNCERS = 4
+MAX_ORIGINS = 16_384
+MAX_PRUNED_PER_ORIGIN = 16
+MAX_MISSING = 16_384
+MAX_RECENT = 16_384
+MAX_IHAVE_PER_PEER = 8_192
+MAX_IHAVE_PEERS = 1_024
+CACHE_ENTRIES = 8_192
+CACHE_BYTES = 8 << 20
+CACHE_AGE_S = 30.0
+# A frame carries at most this many ids, so its body stays far below MAX_FRAME_BODY and
+# one IHAVE batch splits into datagram-sized frames (the control sealer packs them).
+_IDS_PER_FRAME = 64
+
+_ENTRY_HEADER = wire.ENTRY_HEADER
+TREE_FRAMES = frozenset({FrameType.IHAVE, FrameType.GRAFT, FrameType.PRUNE})
+
+
+@dataclass(slots=True)
+class OriginPath:
+    """A subscriber's view of one origin: who we take it from, and whom we pruned."""
+
+    parent: bytes | None = None
+    hops: int = 255
+    pruned: dict[bytes, float] = field(default_factory=dict)  # provider -> PRUNE sent at
+
+
+@dataclass(slots=True)
+class Missing:
+    """An id announced to us that we have not received."""
+
+    origin: bytes
+    hops: int
+    due: float
+    announcers: list[bytes]
+    tries: int = 0
+
+
+class Trees:
+    def __init__(
+        self,
+        enabled: bool,
+        seen: SeenSet,
+        stats: Stats,
+        *,
+        queue_control: Callable[[bytes, FrameType, bytes], None],
+        clock: Callable[[], float],
+    ) -> None:
+        self.enabled = enabled
+        self._seen = seen
+        self.stats = stats
+        self._queue_control = queue_control
+        # provider side
+        self._pruned_by: dict[bytes, set[bytes]] = {}  # origin -> subscribers that pruned it
+        self._ihave: dict[bytes, list[tuple[bytes, int, bytes]]] = {}  # peer -> (origin, hops, id)
+        self._ihave_due: float | None = None
+        self._cache: dict[bytes, tuple[float, bytes]] = {}  # id -> (cached at, entry)
+        self._cache_bytes = 0
+        self._resends: list[tuple[bytes, list[tuple[bytes, bytes]]]] = []
+        # subscriber side
+        self._origins: dict[bytes, OriginPath] = {}
+        self._recent: dict[bytes, bytes] = {}  # id -> origin, for duplicates never decrypted
+        self._missing: dict[bytes, Missing] = {}  # insertion order is deadline order
+        self._prunes: dict[bytes, set[bytes]] = {}  # provider -> origins to prune
+        self._grafts: dict[bytes, dict[bytes, list[bytes]]] = {}  # provider -> origin -> ids
+        self._clock = clock  # the core's latest ``now``
+
+    # ------------------------------------------------------------------ provider side
+
+    def lazy_for(self, origin: bytes) -> set[bytes] | None:
+        """Subscribers that take ``origin`` as announcements only (None: nobody)."""
+        return self._pruned_by.get(origin)
+
+    def announce(self, peer_id: bytes, msg_id: bytes, entry: bytes) -> None:
+        """``entry`` (ENTRY_HEADER + body, hops already counted) went lazily to
+        ``peer_id``: queue its id for the next IHAVE and keep it for a GRAFT."""
+        _, hops, origin, _ = _ENTRY_HEADER.unpack_from(entry)
+        queue = self._ihave.get(peer_id)
+        if queue is None:
+            if len(self._ihave) >= MAX_IHAVE_PEERS:
+                self.stats.bump("trees_ihave_shed")
+                return
+            queue = self._ihave[peer_id] = []
+        if len(queue) >= MAX_IHAVE_PER_PEER:
+            self.stats.bump("trees_ihave_shed")
+            return
+        queue.append((origin, hops, msg_id))
+        if self._ihave_due is None:
+            self._ihave_due = self._clock() + IHAVE_INTERVAL_S
+        if msg_id not in self._cache:
+            self._cache_put(msg_id, entry)
+
+    def _cache_put(self, msg_id: bytes, entry: bytes) -> None:
+        cache = self._cache
+        cache[msg_id] = (self._clock(), entry)
+        self._cache_bytes += len(entry)
+        horizon = self._clock() - CACHE_AGE_S
+        while cache and (
+            len(cache) > CACHE_ENTRIES
+            or self._cache_bytes > CACHE_BYTES
+            or next(iter(cache.values()))[0] < horizon
+        ):
+            oldest = next(iter(cache))
+            self._cache_bytes -= len(cache.pop(oldest)[1])
+
+    def on_prune(self, peer_id: bytes, body: bytes) -> None:
+        pruned_by = self._pruned_by
+        for origin in wire.decode_origins(body):
+            subscribers = pruned_by.get(origin)
+            if subscribers is None:
+                if len(pruned_by) >= MAX_ORIGINS:
+                    del pruned_by[next(iter(pruned_by))]  # that origin goes eager again
+                subscribers = pruned_by[origin] = set()
+            subscribers.add(peer_id)
+        self.stats.bump("trees_prunes_in")
+
+    def on_graft(self, peer_id: bytes, body: bytes) -> None:
+        answer: list[tuple[bytes, bytes]] = []
+        for origin, _, ids in wire.decode_id_groups(body):
+            subscribers = self._pruned_by.get(origin)
+            if subscribers is not None:
+                subscribers.discard(peer_id)
+            for msg_id in ids:
+                cached = self._cache.get(msg_id)
+                if cached is not None:
+                    answer.append((msg_id, cached[1]))
+                else:
+                    self.stats.bump("trees_graft_miss")
+        self.stats.bump("trees_grafts_in")
+        if answer:
+            self._resends.append((peer_id, answer))
+
+    def take_resends(self) -> list[tuple[bytes, list[tuple[bytes, bytes]]]]:
+        """Messages grafted by a peer, to send to that peer alone."""
+        out, self._resends = self._resends, []
+        return out
+
+    def on_frame(self, ftype: int, body: bytes, peer_id: bytes, now: float) -> None:
+        """An IHAVE, GRAFT or PRUNE frame from ``peer_id`` (WireError if malformed)."""
+        if ftype == FrameType.IHAVE:
+            self.on_ihave(peer_id, body, now)
+        elif ftype == FrameType.GRAFT:
+            self.on_graft(peer_id, body)
+        else:
+            self.on_prune(peer_id, body)
+
+    # ------------------------------------------------------------------ subscriber side
+
+    def on_delivered(self, msg_id: bytes, origin: bytes, hops: int, source: bytes) -> None:
+        """The first copy of an APP message arrived from ``source``."""
+        if not self.enabled:
+            return
+        self._missing.pop(msg_id, None)
+        recent = self._recent
+        recent[msg_id] = origin
+        if len(recent) > MAX_RECENT:
+            del recent[next(iter(recent))]
+        path = self._path(origin)
+        if source in path.pruned:
+            # A copy that left before our PRUNE arrived, or the PRUNE was lost.
+            self._reprune(path, origin, source)
+            return
+        path.parent = source  # first arrival wins: the quickest path is the one we keep
+        path.hops = hops
+
+    def on_duplicate(self, msg_id: bytes, origin: bytes | None, source: bytes) -> None:
+        """A copy of a message we have; ``origin`` None when it was never decrypted."""
+        if not self.enabled:
+            return
+        if origin is None:
+            origin = self._recent.get(msg_id)
+            if origin is None:
+                return
+        path = self._origins.get(origin)
+        if path is None or path.parent is None or source == path.parent:
+            return  # never prune the provider we keep, nor before we keep one
+        if source in path.pruned:
+            self._reprune(path, origin, source)
+            return
+        if len(path.pruned) >= MAX_PRUNED_PER_ORIGIN:
+            del path.pruned[next(iter(path.pruned))]
+        path.pruned[source] = self._clock()
+        self._queue_prune(source, origin)
+
+    def on_duplicate_ids(self, ids: bytes, source: bytes) -> None:
+        """A datagram of duplicates dropped before decryption (origins from ``recent``)."""
+        if not self.enabled:
+            return
+        done: set[bytes] = set()
+        for i in range(0, len(ids), wire.MESSAGE_ID_BYTES):
+            origin = self._recent.get(ids[i : i + wire.MESSAGE_ID_BYTES])
+            if origin is not None and origin not in done:
+                done.add(origin)
+                self.on_duplicate(b"", origin, source)
+
+    def on_ihave(self, peer_id: bytes, body: bytes, now: float) -> None:
+        groups = wire.decode_id_groups(body)
+        if not self.enabled:
+            return  # announcements to a node that never pruned anyone: nothing to do
+        seen = self._seen.ids
+        missing = self._missing
+        for origin, hops, ids in groups:
+            for msg_id in ids:
+                if msg_id in seen:
+                    continue
+                item = missing.get(msg_id)
+                if item is None:
+                    if len(missing) >= MAX_MISSING:
+                        self.stats.bump("trees_missing_shed")
+                        continue
+                    missing[msg_id] = Missing(origin, hops, now + GRAFT_TIMEOUT_S, [peer_id])
+                elif peer_id not in item.announcers and len(item.announcers) < MAX_ANNOUNCERS:
+                    item.announcers.append(peer_id)
+            path = self._origins.get(origin)
+            if (
+                path is not None
+                and path.parent is not None
+                and path.parent != peer_id
+                and hops + HOP_MARGIN <= path.hops
+            ):
+                # A notably shorter path: take the origin from the announcer instead.
+                self.stats.bump("trees_swaps")
+                old = path.parent
+                self._graft(peer_id, origin, None)
+                path.parent, path.hops = peer_id, hops
+                path.pruned.pop(peer_id, None)
+                path.pruned[old] = now
+                self._queue_prune(old, origin)
+
+    def _path(self, origin: bytes) -> OriginPath:
+        origins = self._origins
+        path = origins.get(origin)
+        if path is None:
+            if len(origins) >= MAX_ORIGINS:
+                del origins[next(iter(origins))]  # forgotten: providers still prune-free
+            path = origins[origin] = OriginPath()
+        return path
+
+    def _reprune(self, path: OriginPath, origin: bytes, source: bytes) -> None:
+        if self._clock() - path.pruned[source] >= PRUNE_RESEND_S:
+            path.pruned[source] = self._clock()
+            self._queue_prune(source, origin)
+
+    def _queue_prune(self, peer_id: bytes, origin: bytes) -> None:
+        prunes = self._prunes.get(peer_id)
+        if prunes is None:
+            if len(self._prunes) >= MAX_IHAVE_PEERS:
+                return
+            prunes = self._prunes[peer_id] = set()
+        if len(prunes) < MAX_ORIGINS:
+            prunes.add(origin)
+
+    def _graft(self, peer_id: bytes, origin: bytes, msg_id: bytes | None) -> None:
+        by_origin = self._grafts.setdefault(peer_id, {})
+        ids = by_origin.setdefault(origin, [])
+        if msg_id is not None:
+            ids.append(msg_id)
+
+    # ------------------------------------------------------------------ timers
+
+    def next_timer(self) -> float | None:
+        if self._prunes or self._grafts:
+            return self._clock()
+        due = self._ihave_due
+        if self._missing:
+            first = next(iter(self._missing.values())).due
+            if due is None or first < due:
+                due = first
+        return due
+
+    def handle_timer(self, now: float) -> None:
+        if self._missing:
+            self._check_missing(now)
+        if self._ihave_due is not None and now >= self._ihave_due:
+            self._flush_ihave()
+        if self._prunes:
+            prunes, self._prunes = self._prunes, {}
+            for peer_id, origins in prunes.items():
+                ordered = sorted(origins)  # deterministic bytes on the wire
+                for start in range(0, len(ordered), _IDS_PER_FRAME):
+                    body = wire.encode_origins(ordered[start : start + _IDS_PER_FRAME])
+                    self._queue_control(peer_id, FrameType.PRUNE, body)
+                self.stats.bump("trees_prunes_out", len(origins))
+        if self._grafts:
+            grafts, self._grafts = self._grafts, {}
+            for peer_id, by_origin in grafts.items():
+                groups = [(origin, 0, ids) for origin, ids in by_origin.items()]
+                for body in _bodies(groups):
+                    self._queue_control(peer_id, FrameType.GRAFT, body)
+                self.stats.bump("trees_grafts_out")
+
+    def _check_missing(self, now: float) -> None:
+        missing = self._missing
+        seen = self._seen.ids
+        rearmed: list[tuple[bytes, Missing]] = []
+        while missing:
+            msg_id = next(iter(missing))
+            item = missing[msg_id]
+            if item.due > now:
+                break
+            del missing[msg_id]
+            if msg_id in seen or item.tries >= GRAFT_TRIES:
+                continue
+            # Silent eager provider, lost copy or lost GRAFT: ask the next announcer.
+            peer_id = item.announcers[item.tries % len(item.announcers)]
+            item.tries += 1
+            item.due = now + GRAFT_TIMEOUT_S
+            self._graft(peer_id, item.origin, msg_id)
+            path = self._path(item.origin)
+            path.pruned.pop(peer_id, None)
+            path.parent, path.hops = peer_id, item.hops
+            rearmed.append((msg_id, item))
+        for msg_id, item in rearmed:
+            missing[msg_id] = item  # at the end: deadlines stay in insertion order
+
+    def _flush_ihave(self) -> None:
+        self._ihave_due = None
+        batches, self._ihave = self._ihave, {}
+        for peer_id, queue in batches.items():
+            groups: list[tuple[bytes, int, list[bytes]]] = []
+            for origin, hops, msg_id in queue:
+                if groups and groups[-1][0] == origin and groups[-1][1] == hops:
+                    groups[-1][2].append(msg_id)
+                else:
+                    groups.append((origin, hops, [msg_id]))
+            for body in _bodies(groups):
+                self._queue_control(peer_id, FrameType.IHAVE, body)
+            self.stats.bump("trees_ihave_ids", len(queue))
+
+
+def _bodies(groups: list[tuple[bytes, int, list[bytes]]]) -> list[bytes]:
+    """Split id groups into frame bodies of at most _IDS_PER_FRAME ids each."""
+    bodies: list[bytes] = []
+    current: list[tuple[bytes, int, list[bytes]]] = []
+    count = 0
+    for origin, hops, ids in groups:
+        if not ids:
+            current.append((origin, hops, ids))
+            continue
+        start = 0
+        while start < len(ids):
+            take = min(len(ids) - start, _IDS_PER_FRAME - count)
+            current.append((origin, hops, ids[start : start + take]))
+            count += take
+            start += take
+            if count >= _IDS_PER_FRAME:
+                bodies.append(wire.encode_id_groups(current))
+                current, count = [], 0
+    if current:
+        bodies.append(wire.encode_id_groups(current))
+    return bodies
