@@ -46,7 +46,7 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +118,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--broadcasts", type=int, default=20, help="broadcasts per loss level")
     g.add_argument("--interval", type=float, default=1.0, help="sim s between broadcasts")
     g.add_argument("--size", type=int, default=100, help="payload bytes")
+    g.add_argument(
+        "--dissemination",
+        choices=["eager", "trees", "both"],
+        default="eager",
+        help="Config.dissemination; both: run each, same seed, side by side",
+    )
+    g.add_argument(
+        "--senders",
+        type=int,
+        default=0,
+        help="broadcasts come from this many nodes picked once (0: a random live node each)",
+    )
+    g.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        help="unmeasured broadcasts from the senders before the phases (trees: steady state)",
+    )
+    g.add_argument(
+        "--crash",
+        type=int,
+        default=0,
+        help="nodes (never senders) that crash as the last --loss phase starts",
+    )
     g.add_argument("--kill", type=int, default=None, help="nodes to crash (default N/100, 1-10)")
     g.add_argument("--detect-timeout", type=float, default=60.0, help="sim s")
     g.add_argument("--fp-loss", default="0,0.05,0.2", help="loss levels for false positives")
@@ -269,6 +293,7 @@ def broadcast_result(t: Tracked) -> dict[str, object]:
     times = sorted(t.times)
     delivered = len(times)
     need99 = math.ceil(0.99 * t.targets)
+    need50 = math.ceil(0.5 * t.targets)
     return {
         "index": t.index,
         "origin": f"{t.origin[0]}:{t.origin[1]}",
@@ -276,6 +301,7 @@ def broadcast_result(t: Tracked) -> dict[str, object]:
         "targets": t.targets,
         "delivered": delivered,
         "reliability": delivered / t.targets if t.targets else 1.0,
+        "t50_s": round(times[need50 - 1], 6) if need50 and delivered >= need50 else None,
         "t99_s": round(times[need99 - 1], 6) if need99 and delivered >= need99 else None,
         "t100_s": round(times[-1], 6) if t.targets and delivered == t.targets else None,
         "last_hop": max(t.hops) if t.hops else None,
@@ -345,7 +371,9 @@ def join_mode(args: argparse.Namespace) -> str:
     return "real" if args.nodes <= AUTO_REAL_MAX else "warm"
 
 
-def make_configs(args: argparse.Namespace, strategy: Strategy, mode: str) -> list[Config]:
+def make_configs(
+    args: argparse.Namespace, strategy: Strategy, mode: str, dissemination: str = "eager"
+) -> list[Config]:
     rng = random.Random(f"{args.seed}/bootstrap")
     addrs = [node_addr(i, args.zones) for i in range(args.nodes)]
     configs = []
@@ -365,6 +393,7 @@ def make_configs(args: argparse.Namespace, strategy: Strategy, mode: str) -> lis
                 missed_heartbeats=args.missed_heartbeats,
                 peer_sync_interval_s=args.peer_sync_interval,
                 seed=args.seed,
+                dissemination=dissemination,
             )
         )
     return configs
@@ -430,15 +459,47 @@ def live_addrs(net: SimNetwork) -> list[Addr]:
     return [a for a, n in net.nodes.items() if n.alive]
 
 
+def pick_senders(args: argparse.Namespace, net: SimNetwork, rng: random.Random) -> list[Addr]:
+    """The fixed senders (--senders), or [] for a random live node per broadcast."""
+    if not args.senders:
+        return []
+    return sorted(rng.sample(live_addrs(net), min(args.senders, len(net.nodes))))
+
+
+def warmup(args: argparse.Namespace, net: SimNetwork, senders: list[Addr]) -> None:
+    """Unmeasured broadcasts, round robin over the senders: in trees mode the first
+    messages of each origin build its tree (they travel as in eager mode)."""
+    for b in range(args.warmup):
+        node = net.nodes[senders[b % len(senders)]]
+        node.core.broadcast(b"warmup %d" % b, net.now)
+        net.pump(node)
+        net.run_for(args.interval)
+
+
+def crash(args: argparse.Namespace, net: SimNetwork, rng: random.Random, keep: list[Addr]) -> int:
+    """Crash --crash random live nodes other than the senders; returns how many."""
+    spared = set(keep)
+    live = [a for a in live_addrs(net) if a not in spared]
+    victims = sorted(rng.sample(live, min(args.crash, max(0, len(live) - 2))))
+    for a in victims:
+        net.kill(a)
+    return len(victims)
+
+
 def broadcasts(
-    args: argparse.Namespace, net: SimNetwork, rec: Recorder, rng: random.Random, loss: float
+    args: argparse.Namespace,
+    net: SimNetwork,
+    rec: Recorder,
+    rng: random.Random,
+    loss: float,
+    senders: list[Addr],
 ) -> dict:
     clock = Clock(net)
     d0, x0 = rec.datagrams, rec.cross_zone
     tracks = []
     for b in range(args.broadcasts):
         live = live_addrs(net)
-        origin = live[rng.randrange(len(live))]
+        origin = senders[b % len(senders)] if senders else live[rng.randrange(len(live))]
         data = (b"bench-sim #%d " % b).ljust(args.size, b".")[: max(args.size, 1)]
         node = net.nodes[origin]
         msg_id = node.core.broadcast(data, net.now)
@@ -451,6 +512,7 @@ def broadcasts(
     per = [broadcast_result(t) for t in tracks]
     keys = (
         "reliability",
+        "t50_s",
         "t99_s",
         "t100_s",
         "last_hop",
@@ -555,7 +617,7 @@ def parse_levels(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
-def run_strategy(args: argparse.Namespace, strategy: Strategy) -> dict:
+def run_strategy(args: argparse.Namespace, strategy: Strategy, dissemination: str) -> dict:
     mode = join_mode(args)
     zone_of = {node_addr(i, args.zones): i % args.zones for i in range(args.nodes)}
     link = ZoneLink(
@@ -572,16 +634,25 @@ def run_strategy(args: argparse.Namespace, strategy: Strategy) -> dict:
     wall0, cpu0 = time.perf_counter(), time.process_time()
     gc.disable()  # the cluster is millions of long-lived objects; see _release
     try:
-        joined = join(args, net, make_configs(args, strategy, mode), mode)
+        joined = join(args, net, make_configs(args, strategy, mode, dissemination), mode)
         gc.freeze()
     finally:
         gc.enable()
     progress(args, strategy, "join", joined["speed"])
     measured = Clock(net)
+    senders = pick_senders(args, net, rng)
+    if senders and args.warmup:
+        warmup(args, net, senders)
+        progress(args, strategy, "warmup", measured.done())
     phases = []
-    for loss in parse_levels(args.loss):
+    levels = parse_levels(args.loss)
+    crashed = 0
+    for i, loss in enumerate(levels):
         link.loss = loss
-        phases.append(broadcasts(args, net, rec, rng, loss))
+        if args.crash and i == len(levels) - 1:
+            crashed = crash(args, net, rng, senders)
+        phases.append(broadcasts(args, net, rec, rng, loss, senders))
+        phases[-1]["crashed"] = crashed
         progress(args, strategy, f"broadcasts at {loss:.0%} loss", phases[-1]["speed"])
     detect = detection(args, net, rec, rng)
     progress(args, strategy, "detection", detect["speed"])
@@ -589,6 +660,7 @@ def run_strategy(args: argparse.Namespace, strategy: Strategy) -> dict:
     progress(args, strategy, "false positives", {"wall_s": sum(f["speed"]["wall_s"] for f in fps)})
     result = {
         "strategy": strategy.value,
+        "dissemination": dissemination,
         "join": joined,
         "broadcasts": phases,
         "detection": detect,
@@ -655,13 +727,14 @@ def print_table(result: dict, out: io.TextIOBase | None = None) -> None:
         ("all in", "max ms", 9), ("hops", "max", 5), ("extra", "copies", 7),
         ("packets", "/bcast", 8), ("x-zone", "/bcast", 8),
     )  # fmt: skip
-    line(f"{heads[0][0]:<14}" + "".join(f"{h:>{w}}" for h, _, w in heads[1:]))
-    line(f"{'':<14}" + "".join(f"{u:>{w}}" for _, u, w in heads[1:]))
+    nw = max(14, *(len(name) + 1 for name in result["strategies"]))
+    line(f"{heads[0][0]:<{nw}}" + "".join(f"{h:>{w}}" for h, _, w in heads[1:]))
+    line(f"{'':<{nw}}" + "".join(f"{u:>{w}}" for _, u, w in heads[1:]))
     for name, s in result["strategies"].items():
         for b in s["broadcasts"]:
             a = b["aggregate"]
             line(
-                f"{name:<14}{b['loss']:>5.0%}{fmt(a['reliability']['mean'], 1, 4):>10}"
+                f"{name:<{nw}}{b['loss']:>5.0%}{fmt(a['reliability']['mean'], 1, 4):>10}"
                 f"{fmt(a['reliability']['min'], 1, 3):>10}"
                 f"{fmt(a['t99_s']['p50'], 1000):>9}{fmt(a['t99_s']['p99'], 1000):>9}"
                 f"{fmt(a['t100_s']['p50'], 1000):>9}{fmt(a['t100_s']['max'], 1000):>9}"
@@ -669,9 +742,11 @@ def print_table(result: dict, out: io.TextIOBase | None = None) -> None:
                 f"{fmt(a['packets']['mean'], 1, 0):>8}"
                 f"{fmt(a['cross_zone_packets']['mean'], 1, 0):>8}"
             )
+    if p.get("dissemination", "eager") != "eager":
+        print_dissemination(result, nw, line)
     fp_levels = "/".join(f"{x:.0%}" for x in parse_levels(p["fp_loss"])) or "-"
     line(
-        f"{'strategy':<14}{'join sim s':>11}{'join wall s':>12}{'unsubscribed':>13}"
+        f"{'strategy':<{nw}}{'join sim s':>11}{'join wall s':>12}{'unsubscribed':>13}"
         f"{'killed':>7}{'detect s':>9}{'max s':>6}  {'false DOWNs at ' + fp_levels:<24}"
         f"{'sim s/wall s':>13}{'sim s/CPU s':>12}"
     )
@@ -680,7 +755,7 @@ def print_table(result: dict, out: io.TextIOBase | None = None) -> None:
         fps = "/".join(str(f["down_events"]) for f in s["false_positives"]) or "-"
         speed = s["speed"]["measured_phases"]
         line(
-            f"{name:<14}{fmt(j['speed']['sim_s'], 1, 1):>11}{fmt(j['speed']['wall_s'], 1, 1):>12}"
+            f"{name:<{nw}}{fmt(j['speed']['sim_s'], 1, 1):>11}{fmt(j['speed']['wall_s'], 1, 1):>12}"
             f"{j['nodes_without_subscribers']:>13}{d['killed']:>7}"
             f"{fmt(d['all_s']['mean'], 1, 1):>9}{fmt(d['all_s']['max'], 1, 1):>6}  "
             f"{fps:<24}{fmt(speed['sim_per_wall'], 1, 2):>13}"
@@ -705,6 +780,37 @@ def print_table(result: dict, out: io.TextIOBase | None = None) -> None:
         "simulated seconds per wall or CPU second after the join; bcast@L, idle@L: "
         "broadcast and idle phases at loss L)"
     )
+
+
+def print_dissemination(result: dict, nw: int, line: Callable[[str], None]) -> None:
+    """Eager push against broadcast trees: redundancy, reliability, t50/t99 per phase,
+    and t99 relative to eager push in the same run (same strategy, same phase)."""
+    line(
+        f"{'dissemination':<{nw}}{'loss':>5}{'crashed':>8}{'delivered':>10}{'min':>7}"
+        f"{'t50 ms':>8}{'t99 ms':>8}{'t99 ms':>8}{'extra':>7}{'t99 p50':>9}{'t99 p99':>9}"
+    )
+    line(
+        f"{'':<{nw}}{'':>5}{'':>8}{'mean':>10}{'':>7}{'p50':>8}{'p50':>8}{'p99':>8}"
+        f"{'copies':>7}{'/eager':>9}{'/eager':>9}"
+    )
+    strategies = result["strategies"]
+    for name, s in strategies.items():
+        eager = strategies.get(f"{s['strategy']}/eager")
+        for i, b in enumerate(s["broadcasts"]):
+            a = b["aggregate"]
+            ratio = ["-", "-"]
+            if eager is not None:
+                e = eager["broadcasts"][i]["aggregate"]["t99_s"]
+                for k, q in enumerate(("p50", "p99")):
+                    if e[q] and a["t99_s"][q] is not None:
+                        ratio[k] = f"{a['t99_s'][q] / e[q]:.2f}"
+            line(
+                f"{name:<{nw}}{b['loss']:>5.0%}{b.get('crashed', 0):>8}"
+                f"{fmt(a['reliability']['mean'], 1, 4):>10}{fmt(a['reliability']['min'], 1, 3):>7}"
+                f"{fmt(a['t50_s']['p50'], 1000):>8}{fmt(a['t99_s']['p50'], 1000):>8}"
+                f"{fmt(a['t99_s']['p99'], 1000):>8}{fmt(a['redundancy']['mean'], 1, 2):>7}"
+                f"{ratio[0]:>9}{ratio[1]:>9}"
+            )
 
 
 def plot(result: dict, directory: str) -> list[str]:
@@ -772,6 +878,10 @@ def check_args(args: argparse.Namespace) -> str | None:
         return "latencies and --jitter must be >= 0"
     if args.kill is not None and args.kill < 0:
         return "--kill must be >= 0"
+    if args.senders < 0 or args.warmup < 0 or args.crash < 0:
+        return "--senders, --warmup and --crash must be >= 0"
+    if args.warmup and not args.senders:
+        return "--warmup needs --senders"
     try:
         make_configs(args, Strategy.UNIFORM, "warm")[0].validate()
     except ConfigError as exc:
@@ -794,8 +904,14 @@ def run(args: argparse.Namespace) -> int:
     if profiler is not None:
         profiler.enable()
     try:
+        modes = ["eager", "trees"] if args.dissemination == "both" else [args.dissemination]
         for strategy in strategies:
-            result["strategies"][strategy.value] = run_strategy(args, strategy)
+            for mode in modes:
+                # Plain strategy names for the default, as before the option existed.
+                name = (
+                    strategy.value if args.dissemination == "eager" else f"{strategy.value}/{mode}"
+                )
+                result["strategies"][name] = run_strategy(args, strategy, mode)
     finally:
         if profiler is not None:
             profiler.disable()
