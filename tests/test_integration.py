@@ -15,6 +15,7 @@ import pytest
 from gwyh_mp import Config, MemberState, Node
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.crypto import LABEL_HELLO, PskKeyring
+from tests.helpers_nodes import start_hub_and_spokes
 from tests.procs import NodeProcess, free_udp_port, node_processes, wait_all, write_key
 
 KEY = b"integration-test-key-0123456789abcdef"
@@ -70,6 +71,38 @@ async def test_ten_node_cluster_delivers_every_broadcast_exactly_once() -> None:
             assert set(counters[n.node_id]) == expected  # never its own messages
             assert all(c == 1 for c in counters[n.node_id].values())
             assert n.stats().get("drop_decrypt", 0) == 0
+    finally:
+        await asyncio.gather(*(n.stop() for n in nodes))
+
+
+async def test_trees_cluster_delivers_exactly_once_and_prunes() -> None:
+    # A hub with two receiver processes (duplicates judged outside the core) and six
+    # single-process nodes, all in trees mode: every broadcast arrives exactly once and
+    # providers are pruned to announcements.
+    base = local(dissemination="trees")
+    nodes = await start_hub_and_spokes(base, hub_workers=2, spokes=6)
+    try:
+        sent: dict[bytes, Node] = {}
+        counters = {n.node_id: Counter[bytes]() for n in nodes}
+        for round_ in range(3):
+            batch = {}
+            for i, node in enumerate(nodes):
+                for k in range(10):
+                    batch[await node.broadcast(f"{round_}/{k} from {i}".encode())] = node
+                    await asyncio.sleep(0.002)
+            sent.update(batch)
+            await asyncio.gather(
+                *(
+                    collect(n, {m for m, s in sent.items() if s is not n}, counters[n.node_id], 30)
+                    for n in nodes
+                )
+            )
+        await asyncio.sleep(0.3)  # late duplicates would show up now
+        for n in nodes:
+            assert set(counters[n.node_id]) == {m for m, s in sent.items() if s is not n}
+            assert all(c == 1 for c in counters[n.node_id].values())
+        assert sum(n.stats().get("trees_prunes_in", 0) for n in nodes) > 0
+        assert sum(n.stats().get("trees_ihave_ids", 0) for n in nodes) > 0
     finally:
         await asyncio.gather(*(n.stop() for n in nodes))
 
