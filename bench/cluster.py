@@ -61,13 +61,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the nodes' --flush-interval (coalescing window under load, seconds)",
     )
     parser.add_argument(
+        "--dissemination",
+        choices=["eager", "trees", "both"],
+        default="eager",
+        help="the nodes' --dissemination; both: one cluster each, back to back, one floor",
+    )
+    parser.add_argument(
         "--floor-seconds", type=float, default=1.0, help="seconds measuring the naive floor"
     )
     parser.add_argument("--timeout", type=float, default=120.0, help="hard cap on the run (s)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
 
 
-def start_cluster(args: argparse.Namespace, workdir: Path) -> list[ClusterNode]:
+def start_cluster(args: argparse.Namespace, workdir: Path, mode: str) -> list[ClusterNode]:
     key_path = workdir / "cluster.key"
     key_path.write_bytes(KEY + b"\n")
     ports = [free_udp_port() for _ in range(args.nodes)]
@@ -88,6 +94,8 @@ def start_cluster(args: argparse.Namespace, workdir: Path) -> list[ClusterNode]:
             "1",
             "--workers",
             str(args.workers),
+            "--dissemination",
+            mode,
         )
         if i:
             cmd += ["--bootstrap", f"127.0.0.1:{ports[0]}"]
@@ -191,17 +199,33 @@ def run(args: argparse.Namespace) -> int:
         print("bench cluster: need --size >= 32 and 0 <= --flush-interval <= 1", file=sys.stderr)
         return 2
     floor = measure_naive_floor(args.size, args.subscriptions, args.floor_seconds)
-    workdir = Path(tempfile.mkdtemp(prefix="gwyh-cluster-"))
-    nodes = start_cluster(args, workdir)
     result: dict[str, object] = {
         "bench": "cluster",
         "machine": machine_description(),
         "params": {k: v for k, v in vars(args).items() if not k.startswith("_")},
     }
+    if args.dissemination != "both":
+        status = run_mode(args, args.dissemination, floor, result)
+        write_json(args.json, result)
+        return status
+    status = 0
+    modes: dict[str, dict[str, object]] = {}
+    for mode in ("eager", "trees"):
+        modes[mode] = {}
+        status |= run_mode(args, mode, floor, modes[mode])
+    result["modes"] = modes
+    write_json(args.json, result)
+    return status
+
+
+def run_mode(args: argparse.Namespace, mode: str, floor: dict, result: dict[str, object]) -> int:
+    """One cluster in one dissemination mode; its figures go into ``result``."""
+    workdir = Path(tempfile.mkdtemp(prefix="gwyh-cluster-"))
+    nodes = start_cluster(args, workdir, mode)
     try:
         if not wait_converged(nodes, args, 60):
             result["error"] = "cluster did not converge"
-            write_json(args.json, result)
+            print(f"cluster ({mode}): did not converge", file=sys.stderr)
             return 1
         time.sleep(1.0)  # let subscriptions settle and channel keys arrive
         procs = [psutil.Process(n.proc.pid) for n in nodes]
@@ -254,6 +278,8 @@ def run(args: argparse.Namespace) -> int:
                 "rcvbuf_errors": counter_delta(snmp_before, snmp_after),
                 "latency_ms": percentile_summary(latencies, scale=1000),
                 "floor": floor,
+                "datagrams_in": sum(s.get("packets_in") or 0 for s in stats),
+                "duplicates_dropped": sum(s.get("duplicates") or 0 for s in stats),
                 "per_node": [
                     {
                         **c,
@@ -266,15 +292,16 @@ def run(args: argparse.Namespace) -> int:
                 ],
             }
         )
-        write_json(args.json, result)
         print(
-            f"cluster: {result['msgs_per_s']} msg/s (offered {result['offered_msgs_per_s']}), "
+            f"cluster ({mode}): {result['msgs_per_s']} msg/s "
+            f"(offered {result['offered_msgs_per_s']}), "
             f"lost {lost}, dup {result['duplicate_deliveries']}, "
             f"{result['cpu_us_per_delivery']} us CPU/delivery vs floor "
             f"{result['floor_cpu_us_per_msg']} us (x{result['ratio_to_floor']}), "
             f"rcvbuf errors {result['rcvbuf_errors']}, latency ms p50 "
             f"{result['latency_ms']['p50']} p99 {result['latency_ms']['p99']} "
-            f"max {result['latency_ms']['max']}",
+            f"max {result['latency_ms']['max']}, datagrams in {result['datagrams_in']} "
+            f"(dropped as duplicates {result['duplicates_dropped']})",
         )
         return 0 if complete and lost == 0 else 1
     finally:

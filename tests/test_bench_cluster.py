@@ -56,6 +56,27 @@ def test_tiny_cluster_run_reports_consistent_figures(tmp_path: Path) -> None:
     assert result["cpu_us_per_delivery"] > 0 and result["floor_cpu_us_per_msg"] > 0
 
 
+def test_both_modes_side_by_side(tmp_path: Path) -> None:
+    out = tmp_path / "cluster.json"
+    args = ["--nodes", "4", "--subscriptions", "3", "--count", "300", "--rate", "600"]
+    args += ["--floor-seconds", "0.2", "--dissemination", "both", "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "cluster", *args],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    result = json.loads(out.read_text())
+    for mode in ("eager", "trees"):
+        figures = result["modes"][mode]
+        assert figures["complete"] and figures["lost_messages"] == 0
+        assert figures["duplicate_deliveries"] == 0
+        assert figures["node_deliveries"] == 3 * 300
+        assert figures["datagrams_in"] > 0
+    assert b"cluster (eager)" in proc.stdout and b"cluster (trees)" in proc.stdout
+
+
 def test_bad_arguments_are_refused() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "cluster", "--flush-interval", "3"],

@@ -265,3 +265,25 @@ def test_warm_start_converges_with_real_sessions() -> None:
     msg = net.broadcast(origin.addr, b"warm")
     net.run_for(1.0)
     assert sorted(got) == sorted(n.addr for n in nodes if n is not origin)
+
+
+def test_dissemination_both_side_by_side(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = _run(
+        tmp_path,
+        *("--nodes", "24", "--strategy", "uniform", "--dissemination", "both"),
+        *("--senders", "2", "--warmup", "8", "--broadcasts", "6", "--loss", "0,0.1"),
+        *("--crash", "2", "--kill", "0", "--fp-loss", ""),
+    )
+    eager, trees = result["strategies"]["uniform/eager"], result["strategies"]["uniform/trees"]
+    assert eager["dissemination"] == "eager" and trees["dissemination"] == "trees"
+    for s in (eager, trees):
+        assert [b["crashed"] for b in s["broadcasts"]] == [0, 2]
+        for phase in s["broadcasts"]:
+            assert phase["per_broadcast"][0]["targets"] == 24 - 1 - phase["crashed"]
+            assert phase["aggregate"]["t50_s"]["n"] > 0
+    # Steady-state trees cut the copies eager push makes.
+    redundancy = [s["broadcasts"][0]["aggregate"]["redundancy"]["mean"] for s in (eager, trees)]
+    assert redundancy[1] < redundancy[0]
+    assert "t99 p50" in capsys.readouterr().out
