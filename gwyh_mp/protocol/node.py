@@ -276,8 +276,7 @@ class NodeCore:
         return self.large.queued_bytes
 
     def broadcast(self, data: bytes, now: float) -> bytes:
-        """Queue a broadcast to the whole cluster; returns its 16-byte message id.
-        Messages larger than one datagram are fragmented and sent window by window."""
+        """Queue a broadcast (fragmented if over one datagram); returns its message id."""
         if not self._running:
             raise NotRunning("node is not running")
         size = len(data)
@@ -303,8 +302,7 @@ class NodeCore:
         return list(self.members.members.values())
 
     def take_rejected_handshakes(self) -> list[RejectedHandshakes]:
-        """Handshakes refused for a wrong key or as expired, by source, since the last
-        call (bounded: see handshake.RejectLog)."""
+        """Handshakes refused (wrong key, expired) by source since the last call (bounded)."""
         return self.handshaker.rejected.drain()
 
     def next_event(self) -> Event | None:
@@ -344,27 +342,23 @@ class NodeCore:
 
     @property
     def backlog_bytes(self) -> int:
-        """Data accepted but not yet handed to the socket (large-message fragments
-        waiting for their window, and datagrams waiting for a peer's pacer)."""
+        """Accepted data not yet sent (fragments awaiting a window, datagrams a pacer)."""
         return self.link_queues.backlog_bytes + self.large.queued_bytes
 
     def set_reading_paused(self, paused: bool) -> None:
-        """The runtime stopped (or resumed) reading the socket because the application
-        is not consuming deliveries (see Subscriptions.set_reading_paused)."""
+        """Socket reading paused/resumed: the app is not consuming (see Subscriptions)."""
         self.liveness.set_deaf(paused, self._last_now)
         self.subscriptions.set_reading_paused(paused, self._last_now)
 
     @property
     def accepting(self) -> bool:
-        """False while the send backlog is above Config.send_queue_bytes: the runtime
-        makes broadcast() wait (backpressure) instead of queueing more."""
+        """False above Config.send_queue_bytes of backlog: broadcast() waits (backpressure)."""
         return self.backlog_bytes < self.config.send_queue_bytes
 
     # ------------------------------------------------------------------ timers
 
     def get_timer(self) -> float | None:
-        """The earliest deadline of any mechanism's timer. Called after every datagram,
-        so it builds nothing: one running minimum."""
+        """The earliest mechanism deadline; called per datagram, so it builds nothing."""
         hs = self.handshaker.next_timer()
         if not self._running:
             return hs
@@ -532,8 +526,7 @@ class NodeCore:
     def receive_broadcast_duplicate(
         self, sid: int, addr: Addr, link_seq: int, now: float, ids: bytes = b""
     ) -> None:
-        """A receiver dropped a BROADCAST datagram (message ``ids``) as a duplicate
-        before decrypting it; its link sequence still counts for loss detection."""
+        """A BROADCAST of duplicate ``ids`` a receiver dropped; its link_seq still counts."""
         self._last_now = now
         self.stats["packets_in"] = self.stats.get("packets_in", 0) + 1
         self.stats.bump("duplicates")
@@ -645,8 +638,7 @@ class NodeCore:
     # -- what a runtime that decrypts in other processes must copy ------------------
 
     def offload_updates(self) -> list[OffloadUpdate]:
-        """Every key-table and seen-set change since the last call (only with
-        ``defer_sealing``): key changes first, then one IdsSeen with the new ids."""
+        """Key-table changes, then one IdsSeen of new ids, since the last call."""
         return self.peers.offload_updates(self.seen)
 
     def offload_snapshot(self) -> list[OffloadUpdate]:
@@ -662,15 +654,12 @@ class NodeCore:
         self.subscriptions.reassign(now)
 
     def learn_members(self, records: list[MemberRecord]) -> int:
-        """Seed the member table with known members, silently: no events, no
-        announcements, no reselection (call ``reselect_providers`` after). Meant for
-        restoring a saved view or building a simulated cluster; records about this node
-        are skipped. Returns how many records changed the table."""
+        """Seed the table silently (no events, announcements or reselection; records about
+        this node skipped): for saved views and simulations. Returns how many changed."""
         return self.membership.learn(records)
 
     def set_seeds(self, addrs: list[Addr], now: float) -> None:
-        """The runtime resolved the seed names (again): bootstrap from these from now
-        on, and at once if this node has no provider."""
+        """Resolved seed addresses: bootstrap from these (at once if we have no provider)."""
         self.peers.set_seeds(addrs, now, bootstrap=self._running and not self.providers)
 
     # ------------------------------------------------------------------ sending
