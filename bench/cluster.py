@@ -39,6 +39,7 @@ from bench.common import (
     write_json,
 )
 from bench.floor import measure_naive_floor
+from gwyh_mp.config import DEFAULT_DISSEMINATION
 
 KEY = b"bench-cluster-key-0123456789abcdef"
 
@@ -63,8 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dissemination",
         choices=["eager", "trees", "both"],
-        default="eager",
-        help="the nodes' --dissemination; both: one cluster each, back to back, one floor",
+        default=DEFAULT_DISSEMINATION,
+        help="the nodes' --dissemination (default: the node's); both: one cluster each, "
+        "back to back, one naive floor",
     )
     parser.add_argument(
         "--floor-seconds", type=float, default=1.0, help="seconds measuring the naive floor"

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import machine_description, percentile, write_json
-from gwyh_mp.config import Config, ConfigError
+from gwyh_mp.config import DEFAULT_DISSEMINATION, Config, ConfigError
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.events import Event, MemberDown, Message
 from gwyh_mp.protocol.selection import Strategy
@@ -121,8 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dissemination",
         choices=["eager", "trees", "both"],
-        default="eager",
-        help="Config.dissemination; both: run each, same seed, side by side",
+        default=DEFAULT_DISSEMINATION,
+        help="Config.dissemination (default: the node's); both: each, same seed, side by side",
     )
     g.add_argument(
         "--senders",
@@ -742,7 +742,7 @@ def print_table(result: dict, out: io.TextIOBase | None = None) -> None:
                 f"{fmt(a['packets']['mean'], 1, 0):>8}"
                 f"{fmt(a['cross_zone_packets']['mean'], 1, 0):>8}"
             )
-    if p.get("dissemination", "eager") != "eager":
+    if p.get("dissemination") == "both":
         print_dissemination(result, nw, line)
     fp_levels = "/".join(f"{x:.0%}" for x in parse_levels(p["fp_loss"])) or "-"
     line(
@@ -907,10 +907,7 @@ def run(args: argparse.Namespace) -> int:
         modes = ["eager", "trees"] if args.dissemination == "both" else [args.dissemination]
         for strategy in strategies:
             for mode in modes:
-                # Plain strategy names for the default, as before the option existed.
-                name = (
-                    strategy.value if args.dissemination == "eager" else f"{strategy.value}/{mode}"
-                )
+                name = strategy.value if len(modes) == 1 else f"{strategy.value}/{mode}"
                 result["strategies"][name] = run_strategy(args, strategy, mode)
     finally:
         if profiler is not None:

@@ -38,7 +38,13 @@ from gwyh_mp.cliargs import (
     strategy,
     tag_pair,
 )
-from gwyh_mp.config import DISSEMINATION_MODES, MIN_HEARTBEAT_INTERVAL_S, Config, ConfigError
+from gwyh_mp.config import (
+    DEFAULT_DISSEMINATION,
+    DISSEMINATION_MODES,
+    MIN_HEARTBEAT_INTERVAL_S,
+    Config,
+    ConfigError,
+)
 from gwyh_mp.control import ControlError, ControlServer, default_path, message_record
 from gwyh_mp.identity import DataDir, IdentityError
 from gwyh_mp.metrics import MetricsServer
@@ -219,7 +225,7 @@ def _add_tuning_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dissemination",
         choices=DISSEMINATION_MODES,
-        default="eager",
+        default=DEFAULT_DISSEMINATION,
         help="eager: every provider sends each broadcast in full; trees: one provider per "
         "origin does, the others send only its id (fewer duplicate datagrams; see README)",
     )

@@ -22,6 +22,7 @@ _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}
 
 
 DISSEMINATION_MODES = ("eager", "trees")
+DEFAULT_DISSEMINATION = "trees"  # measured: README, "Eager push or broadcast trees"
 
 
 class ConfigError(ValueError):
@@ -109,7 +110,7 @@ class Config:
     """Bound on responder handshakes waiting for their OkBoss."""
 
     # -- dissemination ---------------------------------------------------------------
-    dissemination: str = "eager"
+    dissemination: str = DEFAULT_DISSEMINATION
     """How application broadcasts reach this node: ``eager`` (every provider sends each
     message in full) or ``trees`` (one provider per origin sends it in full, the others
     only its id; protocol/trees.py). Either way the node serves both to its subscribers."""

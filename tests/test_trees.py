@@ -204,7 +204,7 @@ def test_trees_form_and_redundancy_drops() -> None:
 
 
 def test_eager_mode_is_todays_push() -> None:
-    net, addrs = make_cluster(12, settle_s=10.0)
+    net, addrs = make_cluster(12, dissemination="eager", settle_s=10.0)
     copies = _copies_counter(net)
     ids = _send(net, addrs[2], 10)
     net.run_for(1.0)
