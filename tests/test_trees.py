@@ -125,6 +125,26 @@ def test_cache_and_announcement_queues_are_bounded() -> None:
     assert sum(len(q) for q in t._ihave.values()) <= trees.MAX_IHAVE_PER_PEER
 
 
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([FrameType.IHAVE, FrameType.GRAFT, FrameType.PRUNE]),
+            st.binary(max_size=400) | groups.map(wire.encode_id_groups),
+        ),
+        max_size=20,
+    )
+)
+def test_any_frame_sequence_is_handled_or_rejected(frames: list[tuple[int, bytes]]) -> None:
+    t, _ = _trees()
+    for ftype, body in frames:
+        try:
+            t.on_frame(ftype, body, b"p" * 16, 0.0)
+        except wire.WireError:
+            pass
+        t.handle_timer(1.0)
+    assert len(t._missing) <= trees.MAX_MISSING and len(t._pruned_by) <= trees.MAX_ORIGINS
+
+
 def test_graft_of_unknown_ids_answers_nothing() -> None:
     t, _ = _trees()
     t.on_graft(b"p" * 16, wire.encode_id_groups([(b"o" * 16, 0, [b"i" * 16])]))
