@@ -83,6 +83,7 @@ def test_config_rejects_unknown_mode() -> None:
 def _trees(enabled: bool = True) -> tuple[Trees, list[tuple[bytes, FrameType, bytes]]]:
     sent: list[tuple[bytes, FrameType, bytes]] = []
     t = Trees(
+        b"me" * 8,
         enabled,
         SeenSet(1000),
         Stats(),

@@ -52,7 +52,10 @@ class Flood:
         """One of our own entries, into the next flush."""
         self.seen.add(msg_id)
         entry = _ENTRY_HEADER.pack(kind, 1, self.node_id, len(body)) + body
-        lazy = self.trees.lazy_for(self.node_id) if kind == _APP and self.trees else None
+        lazy = None
+        if kind == _APP and self.trees is not None:
+            lazy = self.trees.lazy_for(self.node_id)
+            self.trees.note_own(msg_id)
         self.fanout.add(msg_id, entry, None, lazy)
 
     def forward(

@@ -55,6 +55,7 @@ Addr = tuple[str, int]
 _FRAGMENT_HEADER = wire.FRAGMENT_HEADER
 _ENTRY_HEADER = wire.ENTRY_HEADER
 _BROADCAST_HEADER = wire.BROADCAST_HEADER
+_IDS = _BROADCAST_HEADER.size  # where a BROADCAST's clear message ids start
 _CONTROL_HEADER = wire.CONTROL_HEADER
 
 
@@ -201,7 +202,7 @@ class NodeCore:
         )
         self.flood.on_fragment = self.large.on_fragment
         self.trees = self.flood.trees = Trees(
-            config.dissemination == "trees", self.seen, self.stats,
+            self.node_id, config.dissemination == "trees", self.seen, self.stats,
             queue_control=self._queue_control, clock=lambda: self._last_now,
         )  # fmt: skip
         self.fanout.on_lazy = self.trees.announce
@@ -475,7 +476,7 @@ class NodeCore:
             self._on_link_packet(link, link_seq, now)
         if not ids_end:
             self.stats.bump("duplicates")  # datagrams dropped before decryption
-            self.trees.on_duplicate_ids(data[_BROADCAST_HEADER.size :], session.peer_id)
+            self.trees.on_duplicate_ids(data[_IDS : _IDS + 16 * count], session.peer_id)
             return
         key = link.channel_key
         if key is None:

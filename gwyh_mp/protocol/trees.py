@@ -103,6 +103,7 @@ class Missing:
 class Trees:
     def __init__(
         self,
+        node_id: bytes,
         enabled: bool,
         seen: SeenSet,
         stats: Stats,
@@ -110,6 +111,7 @@ class Trees:
         queue_control: Callable[[bytes, FrameType, bytes], None],
         clock: Callable[[], float],
     ) -> None:
+        self.node_id = node_id
         self.enabled = enabled
         self._seen = seen
         self.stats = stats
@@ -215,10 +217,7 @@ class Trees:
         if not self.enabled:
             return
         announced = self._missing.pop(msg_id, None)
-        recent = self._recent
-        recent[msg_id] = origin
-        if len(recent) > MAX_RECENT:
-            del recent[next(iter(recent))]
+        self._remember(msg_id, origin)
         path = self._path(origin)
         if source in path.pruned:
             # A copy that left before our PRUNE arrived, or the PRUNE was lost.
@@ -246,6 +245,10 @@ class Trees:
             origin = self._recent.get(msg_id)
             if origin is None:
                 return
+        if origin == self.node_id:
+            # Our own message coming back: we need none of them from anyone.
+            self._queue_prune(source, origin)
+            return
         path = self._origins.get(origin)
         if path is None or path.parent is None or source == path.parent:
             return  # never prune the provider we keep, nor before we keep one
@@ -256,6 +259,17 @@ class Trees:
             del path.pruned[next(iter(path.pruned))]
         path.pruned[source] = self._clock()
         self._queue_prune(source, origin)
+
+    def note_own(self, msg_id: bytes) -> None:
+        """We originated ``msg_id``: a copy of it coming back names its origin."""
+        if self.enabled:
+            self._remember(msg_id, self.node_id)
+
+    def _remember(self, msg_id: bytes, origin: bytes) -> None:
+        recent = self._recent
+        recent[msg_id] = origin
+        if len(recent) > MAX_RECENT:
+            del recent[next(iter(recent))]
 
     def on_duplicate_ids(self, ids: bytes, source: bytes) -> None:
         """A datagram of duplicates dropped before decryption (origins from ``recent``)."""
