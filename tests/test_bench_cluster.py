@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
+from bench.cluster import floor_receives, senders_arg
 from gwyh_mp.cli import message_json
 from gwyh_mp.protocol.events import Message
 
@@ -54,6 +57,59 @@ def test_tiny_cluster_run_reports_consistent_figures(tmp_path: Path) -> None:
     assert 0 < latency["p50"] <= latency["p99"] <= latency["max"] < 30_000
     assert result["params"]["flush_interval"] == 0.005
     assert result["cpu_us_per_delivery"] > 0 and result["floor_cpu_us_per_msg"] > 0
+
+
+def test_full_mesh_every_node_sends_and_the_floor_receives_per_provider(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "mesh.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "cluster",
+            "--nodes",
+            "3",
+            "--senders",
+            "all",
+            "--subscriptions",
+            "2",
+            "--size",
+            "1024",
+            "--count",
+            "240",
+            "--rate",
+            "480",
+            "--floor-seconds",
+            "0.2",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    result = json.loads(out.read_text())
+    assert result["params"]["senders"] == 3
+    assert result["complete"] and result["lost_messages"] == 0
+    assert result["duplicate_deliveries"] == 0 and result["own_deliveries"] == 0
+    # Every node originates a third and receives the other two thirds.
+    assert result["node_deliveries"] == 2 * 240
+    assert result["floor"]["receives"] == 2  # one copy per provider
+    assert b"(2 receives/msg)" in proc.stdout
+
+
+def test_senders_and_floor_receives() -> None:
+    assert senders_arg("all") == 0 and senders_arg("ALL") == 0 and senders_arg("3") == 3
+    for bad in ("0", "-1", "some"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            senders_arg(bad)
+    mesh = argparse.Namespace(nodes=6, senders=6, subscriptions=5)
+    assert floor_receives(mesh) == 5
+    assert floor_receives(argparse.Namespace(nodes=3, senders=3, subscriptions=5)) == 2
+    assert floor_receives(argparse.Namespace(nodes=10, senders=1, subscriptions=5)) == 1
 
 
 def test_bad_arguments_are_refused() -> None:
