@@ -74,6 +74,10 @@ STATS_INTERVAL_S = 1.0
 _BROADCAST = wire.BROADCAST_HEADER
 _CONTROL = wire.CONTROL_HEADER
 _IDS_START = _BROADCAST.size
+# Plain ints for the per-datagram dispatch: an IntEnum member lookup costs ~90 ns.
+_VERSION = wire.VERSION
+_PT_BROADCAST = int(wire.PacketType.BROADCAST)
+_PT_CONTROL = int(wire.PacketType.CONTROL)
 _dumps = marshal.dumps
 _loads = marshal.loads
 
@@ -222,12 +226,11 @@ class Receiver:
                 break
             total += count
             self.refill_raw(time.monotonic())
-            for i in range(count):
-                data = bytes(receiver.packet(i))
+            classify = self.classify
+            for data, (host, port) in receiver.datagrams():
                 nbytes += len(data)
-                host, port = receiver.address(i)
                 try:
-                    record = self.classify(data, host, port)
+                    record = classify(data, host, port)
                 except (DecryptError, struct.error, IndexError, ValueError):
                     self.bump("drop_decrypt")
                     continue
@@ -243,10 +246,10 @@ class Receiver:
         if len(data) < 2:
             self.bump("drop_short")  # the core's reasons, so /metrics reads the same
             return None
-        if data[0] != wire.VERSION:
+        if data[0] != _VERSION:
             return self.raw(host, port, data)  # the coordinator counts and logs it
         ptype = data[1]
-        if ptype == wire.PacketType.BROADCAST:
+        if ptype == _PT_BROADCAST:
             if len(data) < _BROADCAST.size:
                 self.bump("drop_malformed")
                 return None
@@ -274,7 +277,7 @@ class Receiver:
                 add(ids[i : i + 16])
             self.bump("decrypted")
             return _dumps((BROADCAST, sid, host, port, link_seq, chan_seq, ids, plaintext))
-        if ptype == wire.PacketType.CONTROL:
+        if ptype == _PT_CONTROL:
             if len(data) < _CONTROL.size:
                 self.bump("drop_malformed")
                 return None
