@@ -337,6 +337,26 @@ def message_json(msg: Message, received_at: float | None = None) -> bytes:
     return orjson.dumps(message_record(msg, received_at)) + b"\n"
 
 
+def messages_json(batch: list[Message], received_at: float) -> bytes:
+    """``message_json`` of every message of a batch, joined: the same bytes, built
+    without a dict per message and with the batch's one time stamp encoded once
+    (this is per-delivery work on a busy node)."""
+    dumps = orjson.dumps
+    tail = b',"received_at":' + dumps(round(received_at, 6)) + b',"data":'
+    lines = []
+    for msg in batch:
+        try:
+            data = dumps(msg.data.decode("utf-8"))
+        except UnicodeDecodeError:
+            lines.append(message_json(msg, received_at))  # base64: the rare, general path
+            continue
+        lines.append(
+            b'{"id":"%s","origin":"%s","hops":%d%s%s}\n'
+            % (msg.id.hex().encode(), msg.origin.hex().encode(), msg.hops, tail, data)
+        )
+    return b"".join(lines)
+
+
 def _read_log_level(path: str) -> str:
     try:
         with open(path) as f:
@@ -553,7 +573,7 @@ class NodeProgram:
                 continue
             now = time.time()  # one wall-clock stamp per batch: when the node handed it out
             try:
-                out.write(b"".join([message_json(msg, now) for msg in batch]))
+                out.write(messages_json(batch, now))
                 out.flush()
             except (BrokenPipeError, ValueError, OSError) as exc:
                 # Nobody reads stdout any more: say so once and stop printing, but keep

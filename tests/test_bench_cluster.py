@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from bench.cluster import floor_receives, senders_arg
-from gwyh_mp.cli import message_json
+from gwyh_mp.cli import message_json, messages_json
 from gwyh_mp.protocol.events import Message
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,3 +127,14 @@ def test_stdio_lines_carry_the_delivery_time() -> None:
     record = orjson.loads(message_json(msg, 1795772664.7498441))
     assert record["received_at"] == 1795772664.749844 and record["data"] == "hi"
     assert "received_at" not in orjson.loads(message_json(msg))
+
+
+def test_batch_lines_are_the_same_bytes_as_one_by_one() -> None:
+    batch = [
+        Message(b'text "quoted" \\ \n \xc3\xa9', b"\x01" * 16, b"\x02" * 16, 3),
+        Message(b"\xff\xfe not utf-8", b"\x03" * 16, b"\x04" * 16, 255),
+        Message(b"", b"\x05" * 16, b"\x06" * 16, 0),
+    ]
+    stamp = 1795772664.7498441
+    assert messages_json(batch, stamp) == b"".join(message_json(m, stamp) for m in batch)
+    assert messages_json([], stamp) == b""
