@@ -46,6 +46,7 @@ from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.events import Message
 from gwyh_mp.protocol.node import MessageTooLarge
 from gwyh_mp.protocol.selection import Strategy
+from gwyh_mp.runtime.driver import freeze_startup_heap
 from gwyh_mp.runtime.host import socket_buffer_warnings, usable_cpus
 
 log = logging.getLogger("gwyh_mp.cli")
@@ -408,6 +409,7 @@ class NodeProgram:
                 self.tasks.append(asyncio.create_task(self._pump_stdout()))
             if self.args.stats_interval:
                 self.tasks.append(asyncio.create_task(self._print_stats()))
+            freeze_startup_heap()  # this process is all node: see why there
             await self.stop.wait()
         finally:
             for task in self.tasks:

@@ -38,6 +38,7 @@ from gwyh_mp.protocol.crypto import AntiReplayWindow, DecryptError, seal
 from gwyh_mp.protocol.dissemination import SeenSet
 from gwyh_mp.protocol.inbound import broadcast_ids_end, open_broadcast, open_control
 from gwyh_mp.runtime import udp
+from gwyh_mp.runtime.driver import freeze_startup_heap
 from gwyh_mp.runtime.mmsg import SEND_ERRORS, BatchReceiver, BatchSender, RefusalLog
 from gwyh_mp.runtime.shm_ring import ShmRing, ShmRingHandle
 
@@ -364,7 +365,9 @@ def receiver_main(
     down = ShmRing.attach(down_handle)
     sock = udp.open_socket(bind, buffer_bytes, reuse_port=True)
     try:
-        Receiver(index, sock, up, down, parent_pid, seen_set_size).run()
+        receiver = Receiver(index, sock, up, down, parent_pid, seen_set_size)
+        freeze_startup_heap()  # the inherited heap too: see why there
+        receiver.run()
     finally:
         sock.close()
         up.close()
