@@ -419,11 +419,10 @@ class NodeCore:
 
     def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
         """Process one datagram. Never raises: anything wrong is a counted drop."""
-        stats = self.stats
-        stats["packets_in"] = stats.get("packets_in", 0) + 1
+        self.stats["packets_in"] = self.stats.get("packets_in", 0) + 1
         self._last_now = now
         if len(data) < 2:
-            stats.bump("drop_short")
+            self.stats.bump("drop_short")
             return
         version, ptype = data[0], data[1]
         if version != _VERSION:
