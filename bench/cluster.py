@@ -49,7 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=4500.0, help="offered msgs/s (0 = unpaced)")
     parser.add_argument("--count", type=int, default=25_000, help="broadcasts in total")
     parser.add_argument("--size", type=int, default=512, help="payload bytes")
-    parser.add_argument("--senders", type=int, default=1, help="how many nodes originate")
+    parser.add_argument(
+        "--senders",
+        type=senders_arg,
+        default=1,
+        help="how many nodes originate; 'all': a full mesh (every node broadcasts, and the "
+        "floor receives each message once per provider)",
+    )
     parser.add_argument("--subscriptions", type=int, default=5, help="providers per node")
     parser.add_argument("--workers", type=int, default=1, help="receiver processes per node")
     parser.add_argument(
@@ -73,6 +79,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--timeout", type=float, default=120.0, help="hard cap on the run (s)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+
+
+def senders_arg(text: str) -> int:
+    """--senders: a count, or 'all' (0 here, resolved to --nodes in run())."""
+    if text.strip().lower() == "all":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a count or 'all': {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("need at least one sender")
+    return value
+
+
+def floor_receives(args: argparse.Namespace) -> int:
+    """Copies of each message the naive floor receives: one per provider in a full mesh
+    (every node a sender: each message reaches a node once from each provider), else
+    one (the floor of a relay)."""
+    if args.senders == args.nodes:
+        return max(1, min(args.subscriptions, args.nodes - 1))
+    return 1
 
 
 def start_cluster(args: argparse.Namespace, workdir: Path, mode: str) -> list[ClusterNode]:
@@ -194,13 +222,17 @@ def verify(
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.senders == 0:
+        args.senders = args.nodes
     if args.nodes < 2 or args.senders < 1 or args.senders > args.nodes:
         print("bench cluster: need --nodes >= 2 and 1 <= --senders <= --nodes", file=sys.stderr)
         return 2
     if args.size < 32 or not 0 <= args.flush_interval <= 1:
         print("bench cluster: need --size >= 32 and 0 <= --flush-interval <= 1", file=sys.stderr)
         return 2
-    floor = measure_naive_floor(args.size, args.subscriptions, args.floor_seconds)
+    floor = measure_naive_floor(
+        args.size, args.subscriptions, args.floor_seconds, receives=floor_receives(args)
+    )
     result: dict[str, object] = {
         "bench": "cluster",
         "machine": machine_description(),
@@ -294,12 +326,13 @@ def run_mode(args: argparse.Namespace, mode: str, floor: dict, result: dict[str,
                 ],
             }
         )
+        floor_note = f" ({floor['receives']} receives/msg)" if floor["receives"] > 1 else ""
         print(
             f"cluster ({mode}): {result['msgs_per_s']} msg/s "
             f"(offered {result['offered_msgs_per_s']}), "
             f"lost {lost}, dup {result['duplicate_deliveries']}, "
             f"{result['cpu_us_per_delivery']} us CPU/delivery vs floor "
-            f"{result['floor_cpu_us_per_msg']} us (x{result['ratio_to_floor']}), "
+            f"{result['floor_cpu_us_per_msg']} us{floor_note} (x{result['ratio_to_floor']}), "
             f"rcvbuf errors {result['rcvbuf_errors']}, latency ms p50 "
             f"{result['latency_ms']['p50']} p99 {result['latency_ms']['p99']} "
             f"max {result['latency_ms']['max']}, datagrams in {result['datagrams_in']} "

@@ -234,20 +234,22 @@ def _drain(sock: socket.socket, buf: bytearray, limit: int) -> int:
 
 
 def measure_naive_floor(
-    payload_size: int, fanout: int, seconds: float, *, max_round: int = 256
+    payload_size: int, fanout: int, seconds: float, *, max_round: int = 256, receives: int = 1
 ) -> dict:
     """Messages/s and CPU us per message of the simplest possible relay loop.
 
     See FLOOR_MESSAGE (also returned as "definition") for exactly what one message
-    costs. The run alternates untimed refill phases (this process sends a round of
+    costs. ``receives`` > 1: each message arrives that many times (one copy per
+    provider, as in a full mesh) and the loop receives every copy but decrypts one.
+    The run alternates untimed refill phases (this process sends a round of
     pre-encrypted datagrams into its own input socket) and timed processing phases
     (recv, decrypt, `fanout` x encrypt+sendto), then drains the sinks untimed so the
     next round's sends are enqueued rather than dropped. `seconds` is the total
     processing time wanted; wall time is capped at 3*seconds + 2 s. `max_round` bounds
     the datagrams queued per round (the backlog the loop works through).
     """
-    if fanout < 1:
-        raise ValueError("fanout must be >= 1")
+    if fanout < 1 or receives < 1:
+        raise ValueError("fanout and receives must be >= 1")
     payload = os.urandom(payload_size)
     prefix = os.urandom(NONCE_BYTES - 8)
     pack = struct.Struct("<Q").pack
@@ -280,7 +282,7 @@ def measure_naive_floor(
         # of the CPU caches (2048 x 8 KiB rounds measured ~15 % slower than 256), and a
         # live node's queues are normally short. Also what fits in the queues, guessing
         # ~2x datagram + 1 KiB of kernel truesize per skb; shrunk below if that was wrong.
-        round_size = max(4, min(max_round, rcvbuf // (2 * datagram + 1024)))
+        round_size = max(4, min(max_round, rcvbuf // (2 * datagram + 1024) // receives))
         pool = []
         for i in range(round_size):
             nonce = prefix + pack(i)
@@ -295,7 +297,8 @@ def measure_naive_floor(
         while busy_s < seconds and rounds < MAX_ROUNDS and time.perf_counter() < wall_deadline:
             rounds += 1
             for pkt in pool[:round_size]:  # untimed refill
-                feeder.send(pkt)
+                for _ in range(receives):
+                    feeder.send(pkt)
 
             r0 = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
@@ -305,6 +308,11 @@ def measure_naive_floor(
                     data = recv(65536)
                 except BlockingIOError:
                     break
+                for _ in range(receives - 1):  # the other providers' copies
+                    try:
+                        recv(65536)
+                    except BlockingIOError:
+                        break
                 plain = box_open(data[NONCE_BYTES:], data[:NONCE_BYTES], k_in)
                 for key, addr in targets:
                     counter += 1
@@ -331,6 +339,7 @@ def measure_naive_floor(
     return {
         "payload_size": payload_size,
         "fanout": fanout,
+        "receives": receives,
         "datagram_bytes": datagram,
         "messages": messages,
         "packets_out": packets_out,
@@ -349,5 +358,8 @@ def measure_naive_floor(
         "cpu_us_per_msg": cpu_s * per_msg,
         "cpu_utilization": cpu_s / busy_s if busy_s > 0 else 0.0,
         "cpu_counted": "this process only (getrusage RUSAGE_SELF), processing phases only",
-        "definition": FLOOR_MESSAGE,
+        "definition": FLOOR_MESSAGE
+        if receives == 1
+        else FLOOR_MESSAGE.replace("1 sock.recv(65536)", f"{receives} sock.recv(65536)")
+        + f" Each message is queued {receives} times (one copy per provider); one is decrypted.",
     }

@@ -14,6 +14,11 @@ process (coordinator and receivers); and, measured in the same run, the naive fl
 one recv + one decrypt + 5 encrypts + 5 sends per message in a tight Python loop
 (bench.ceiling.measure_naive_floor). The highest rate without loss is the saturation
 rate. All traffic is on 127.0.0.1; every loop is bounded by count and time.
+
+Each step also splits that CPU by role (psutil per-process times over the step): the
+coordinator (the node's main process: the protocol core) and the receivers (its
+children: receive, decrypt, seal, send), and the run ends with the throughput this
+predicts for 1, 2, 4, 8, 16 receivers, one core each (SCALING_MODEL).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pathlib import Path
 import psutil
 
 from bench.common import (
+    ProcessCpu,
     free_udp_port,
     machine_description,
     node_command,
@@ -46,6 +52,44 @@ from gwyh_mp.protocol.handshake import Established, Handshaker
 
 KEY = b"bench-ingest-key-0123456789abcdef"
 SINKS = 5
+MODEL_RECEIVERS = (1, 2, 4, 8, 16)
+SCALING_MODEL = (
+    "predicted msg/s = min(R * 1e6 / receivers_us, 1e6 / coordinator_us): every message "
+    "costs the receivers receivers_us of CPU in total, spread over R receivers with a core "
+    "each, and the coordinator coordinator_us on its own single core; adding receivers adds "
+    "capacity until the coordinator saturates"
+)
+
+
+def scaling_model(
+    coordinator_us: float, receivers_us: float, receivers: tuple[int, ...] = MODEL_RECEIVERS
+) -> list[dict[str, object]]:
+    """Predicted msg/s for each receiver count (see SCALING_MODEL), and which role limits it."""
+    coordinator_cap = 1e6 / coordinator_us if coordinator_us > 0 else float("inf")
+    rows: list[dict[str, object]] = []
+    for r in receivers:
+        receiver_cap = r * 1e6 / receivers_us if receivers_us > 0 else float("inf")
+        predicted = min(coordinator_cap, receiver_cap)
+        rows.append(
+            {
+                "receivers": r,
+                "predicted_msgs_per_s": round(predicted, 1) if predicted != float("inf") else None,
+                "limit": "coordinator" if coordinator_cap <= receiver_cap else "receivers",
+            }
+        )
+    return rows
+
+
+def receiver_pids(node_proc: psutil.Process) -> list[int]:
+    """The node's receivers: its child processes, multiprocessing's resource tracker aside."""
+    pids = []
+    for child in node_proc.children():
+        try:
+            if not any("resource_tracker" in part for part in child.cmdline()):
+                pids.append(child.pid)
+        except psutil.Error:
+            continue
+    return pids
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -159,6 +203,36 @@ def pump(peers: list[Peer], seconds: float) -> None:
                 peer.on_datagram(data, time.monotonic())
 
 
+def report_scaling(steps: list[dict[str, object]]) -> dict[str, object] | None:
+    """The per-role costs of the busiest step (the most messages to spread the fixed
+    costs over), the scaling they predict, printed as a table; None without a
+    multiprocess node (one process is all coordinator)."""
+    measured = [s for s in steps if s["delivered"] and s["receivers"]]
+    if not measured:
+        print("ingest scaling: needs --workers >= 2 (one process has no receivers)")
+        return None
+    busiest = max(measured, key=lambda s: float(s["delivered_per_s"]))  # type: ignore[arg-type]
+    coordinator_us = float(busiest["coordinator_us_per_msg"])  # type: ignore[arg-type]
+    receivers_us = float(busiest["receivers_us_per_msg"])  # type: ignore[arg-type]
+    rows = scaling_model(coordinator_us, receivers_us)
+    print(
+        f"ingest per-role CPU at {busiest['delivered_per_s']} msg/s delivered: "
+        f"coordinator {coordinator_us} us/msg, receivers {receivers_us} us/msg in total "
+        f"({busiest['receivers']} receivers)"
+    )
+    print(f"model: {SCALING_MODEL}")
+    print(" receivers  predicted msg/s  limit")
+    for row in rows:
+        print(f" {row['receivers']:>9}  {row['predicted_msgs_per_s']:>15}  {row['limit']}")
+    return {
+        "model": SCALING_MODEL,
+        "from_offered_rate": busiest["offered_rate"],
+        "coordinator_us_per_msg": coordinator_us,
+        "receivers_us_per_msg": receivers_us,
+        "predicted": rows,
+    }
+
+
 def count_lines(path: Path) -> int:
     with open(path, "rb") as f:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
@@ -249,8 +323,8 @@ def run(args: argparse.Namespace) -> int:
         node_proc = psutil.Process(node.pid)
         steps = []
         for rate in rates:
-            procs = [node_proc, *node_proc.children()]
-            cpu0 = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+            receivers = receiver_pids(node_proc)
+            cpu = ProcessCpu([node.pid, *receivers])
             lines0 = count_lines(out_path)
             sink0 = [len(s.seen_ids) for s in sinks]
             sent = 0
@@ -285,8 +359,9 @@ def run(args: argparse.Namespace) -> int:
                 p.sock.sendto(
                     p.control(wire.encode_frame(wire.FrameType.SUBSCRIBE, b"\x00")), target
                 )
-            procs = [node_proc, *node_proc.children()]
-            cpu1 = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+            used = cpu.delta()
+            coord_s = used.per_pid.get(node.pid, 0.0)
+            recv_s = used.total_s - coord_s
             delivered = count_lines(out_path) - lines0
             forwards = [len(s.seen_ids) - a for s, a in zip(sinks, sink0, strict=True)]
             step = {
@@ -297,10 +372,15 @@ def run(args: argparse.Namespace) -> int:
                 "delivered_per_s": round(delivered / send_seconds, 1),
                 "loss_pct": round(100.0 * (sent - delivered) / sent, 3) if sent else None,
                 "forwards_min_per_sink": min(forwards),
-                "cpu_us_per_delivered": round((cpu1 - cpu0) * 1e6 / delivered, 2)
+                "cpu_us_per_delivered": round((coord_s + recv_s) * 1e6 / delivered, 2)
                 if delivered
                 else None,
-                "node_processes": len(procs),
+                "coordinator_us_per_msg": round(coord_s * 1e6 / delivered, 2)
+                if delivered
+                else None,
+                "receivers_us_per_msg": round(recv_s * 1e6 / delivered, 2) if delivered else None,
+                "receivers": len(receivers),
+                "node_processes": 1 + len(receivers),
             }
             step["ratio_to_floor"] = (
                 round(step["cpu_us_per_delivered"] / floor["cpu_us_per_msg"], 3)  # type: ignore[operator]
@@ -312,7 +392,9 @@ def run(args: argparse.Namespace) -> int:
                 f"ingest rate {f'{rate:g}/s' if rate else 'max'}: "
                 f"sent {step['sent_per_s']}/s delivered "
                 f"{step['delivered_per_s']}/s loss {step['loss_pct']}% cpu "
-                f"{step['cpu_us_per_delivered']} us/msg (floor {floor['cpu_us_per_msg']:.1f})",
+                f"{step['cpu_us_per_delivered']} us/msg (floor {floor['cpu_us_per_msg']:.1f}; "
+                f"coordinator {step['coordinator_us_per_msg']} + {len(receivers)} receivers "
+                f"{step['receivers_us_per_msg']})",
             )
         lossless = [s for s in steps if s["loss_pct"] == 0]
         result["steps"] = steps
@@ -321,6 +403,7 @@ def run(args: argparse.Namespace) -> int:
             default=None,  # type: ignore[arg-type]
         )
         result["max_delivered_per_s"] = max(float(s["delivered_per_s"]) for s in steps)  # type: ignore[arg-type]
+        result["scaling"] = report_scaling(steps)
         write_json(args.json, result)
         return 0
     finally:

@@ -111,6 +111,15 @@ def test_naive_floor_function_is_self_consistent() -> None:
     _check_floor(floor, 200, 2)
 
 
+def test_naive_floor_receiving_each_message_per_provider() -> None:
+    floor = floor_bench.measure_naive_floor(payload_size=200, fanout=2, seconds=0.03, receives=3)
+    assert floor["receives"] == 3
+    assert floor["messages"] > 0 and floor["packets_out"] == floor["messages"] * 2
+    assert "3 sock.recv(65536)" in floor["definition"]
+    with pytest.raises(ValueError):
+        floor_bench.measure_naive_floor(payload_size=200, fanout=2, seconds=0.03, receives=0)
+
+
 def test_write_json_and_median(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     target = tmp_path / "a" / "b" / "r.json"
     common.write_json(str(target), {"x": 1, "y": [1.5]})

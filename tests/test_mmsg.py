@@ -121,6 +121,29 @@ def test_iter_packets_and_accessors(
         rx.address(-1)
 
 
+def test_datagrams_copies_the_whole_batch_with_sources(
+    make_sock: Callable[..., socket.socket], use_mmsg: bool
+) -> None:
+    """The runtimes' per-datagram loop: bytes copies (valid after the next batch) and
+    sources, truncated ones included, as packet(i)/address(i) give them."""
+    rx_sock, tx_a, tx_b = make_sock(), make_sock(), make_sock()
+    sent = [(payload(k, 40 + 70 * k), (tx_a, tx_b)[k % 2]) for k in range(5)]
+    for data, tx in sent:
+        tx.sendto(data, rx_sock.getsockname())
+    rx = BatchReceiver(rx_sock, batch=8, bufsize=256, use_mmsg=use_mmsg)
+    assert rx.recv_batch() == 5
+    got = rx.datagrams()
+    assert got == [(bytes(rx.packet(i)), rx.address(i)) for i in range(5)]
+    assert got == [(data[:256], tx.getsockname()) for data, tx in sent]
+    assert all(type(data) is bytes for data, _ in got)
+    tx_a.sendto(b"next batch", rx_sock.getsockname())
+    assert rx.recv_batch() == 1
+    assert got[0][0] == sent[0][0]  # copies survive the buffer's reuse
+    assert rx.datagrams() == [(b"next batch", tx_a.getsockname())]
+    assert rx.recv_batch() == 0
+    assert rx.datagrams() == []
+
+
 def test_empty_socket_returns_zero(make_sock: Callable[..., socket.socket], use_mmsg: bool) -> None:
     rx_sock = make_sock()
     rx = BatchReceiver(rx_sock, batch=16, use_mmsg=use_mmsg)

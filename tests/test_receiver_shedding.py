@@ -15,7 +15,7 @@ import pytest
 
 from gwyh_mp.protocol import wire
 from gwyh_mp.runtime import receiver as receiver_module
-from gwyh_mp.runtime.receiver import RAW, RAW_PER_S, Receiver
+from gwyh_mp.runtime.receiver import BATCH, BATCH_ENTRIES, DUPLICATE, RAW, RAW_PER_S, Receiver
 from gwyh_mp.runtime.shm_ring import ShmRing
 
 
@@ -60,7 +60,7 @@ def test_a_junk_flood_reaches_the_coordinator_only_within_the_budget(rx: Receive
     flood = 20_000
     records = [rx.classify(junk(rng), "127.0.0.1", 9) for _ in range(flood)]
     forwarded = [r for r in records if r is not None]
-    assert all(marshal.loads(r)[0] == RAW for r in forwarded)
+    assert all(r[0] == RAW for r in forwarded)
     assert len(forwarded) <= RAW_PER_S
     assert rx.stats["drop_raw_shed"] == flood - len(forwarded)
     # The budget refills with time: a real handshake a second later still gets through.
@@ -85,3 +85,22 @@ def test_malformed_on_its_face_is_dropped_at_the_receiver(
     assert rx.classify(data, "127.0.0.1", 9) is None
     assert rx.stats == {reason: 1}  # counted under the core's reason for the same drop
     assert rx.raw_tokens == receiver_module.RAW_PER_S  # no budget spent on it
+
+
+def test_one_receive_turn_goes_up_in_few_batch_records(rx: Receiver) -> None:
+    """Records travel to the coordinator as BATCH records (one ring frame and one
+    marshal call for many datagrams), each within its entry count and byte budget,
+    and nothing is lost or reordered on the way."""
+    small = [(DUPLICATE, 7, "127.0.0.1", 9, seq) for seq in range(BATCH_ENTRIES + 10)]
+    big = [(RAW, "127.0.0.1", 9, bytes([k]) * 60_000) for k in range(12)]
+    rx.pending = small + big
+    rx.flush_up()
+    assert rx.pending == []
+    records = [marshal.loads(r) for r in rx.up.get_many(1000)]
+    assert all(r[0] == BATCH for r in records)
+    entries = [tuple(e) for r in records for e in r[1]]
+    assert entries == small + big
+    assert all(len(r[1]) <= BATCH_ENTRIES for r in records)
+    assert all(len(marshal.dumps(r)) <= rx.up.max_record for r in records)
+    assert 3 <= len(records) < len(entries) // 10  # split by count and by bytes, still few
+    assert "up_ring_dropped" not in rx.stats

@@ -88,12 +88,19 @@ class LinkState:
         self.link_seq_out = (self.link_seq_out + 1) & 0xFFFFFFFF
         return self.link_seq_out
 
-    def remember(self, datagram: Datagram) -> None:
-        """Keep a sent data datagram, keyed by its link sequence, until NAKs for it are
-        no longer plausible (bounded by bytes and count)."""
-        seq = int.from_bytes(head(datagram)[8:12], "big")
-        self.sent[seq] = datagram
+    def remember(self, datagram: Datagram, seq: int | None = None) -> None:
+        """Keep a sent data datagram, keyed by its link sequence (read from its header
+        unless given), until NAKs for it are no longer plausible (bounded by bytes and
+        count)."""
+        if seq is None:
+            seq = int.from_bytes(head(datagram)[8:12], "big")
+        sent = self.sent
+        sent[seq] = datagram
         self.sent_bytes += len(datagram)
+        if self.sent_bytes > RETAIN_BYTES_PER_LINK or len(sent) > RETAIN_DATAGRAMS_PER_LINK:
+            self._trim()
+
+    def _trim(self) -> None:
         sent = self.sent
         while self.sent_bytes > RETAIN_BYTES_PER_LINK or len(sent) > RETAIN_DATAGRAMS_PER_LINK:
             _, old = sent.popitem(last=False)
@@ -152,30 +159,48 @@ class LinkQueues:
 
     def drain(self, now: float, out: list[tuple[Datagram, Addr]]) -> None:
         """Hand the socket what each link's pacer allows now."""
-        for peer_id in list(self.backlogged):
-            link = self.links.get(peer_id)
+        tail_due = now + TAIL_PROBE_S
+        links, backlogged, tail_links = self.links, self.backlogged, self._tail_links
+        append = out.append
+        from_bytes = int.from_bytes
+        for peer_id in list(backlogged):
+            link = links.get(peer_id)
             if link is None:
-                self.backlogged.pop(peer_id, None)
+                backlogged.pop(peer_id, None)
                 continue
             pacer = self.pacer(link)
             pacer.on_tick(now)
+            # One refill for the whole turn (``now`` does not move inside it), then the
+            # bucket is spent locally and charged once: the same decisions as
+            # can_send/consume per datagram, without two calls per datagram.
+            tokens = pacer.tokens(now)
+            burst = pacer.config.burst_bytes
             queue = link.queue
+            sent_bytes = 0
+            seq = -1
+            remember = link.remember
             while queue:
                 datagram, addr = queue[0]
                 size = len(datagram)
-                if not pacer.can_send(size, now):
+                if tokens < (size if size < burst else burst):
                     break
                 queue.popleft()
-                link.queue_bytes -= size
-                self.backlog_bytes -= size
-                pacer.consume(size, now)
-                out.append((datagram, addr))
-                link.remember(datagram)
-                link.last_sent_seq = int.from_bytes(head(datagram)[8:12], "big")
-                link.tail_due = now + TAIL_PROBE_S
-                self._tail_links[peer_id] = None
+                tokens -= size
+                sent_bytes += size
+                append((datagram, addr))
+                seq = from_bytes(
+                    (datagram if type(datagram) is bytes else head(datagram))[8:12], "big"
+                )
+                remember(datagram, seq)
+            if sent_bytes:
+                link.queue_bytes -= sent_bytes
+                self.backlog_bytes -= sent_bytes
+                pacer.consume(sent_bytes, now)
+                link.last_sent_seq = seq
+                link.tail_due = tail_due
+                tail_links[peer_id] = None
             if not queue:
-                self.backlogged.pop(peer_id, None)
+                backlogged.pop(peer_id, None)
 
     def forget(self, peer_id: bytes, link: LinkState) -> None:
         """The link is gone: its queue and its pending timers go with it."""
@@ -194,7 +219,7 @@ class LinkQueues:
             loss = link.loss = LinkLossDetector(self.pacing)
         loss.on_packet(link_seq, now)
         # In order with nothing outstanding (the common case): no NAK poll to arm.
-        if loss.owes_poll and link.node_id not in self._rx_links:
+        if link.node_id not in self._rx_links and loss.owes_poll:
             self._rx_links[link.node_id] = None
             if self._next_nak_poll is None:
                 self._next_nak_poll = now + self.pacing.nak_interval_s

@@ -37,6 +37,7 @@ from gwyh_mp.runtime import udp
 from gwyh_mp.runtime.driver import CoreDriver
 from gwyh_mp.runtime.host import fit_rings, min_ring_bytes, shm_free_bytes
 from gwyh_mp.runtime.receiver import (
+    BATCH,
     BROADCAST,
     CHANNEL_KEY,
     CONTROL,
@@ -308,27 +309,36 @@ class MultiProcessRuntime(CoreDriver):
                 return
 
     def _dispatch(self, records: list[bytes], receiver: _Receiver, now: float) -> None:
-        core = self.core
-        assert core is not None
         for raw in records:
             record = _loads(raw)
             kind = record[0]
+            if kind == BATCH:
+                self._apply(record[1], now)
+            elif kind == STATS:
+                receiver.stats = record[2]
+            else:
+                self._apply((record,), now)
+
+    def _apply(self, entries: list[tuple[Any, ...]] | tuple[tuple[Any, ...]], now: float) -> None:
+        """What receivers made of datagrams, into the core (one loop per ring record)."""
+        core = self.core
+        assert core is not None
+        plaintext_in = core.receive_broadcast_plaintext
+        duplicate_in = core.receive_broadcast_duplicate
+        for record in entries:
+            kind = record[0]
             if kind == BROADCAST:
                 _, sid, host, port, link_seq, chan_seq, ids, plaintext = record
-                core.receive_broadcast_plaintext(
-                    sid, (host, port), link_seq, chan_seq, ids, plaintext, now
-                )
+                plaintext_in(sid, (host, port), link_seq, chan_seq, ids, plaintext, now)
             elif kind == DUPLICATE:
                 _, sid, host, port, link_seq, ids = record
-                core.receive_broadcast_duplicate(sid, (host, port), link_seq, now, ids)
+                duplicate_in(sid, (host, port), link_seq, now, ids)
             elif kind == CONTROL:
                 _, sid, seq, host, port, plaintext = record
                 core.receive_control_plaintext(sid, seq, (host, port), plaintext, now)
             elif kind == RAW:
                 _, host, port, data = record
                 core.receive_datagram(data, (host, port), now)
-            elif kind == STATS:
-                receiver.stats = record[2]
 
     # ------------------------------------------------------------ core -> receivers
 
@@ -340,35 +350,31 @@ class MultiProcessRuntime(CoreDriver):
         datagrams = core.datagrams_to_send(loop.time())
         live = [r for r in self._receivers if r.down is not None]
         if live:
-            self._ship_offload(live)
-            if datagrams:
-                self._ship_sends(datagrams, live)
+            # One put per receiver and flush: key/seen-id updates (every receiver) and
+            # its share of the sends travel together, so it is woken once, not twice.
+            offload = [ring_record(u) for u in core.offload_updates()]
+            sends = self._send_records(datagrams, len(live)) if datagrams else {}
+            for slot, receiver in enumerate(live):
+                records = offload + sends[slot] if slot in sends else offload
+                if records:
+                    assert receiver.down is not None
+                    receiver.down.put_all(records, timeout=1.0)
         self._after_flush(core)
 
     def _active(self) -> bool:
         return not self._stopping
 
-    def _ship_offload(self, live: list[_Receiver]) -> None:
-        core = self.core
-        assert core is not None
-        updates = core.offload_updates()
-        if updates:
-            records = [ring_record(u) for u in updates]
-            for receiver in live:
-                assert receiver.down is not None
-                receiver.down.put_all(records, timeout=1.0)
-
-    def _ship_sends(self, datagrams: list[tuple[Any, Addr]], live: list[_Receiver]) -> None:
-        # One destination always goes through the same receiver's socket, so its
-        # datagrams keep their order; destinations spread over the receivers.
+    @staticmethod
+    def _send_records(datagrams: list[tuple[Any, Addr]], n: int) -> dict[int, list[bytes]]:
+        """SEND_JOBS records per receiver slot. One destination always goes through the
+        same receiver's socket, so its datagrams keep their order; destinations spread
+        over the receivers."""
         per_receiver: dict[int, list[tuple[Any, Addr]]] = {}
-        n = len(live)
         for item in datagrams:
             per_receiver.setdefault(hash(item[1]) % n, []).append(item)
+        out: dict[int, list[bytes]] = {}
         for slot, items in per_receiver.items():
-            ring = live[slot].down
-            assert ring is not None
-            records = []
+            records = out[slot] = []
             for start in range(0, len(items), SENDS_PER_RECORD):
                 jobs: list[tuple[bytes, bytes, bytes]] = []
                 index: dict[int, int] = {}
@@ -384,7 +390,7 @@ class MultiProcessRuntime(CoreDriver):
                     else:
                         sends.append((datagram, -1, host, port))
                 records.append(_dumps((SEND_JOBS, jobs, sends)))
-            ring.put_all(records, timeout=1.0)
+        return out
 
 
 def reuseport_supported() -> bool:

@@ -7,7 +7,9 @@ ring, in batches, and it seals and sends the coordinator's send jobs (one encryp
 per job, however many copies).
 
 Records are marshal-encoded tuples whose first item is one of the kinds below (both
-ends are this program; see shm_ring):
+ends are this program; see shm_ring). What one receive turn produced travels as BATCH
+records of up to BATCH_ENTRIES tuples each (one ring frame and one marshal call per
+batch instead of per datagram: the coordinator is the process every receiver shares):
 
     coordinator -> receiver                         receiver -> coordinator
     (SESSION_KEY, sid, peer, recv_key, host, port)  (BROADCAST, sid, host, port, link_seq,
@@ -16,6 +18,7 @@ ends are this program; see shm_ring):
     (SEEN_IDS, ids)          new seen ids           (CONTROL, sid, seq, host, port, plaintext)
     (SEND_JOBS, jobs, sends) seal and send          (RAW, host, port, datagram)
     (QUIT,)                                         (STATS, index, stats)
+                                                    (BATCH, [any of the first four, ...])
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from gwyh_mp.protocol.crypto import AntiReplayWindow, DecryptError, seal
 from gwyh_mp.protocol.dissemination import SeenSet
 from gwyh_mp.protocol.inbound import broadcast_ids_end, open_broadcast, open_control
 from gwyh_mp.runtime import udp
+from gwyh_mp.runtime.driver import freeze_startup_heap
 from gwyh_mp.runtime.mmsg import SEND_ERRORS, BatchReceiver, BatchSender, RefusalLog
 from gwyh_mp.runtime.shm_ring import ShmRing, ShmRingHandle
 
@@ -54,6 +58,8 @@ DUPLICATE = 12
 CONTROL = 13
 RAW = 14  # anything the receiver cannot handle: the coordinator's core processes it
 STATS = 15
+BATCH = 16
+BATCH_ENTRIES = 256  # bounds the coordinator's work per ring record
 
 log = logging.getLogger("gwyh_mp.receiver")
 PR_SET_PDEATHSIG = 1
@@ -74,6 +80,10 @@ STATS_INTERVAL_S = 1.0
 _BROADCAST = wire.BROADCAST_HEADER
 _CONTROL = wire.CONTROL_HEADER
 _IDS_START = _BROADCAST.size
+# Plain ints for the per-datagram dispatch: an IntEnum member lookup costs ~90 ns.
+_VERSION = wire.VERSION
+_PT_BROADCAST = int(wire.PacketType.BROADCAST)
+_PT_CONTROL = int(wire.PacketType.CONTROL)
 _dumps = marshal.dumps
 _loads = marshal.loads
 
@@ -125,7 +135,7 @@ class Receiver:
         self.sessions: dict[int, SessionEntry] = {}
         self.channels: dict[bytes, ChannelEntry] = {}
         self.seen = SeenSet(seen_set_size)
-        self.pending: list[bytes] = []
+        self.pending: list[tuple[Any, ...]] = []
         self.stats: dict[str, int] = {}
         self.running = True
         self.raw_tokens = RAW_PER_S  # token bucket for records the coordinator must judge
@@ -139,13 +149,13 @@ class Receiver:
         self.raw_tokens = min(RAW_PER_S, self.raw_tokens + (now - self.raw_refilled) * RAW_PER_S)
         self.raw_refilled = now
 
-    def raw(self, host: str, port: int, data: bytes) -> bytes | None:
+    def raw(self, host: str, port: int, data: bytes) -> tuple[Any, ...] | None:
         """A record for the coordinator's core, or None (counted) once the budget is spent."""
         if self.raw_tokens < 1.0:
             self.bump("drop_raw_shed")
             return None
         self.raw_tokens -= 1.0
-        return _dumps((RAW, host, port, data))
+        return (RAW, host, port, data)
 
     # ------------------------------------------------------------ coordinator -> us
 
@@ -222,12 +232,11 @@ class Receiver:
                 break
             total += count
             self.refill_raw(time.monotonic())
-            for i in range(count):
-                data = bytes(receiver.packet(i))
+            classify = self.classify
+            for data, (host, port) in receiver.datagrams():
                 nbytes += len(data)
-                host, port = receiver.address(i)
                 try:
-                    record = self.classify(data, host, port)
+                    record = classify(data, host, port)
                 except (DecryptError, struct.error, IndexError, ValueError):
                     self.bump("drop_decrypt")
                     continue
@@ -239,14 +248,16 @@ class Receiver:
         self.bump("bytes_in", nbytes)
         return total
 
-    def classify(self, data: bytes, host: str, port: int) -> bytes | None:
+    def classify(self, data: bytes, host: str, port: int) -> tuple[Any, ...] | None:
+        """The record (a tuple, see the module doc) this datagram becomes for the
+        coordinator, or None if it was dropped here (counted)."""
         if len(data) < 2:
             self.bump("drop_short")  # the core's reasons, so /metrics reads the same
             return None
-        if data[0] != wire.VERSION:
+        if data[0] != _VERSION:
             return self.raw(host, port, data)  # the coordinator counts and logs it
         ptype = data[1]
-        if ptype == wire.PacketType.BROADCAST:
+        if ptype == _PT_BROADCAST:
             if len(data) < _BROADCAST.size:
                 self.bump("drop_malformed")
                 return None
@@ -262,7 +273,7 @@ class Receiver:
                 self.bump("duplicates")
                 # The ids let a core in trees mode prune the sender (protocol/trees.py).
                 ids = data[_IDS_START : _IDS_START + count * wire.MESSAGE_ID_BYTES]
-                return _dumps((DUPLICATE, sid, host, port, link_seq, ids))
+                return (DUPLICATE, sid, host, port, link_seq, ids)
             channel = self.channels.get(session.peer_id)
             if channel is None:
                 return self.raw(host, port, data)
@@ -275,8 +286,8 @@ class Receiver:
             for i in range(0, len(ids), 16):
                 add(ids[i : i + 16])
             self.bump("decrypted")
-            return _dumps((BROADCAST, sid, host, port, link_seq, chan_seq, ids, plaintext))
-        if ptype == wire.PacketType.CONTROL:
+            return (BROADCAST, sid, host, port, link_seq, chan_seq, ids, plaintext)
+        if ptype == _PT_CONTROL:
             if len(data) < _CONTROL.size:
                 self.bump("drop_malformed")
                 return None
@@ -288,7 +299,7 @@ class Receiver:
             if plaintext is None:
                 self.bump("drop_replay")
                 return None
-            return _dumps((CONTROL, sid, seq, host, port, plaintext))
+            return (CONTROL, sid, seq, host, port, plaintext)
         minimum = _HANDSHAKE_MIN_BYTES.get(ptype)
         if minimum is None:
             self.bump("drop_bad_type")
@@ -299,11 +310,28 @@ class Receiver:
         return self.raw(host, port, data)  # handshakes: rare, the coordinator's job
 
     def flush_up(self) -> None:
-        if self.pending:
-            records, self.pending = self.pending, []
-            written = self.up.put_all(records, timeout=1.0)
-            if written < len(records):
-                self.bump("up_ring_dropped", len(records) - written)
+        if not self.pending:
+            return
+        entries, self.pending = self.pending, []
+        # Byte budget per record: half what the ring takes, payloads plus a margin for
+        # the tuple's other fields and marshal's framing.
+        budget = self.up.max_record // 2
+        records: list[bytes] = []
+        counts: list[int] = []
+        start = size = 0
+        for i, entry in enumerate(entries):
+            last = entry[-1]
+            cost = 96 + (len(last) if type(last) is bytes else 0)
+            if i > start and (size + cost > budget or i - start == BATCH_ENTRIES):
+                records.append(_dumps((BATCH, entries[start:i])))
+                counts.append(i - start)
+                start, size = i, 0
+            size += cost
+        records.append(_dumps((BATCH, entries[start:])))
+        counts.append(len(entries) - start)
+        written = self.up.put_all(records, timeout=1.0)
+        if written < len(records):
+            self.bump("up_ring_dropped", sum(counts[written:]))
 
     # ------------------------------------------------------------ loop
 
@@ -363,7 +391,9 @@ def receiver_main(
     down = ShmRing.attach(down_handle)
     sock = udp.open_socket(bind, buffer_bytes, reuse_port=True)
     try:
-        Receiver(index, sock, up, down, parent_pid, seen_set_size).run()
+        receiver = Receiver(index, sock, up, down, parent_pid, seen_set_size)
+        freeze_startup_heap()  # the inherited heap too: see why there
+        receiver.run()
     finally:
         sock.close()
         up.close()

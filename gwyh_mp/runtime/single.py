@@ -111,10 +111,9 @@ class SingleProcessRuntime(CoreDriver):
                 break
             if not count:
                 break
-            for i in range(count):
-                data = bytes(receiver.packet(i))
+            for data, addr in receiver.datagrams():
                 nbytes += len(data)
-                receive(data, receiver.address(i), now)
+                receive(data, addr, now)
             total += count
             if count < receiver.batch:
                 break
