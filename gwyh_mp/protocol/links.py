@@ -40,6 +40,11 @@ def pacing_config(config: Config) -> PacingConfig:
         max_rate_bytes_per_s=float(config.send_rate_max_bytes_per_s),
         increase_bytes_per_s=float(config.send_rate_increase_bytes_per_s),
         increase_interval_s=0.05,
+        # Large messages on a clean fast link reach its capacity in a few intervals, an
+        # overshoot comes back in one cut, and the pacer sends 1 ms batches (congestion.py).
+        slow_start_factor=2.0,
+        heavy_loss_decrease=True,
+        tick_s=0.001,
         # As many loss ranges as one NAK frame can carry within a datagram.
         max_nak_ranges=max(
             1,
