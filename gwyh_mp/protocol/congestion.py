@@ -10,7 +10,9 @@ links.py (the per-peer queues):
   bulk-data datagrams, tolerates reordering, and emits at most one aggregated ``NakReport`` per
   ``nak_interval_s``. Control packets carry no link sequence number, so a NAK is never NAKed.
 * ``AimdPacer`` (sender, one per link): token bucket in bytes/s whose rate is cut multiplicatively
-  on reported loss (once per loss event) and raised additively while the link is loss-free.
+  on reported loss (once per loss event) and raised additively while the link is loss-free;
+  optionally doubled per interval until the first loss (slow start), cut to the delivered
+  fraction on heavy loss, and released in ticks rather than datagram by datagram.
 """
 
 from __future__ import annotations
