@@ -47,6 +47,7 @@ import orjson
 
 from bench.common import (
     ClusterNode,
+    ProcessCpu,
     counter_delta,
     free_udp_port,
     last_json_line,
@@ -290,6 +291,7 @@ def run_batch(
     want = len(messages)
     wanted = {digest(m) for m in messages}
     done_at: dict[int, float] = {}
+    cpu = ProcessCpu([x.proc.pid for x in cluster.nodes], include_children=True)
     started = time.monotonic()
     send_lines(cluster.nodes[sender], messages)
     deadline = started + timeout
@@ -313,6 +315,7 @@ def run_batch(
             stalled = True
             break
         time.sleep(0.005)
+    cpu_s = cpu.delta().total_s  # before collect(): the nodes are idle from here on
     complete = len(done_at) == len(receivers)
     elapsed = (max(done_at.values()) - started) if complete else None
     delivered = corrupt = duplicates = 0
@@ -340,6 +343,12 @@ def run_batch(
         if elapsed
         else None,
         "per_node_done_s": {str(i): round(t - started, 4) for i, t in sorted(done_at.items())},
+        # Every node process (receiver processes included), per MiB delivered to one node:
+        # unlike MiB/s, this barely moves when other work shares the machine.
+        "node_cpu_s": round(cpu_s, 3),
+        "node_cpu_ms_per_mib": round(cpu_s * 1000 / (total_bytes * len(receivers) / MIB), 2)
+        if total_bytes
+        else None,
         "expected_deliveries": expected,
         "delivered": delivered,
         "delivery_ratio": round(delivered / expected, 4) if expected else None,
@@ -490,6 +499,7 @@ def measure_floor(datagram: int, seconds: float) -> dict[str, Any]:
             proc.join(5.0)
         parent_conn.close()
     payload_bytes = ok * fragment_payload(datagram)
+    cpu_s = sender_cpu + receiver_cpu
     return {
         "datagram_bytes": datagram,
         "fragment_payload_bytes": fragment_payload(datagram),
@@ -501,6 +511,10 @@ def measure_floor(datagram: int, seconds: float) -> dict[str, Any]:
         "floor_mib_s": round(payload_bytes / elapsed / MIB, 2) if elapsed > 0 else None,
         "sender_cpu_us_per_datagram": round(1e6 * sender_cpu / sent, 2) if sent else None,
         "receiver_cpu_us_per_datagram": round(1e6 * receiver_cpu / ok, 2) if ok else None,
+        # Both processes, per MiB of payload that got through (what was dropped still cost).
+        "floor_cpu_ms_per_mib": round(cpu_s * 1000 / (payload_bytes / MIB), 2)
+        if payload_bytes
+        else None,
     }
 
 
@@ -542,6 +556,7 @@ def part_goodput(args: argparse.Namespace, log: list[str]) -> dict[str, Any]:
                 after = rcvbuf_errors()
                 raw = ceilings[str(dg)]["pair_mib_s"]
                 floor = floors[str(dg)]["floor_mib_s"]
+                floor_cpu = floors[str(dg)]["floor_cpu_ms_per_mib"]
                 result.update(
                     {
                         "max_datagram": dg,
@@ -554,6 +569,7 @@ def part_goodput(args: argparse.Namespace, log: list[str]) -> dict[str, Any]:
                         "goodput_vs_floor": round(result["goodput_mib_s"] / floor, 4)
                         if result["goodput_mib_s"] and floor
                         else None,
+                        "floor_cpu_ms_per_mib": floor_cpu,
                         "rcvbuf_errors": counter_delta(before, after),
                         "node_counters": node_counters(cluster),
                     }
@@ -588,7 +604,8 @@ def goodput_table(goodput: dict[str, Any]) -> list[str]:
     """Node goodput next to the same-run floor loop and raw UDP, one row per run."""
     head = (
         f"{'datagram':>8} {'size':>9} {'node MiB/s':>10} {'floor MiB/s':>11} "
-        f"{'node/floor':>10} {'raw UDP MiB/s':>13} {'complete':>8}"
+        f"{'node/floor':>10} {'raw UDP MiB/s':>13} {'complete':>8} "
+        f"{'node CPU ms/MiB':>15} {'floor CPU ms/MiB':>16}"
     )
     lines = [head, "-" * len(head)]
     for r in goodput["runs"]:
@@ -600,7 +617,8 @@ def goodput_table(goodput: dict[str, Any]) -> list[str]:
             f"{r['max_datagram']:>8} {r['size']:>9} {r['goodput_mib_s'] or '-':>10} "
             f"{r['floor_mib_s'] or '-':>11} "
             f"{f'{100 * ratio:.0f} %' if ratio else '-':>10} "
-            f"{r['raw_udp_pair_mib_s']:>13} {r['complete']!s:>8}"
+            f"{r['raw_udp_pair_mib_s']:>13} {r['complete']!s:>8} "
+            f"{r.get('node_cpu_ms_per_mib') or '-':>15} {r.get('floor_cpu_ms_per_mib') or '-':>16}"
         )
     return lines
 
@@ -921,6 +939,10 @@ NOTES = [
     "goodput_mib_s: payload MiB per second delivered to *every* other node (time from the "
     "first stdin write to the last node printing the last message); aggregate_mib_s "
     "multiplies by the receivers.",
+    "node_cpu_ms_per_mib: user+sys CPU of every node process (receiver processes "
+    "included) during the transfer, per MiB delivered to one receiver; "
+    "floor_cpu_ms_per_mib: both floor processes per MiB that got through. On a shared "
+    "machine these move far less between runs than the MiB/s figures.",
     "raw_udp_pair_mib_s: one process sending datagrams of --max-datagram bytes to another "
     "process on 127.0.0.1 (bench.ceiling.measure_udp_pair), no crypto, no fanout; a node "
     "also encrypts, and the origin sends each fragment to every subscriber, so the ratio is "

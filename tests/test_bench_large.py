@@ -21,6 +21,7 @@ def test_floor_loop_seals_sends_receives_and_opens() -> None:
     assert result["failed_authentication"] == 0
     assert result["floor_mib_s"] > 0
     assert result["fragment_payload_bytes"] == 1298
+    assert result["floor_cpu_ms_per_mib"] > 0
 
 
 def test_goodput_table_sets_node_beside_floor() -> None:
@@ -34,11 +35,24 @@ def test_goodput_table_sets_node_beside_floor() -> None:
                 "goodput_vs_floor": 0.5,
                 "raw_udp_pair_mib_s": 280.0,
                 "complete": True,
+                "node_cpu_ms_per_mib": 40.0,
+                "floor_cpu_ms_per_mib": 12.5,
             },
             {"max_datagram": 65000, "error": "cluster did not converge"},
         ]
     }
     lines = goodput_table(goodput)
     assert "node MiB/s" in lines[0] and "floor MiB/s" in lines[0]
-    assert lines[2].split() == ["1400", "4194304", "40.0", "80.0", "50", "%", "280.0", "True"]
+    assert lines[2].split() == [
+        "1400",
+        "4194304",
+        "40.0",
+        "80.0",
+        "50",
+        "%",
+        "280.0",
+        "True",
+        "40.0",
+        "12.5",
+    ]
     assert "did not converge" in lines[3]
