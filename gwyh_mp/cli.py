@@ -39,7 +39,7 @@ from gwyh_mp.cliargs import (
     tag_pair,
 )
 from gwyh_mp.config import MIN_HEARTBEAT_INTERVAL_S, Config, ConfigError
-from gwyh_mp.control import ControlError, ControlServer, default_path, message_record
+from gwyh_mp.control import ControlError, ControlServer, default_path, message_line
 from gwyh_mp.identity import DataDir, IdentityError
 from gwyh_mp.metrics import MetricsServer
 from gwyh_mp.protocol import wire
@@ -334,7 +334,7 @@ def config_from_args(args: argparse.Namespace, node_id: bytes | None = None) -> 
 
 
 def message_json(msg: Message, received_at: float | None = None) -> bytes:
-    return orjson.dumps(message_record(msg, received_at)) + b"\n"
+    return message_line(msg, received_at)
 
 
 def _read_log_level(path: str) -> str:
