@@ -860,7 +860,7 @@ def test_slow_start_ends_at_first_decrease_then_additive() -> None:
     p = AimdPacer(FAST, now=0.0)
     _starve(p, 0.01)
     assert p.on_tick(0.05)
-    assert p.on_nak(10, 90, 0.06)  # 10 % loss: a plain decrease_factor cut
+    assert p.on_nak(20, 180, 0.06)  # 10 % loss: a plain decrease_factor cut
     assert not p.in_slow_start
     r1 = p.rate_bytes_per_s
     assert r1 == pytest.approx(2_000_000 * FAST.decrease_factor)
@@ -872,7 +872,13 @@ def test_slow_start_ends_at_first_decrease_then_additive() -> None:
 
 @pytest.mark.parametrize(
     ("lost", "received", "factor"),
-    [(10, 90, 0.7), (30, 70, 0.7), (60, 40, 0.4), (95, 5, 0.25)],
+    [
+        (20, 180, 0.7),
+        (60, 140, 0.7),
+        (120, 80, 0.4),
+        (190, 10, 0.25),
+        (3, 2, 0.7),  # heavy, but too small a sample to say what the link carries
+    ],
 )
 def test_heavy_loss_cuts_to_the_delivered_fraction(lost: int, received: int, factor: float) -> None:
     p = AimdPacer(FAST, now=0.0)

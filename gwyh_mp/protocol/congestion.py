@@ -82,7 +82,8 @@ class PacingConfig:
         start, on a rate): a clean fast link reaches its capacity in a few intervals instead of
         minutes of additive steps. An interval without waiting data does not grow the rate, so
         an idle link never claims a rate it has not used. 1 disables it.
-      heavy_loss_decrease: when a loss sample shows more loss than 1 - decrease_factor, cut the
+      heavy_loss_decrease: when a full loss sample (>= loss_sample_packets) shows more loss than
+        1 - decrease_factor, cut the
         rate to the fraction that got through (rate *= 1 - loss, at least x
         HEAVY_LOSS_MIN_FACTOR) instead of by decrease_factor: a sender several times too fast
         (a slow start's overshoot, or an initial rate far above a slow link) comes back to the
@@ -560,8 +561,10 @@ class AimdPacer:
             return False  # same loss event: its first report already cut the rate
         self._refill(now)  # tokens earned so far accrue at the old rate
         factor = cfg.decrease_factor
-        if cfg.heavy_loss_decrease:  # cut to what got through when that is deeper
-            factor = min(factor, max(1 - lost / max(total, 1), HEAVY_LOSS_MIN_FACTOR))
+        # Cut to what got through when that is deeper, judged only on a full sample: three
+        # losses among five packets say little about the link's capacity.
+        if cfg.heavy_loss_decrease and total >= cfg.loss_sample_packets:
+            factor = min(factor, max(1 - lost / total, HEAVY_LOSS_MIN_FACTOR))
         self._rate = max(self._rate * factor, cfg.min_rate_bytes_per_s)
         self._holdoff_until_s = now + cfg.decrease_holdoff_s
         self._slow_start = False
