@@ -47,14 +47,26 @@ import orjson
 
 from bench.common import (
     ClusterNode,
+    ProcessCpu,
     counter_delta,
     free_udp_port,
     last_json_line,
     machine_description,
     rcvbuf_errors,
+    set_big_buffers,
     write_json,
 )
-from bench.floor import measure_udp_pair, measure_udp_send
+from bench.floor import (
+    LOOPBACK,
+    _mp_context,
+    _udp_socket,
+    measure_udp_pair,
+    measure_udp_send,
+    timed_calls,
+)
+from gwyh_mp.protocol import crypto, wire
+from gwyh_mp.runtime import udp as runtime_udp
+from gwyh_mp.runtime.mmsg import BatchReceiver, BatchSender
 
 KEY = b"bench-large-key-0123456789abcdef0123"
 MIB = 1024 * 1024
@@ -279,6 +291,7 @@ def run_batch(
     want = len(messages)
     wanted = {digest(m) for m in messages}
     done_at: dict[int, float] = {}
+    cpu = ProcessCpu([x.proc.pid for x in cluster.nodes], include_children=True)
     started = time.monotonic()
     send_lines(cluster.nodes[sender], messages)
     deadline = started + timeout
@@ -302,6 +315,7 @@ def run_batch(
             stalled = True
             break
         time.sleep(0.005)
+    cpu_s = cpu.delta().total_s  # before collect(): the nodes are idle from here on
     complete = len(done_at) == len(receivers)
     elapsed = (max(done_at.values()) - started) if complete else None
     delivered = corrupt = duplicates = 0
@@ -329,6 +343,12 @@ def run_batch(
         if elapsed
         else None,
         "per_node_done_s": {str(i): round(t - started, 4) for i, t in sorted(done_at.items())},
+        # Every node process (receiver processes included), per MiB delivered to one node:
+        # unlike MiB/s, this barely moves when other work shares the machine.
+        "node_cpu_s": round(cpu_s, 3),
+        "node_cpu_ms_per_mib": round(cpu_s * 1000 / (total_bytes * len(receivers) / MIB), 2)
+        if total_bytes
+        else None,
         "expected_deliveries": expected,
         "delivered": delivered,
         "delivery_ratio": round(delivered / expected, 4) if expected else None,
@@ -343,6 +363,159 @@ def node_counters(cluster: Cluster) -> list[dict[str, Any]]:
         "naks_sent", "retransmits", "shed_datagrams", "duplicates", "drop_no_channel_key",
     )  # fmt: skip
     return [{k: x.last_stats().get(k) for k in keys} for x in cluster.nodes]
+
+
+# ---------------------------------------------------------------------------- floor loop
+
+# What a node's BROADCAST datagram carries besides the fragment's payload: the clear
+# header and message id, the Poly1305 tag, the entry and fragment headers.
+FLOOR_PREFIX = wire.BROADCAST_HEADER.size + wire.MESSAGE_ID_BYTES
+FLOOR_BATCH = 64  # datagrams per sendmmsg / recvmmsg, as the runtime's RECV_BATCH
+
+FLOOR_NOTE = (
+    "floor: the same datagrams with none of the protocol, one hop: a sender process "
+    "seals each one with the project's crypto (crypto.seal, XSalsa20-Poly1305, a "
+    "counter nonce with the 16-byte id as its tail, as a BROADCAST datagram) and sends "
+    f"them {FLOOR_BATCH} per sendmmsg (runtime.mmsg.BatchSender); a receiver process "
+    "takes them with recvmmsg (BatchReceiver) and opens each one (crypto.open_sealed). "
+    "floor_mib_s counts the fragment payload of every datagram that was received and "
+    "authenticated (datagram - header, id, tag, entry and fragment headers, as the node "
+    "counts message bytes) over the sender's send time; datagrams the receiver could "
+    "not keep up with are dropped by the kernel and not counted."
+)
+
+
+def fragment_payload(datagram: int) -> int:
+    """Message bytes one fragment datagram of ``datagram`` bytes carries (node.fragment_bytes)."""
+    return (
+        datagram
+        - wire.BROADCAST_OVERHEAD
+        - wire.MESSAGE_ID_BYTES
+        - wire.ENTRY_HEADER.size
+        - wire.FRAGMENT_HEADER.size
+    )
+
+
+def _floor_receiver(conn: Any, key: bytes, max_seconds: float) -> None:
+    """Child process: recvmmsg + open every datagram until a short end marker, 0.3 s of
+    silence after data, or ``max_seconds``."""
+    import select
+
+    with _udp_socket() as sock:
+        set_big_buffers(sock)
+        sock.setblocking(False)
+        conn.send(sock.getsockname()[1])
+        receiver = BatchReceiver(sock, FLOOR_BATCH, runtime_udp.MAX_DATAGRAM)
+        ok = bad = 0
+        deadline = time.monotonic() + max_seconds
+        cpu0 = time.process_time()
+        done = False
+        while not done and ok + bad < 50_000_000:
+            if not select.select([sock], [], [], 0.3)[0]:
+                if ok or time.monotonic() > deadline:
+                    break
+                continue
+            for _ in range(64):  # drain what is queued, bounded
+                count = receiver.recv_batch()
+                for i in range(count):
+                    packet = receiver.packet(i)
+                    if len(packet) < FLOOR_PREFIX:
+                        done = True
+                        continue
+                    head = bytes(packet[:FLOOR_PREFIX])
+                    counter = int.from_bytes(head[12:20], "big")
+                    try:
+                        crypto.open_sealed(
+                            key, crypto.nonce(counter, head[20:]), bytes(packet[FLOOR_PREFIX:])
+                        )
+                        ok += 1
+                    except crypto.DecryptError:
+                        bad += 1
+                if count < FLOOR_BATCH:
+                    break
+            if time.monotonic() > deadline:
+                break
+        conn.send((ok, bad, time.process_time() - cpu0))
+        conn.close()
+
+
+def measure_floor(datagram: int, seconds: float) -> dict[str, Any]:
+    """The floor loop (FLOOR_NOTE): one sender and one receiver process over 127.0.0.1."""
+    key = os.urandom(32)
+    ctx = _mp_context()
+    parent_conn, child_conn = ctx.Pipe()
+    proc = ctx.Process(target=_floor_receiver, args=(child_conn, key, seconds + 10.0), daemon=True)
+    proc.start()
+    child_conn.close()
+    plain_len = datagram - FLOOR_PREFIX - crypto.TAG_BYTES
+    message = os.urandom(plain_len * FLOOR_BATCH)
+    plaintexts = [message[i * plain_len : (i + 1) * plain_len] for i in range(FLOOR_BATCH)]
+    msg_id = os.urandom(wire.MESSAGE_ID_BYTES)
+    head = wire.BROADCAST_HEADER.pack(0, 0, 0, 0, 0, 0, 0)[:12]
+    counter = 0
+    try:
+        if not parent_conn.poll(15.0):
+            raise RuntimeError("floor receiver did not start")
+        addr = (LOOPBACK, parent_conn.recv())
+        with _udp_socket(bind=False) as tx:
+            set_big_buffers(tx)
+            sender = BatchSender(tx)
+            seal, nonce = crypto.seal, crypto.nonce
+
+            def body(n: int) -> int:
+                nonlocal counter
+                items = []
+                for plaintext in plaintexts[:n]:
+                    counter += 1
+                    c = counter.to_bytes(8, "big")
+                    items.append(
+                        (
+                            b"".join(
+                                (head, c, msg_id, seal(key, nonce(counter, msg_id), plaintext))
+                            ),
+                            addr,
+                        )
+                    )
+                try:
+                    return sender.send_batch(items)
+                except OSError:
+                    return 0
+
+            cpu0 = time.process_time()
+            sent, elapsed = timed_calls(body, seconds, batch=FLOOR_BATCH)
+            sender_cpu = time.process_time() - cpu0
+            for _ in range(20):  # end markers; one may be dropped on a full queue
+                with contextlib.suppress(OSError):
+                    tx.sendto(b"end", addr)
+                if parent_conn.poll(0.005):
+                    break
+        ok, bad, receiver_cpu = (
+            parent_conn.recv() if parent_conn.poll(seconds + 15.0) else (0, 0, 0.0)
+        )
+    finally:
+        proc.join(5.0)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5.0)
+        parent_conn.close()
+    payload_bytes = ok * fragment_payload(datagram)
+    cpu_s = sender_cpu + receiver_cpu
+    return {
+        "datagram_bytes": datagram,
+        "fragment_payload_bytes": fragment_payload(datagram),
+        "sent": sent,
+        "received_authenticated": ok,
+        "failed_authentication": bad,
+        "elapsed_s": round(elapsed, 4),
+        "drop_pct": round(100.0 * (sent - ok) / sent, 2) if sent else None,
+        "floor_mib_s": round(payload_bytes / elapsed / MIB, 2) if elapsed > 0 else None,
+        "sender_cpu_us_per_datagram": round(1e6 * sender_cpu / sent, 2) if sent else None,
+        "receiver_cpu_us_per_datagram": round(1e6 * receiver_cpu / ok, 2) if ok else None,
+        # Both processes, per MiB of payload that got through (what was dropped still cost).
+        "floor_cpu_ms_per_mib": round(cpu_s * 1000 / (payload_bytes / MIB), 2)
+        if payload_bytes
+        else None,
+    }
 
 
 # ---------------------------------------------------------------------------- parts 1 and 4
@@ -364,9 +537,11 @@ def udp_ceiling(datagram: int, seconds: float) -> dict[str, Any]:
 def part_goodput(args: argparse.Namespace, log: list[str]) -> dict[str, Any]:
     datagrams = list(dict.fromkeys([args.max_datagram, *args.compare_datagrams]))
     ceilings = {}
+    floors = {}
     runs = []
     for dg in datagrams:
         ceilings[str(dg)] = udp_ceiling(dg, args.udp_seconds)
+        floors[str(dg)] = measure_floor(dg, args.udp_seconds)
         cluster = start_cluster(args.nodes, dg)
         try:
             if not wait_converged(cluster, 60):
@@ -380,6 +555,8 @@ def part_goodput(args: argparse.Namespace, log: list[str]) -> dict[str, Any]:
                 result = run_batch(cluster, 0, msgs, timeout=120, stall_s=args.stall_s)
                 after = rcvbuf_errors()
                 raw = ceilings[str(dg)]["pair_mib_s"]
+                floor = floors[str(dg)]["floor_mib_s"]
+                floor_cpu = floors[str(dg)]["floor_cpu_ms_per_mib"]
                 result.update(
                     {
                         "max_datagram": dg,
@@ -388,6 +565,11 @@ def part_goodput(args: argparse.Namespace, log: list[str]) -> dict[str, Any]:
                         "goodput_vs_raw_udp": round(result["goodput_mib_s"] / raw, 4)
                         if result["goodput_mib_s"] and raw
                         else None,
+                        "floor_mib_s": floor,
+                        "goodput_vs_floor": round(result["goodput_mib_s"] / floor, 4)
+                        if result["goodput_mib_s"] and floor
+                        else None,
+                        "floor_cpu_ms_per_mib": floor_cpu,
                         "rcvbuf_errors": counter_delta(before, after),
                         "node_counters": node_counters(cluster),
                     }
@@ -395,7 +577,8 @@ def part_goodput(args: argparse.Namespace, log: list[str]) -> dict[str, Any]:
                 runs.append(result)
                 log.append(
                     f"goodput dg={dg} size={size}: {result['goodput_mib_s']} MiB/s to all "
-                    f"(raw UDP pair {raw} MiB/s), complete={result['complete']}"
+                    f"(floor {floor} MiB/s, raw UDP pair {raw} MiB/s), "
+                    f"complete={result['complete']}"
                 )
         finally:
             cluster.stop()
@@ -409,7 +592,35 @@ def part_goodput(args: argparse.Namespace, log: list[str]) -> dict[str, Any]:
                 "goodput_mib_s": top["goodput_mib_s"],
                 "by_datagram": {str(r["max_datagram"]): r["goodput_mib_s"] for r in rows},
             }
-    return {"udp_ceiling": ceilings, "runs": runs, "best_datagram_on_loopback": best}
+    return {
+        "udp_ceiling": ceilings,
+        "floor": floors,
+        "runs": runs,
+        "best_datagram_on_loopback": best,
+    }
+
+
+def goodput_table(goodput: dict[str, Any]) -> list[str]:
+    """Node goodput next to the same-run floor loop and raw UDP, one row per run."""
+    head = (
+        f"{'datagram':>8} {'size':>9} {'node MiB/s':>10} {'floor MiB/s':>11} "
+        f"{'node/floor':>10} {'raw UDP MiB/s':>13} {'complete':>8} "
+        f"{'node CPU ms/MiB':>15} {'floor CPU ms/MiB':>16}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in goodput["runs"]:
+        if "error" in r:
+            lines.append(f"{r['max_datagram']:>8} {r['error']}")
+            continue
+        ratio = r.get("goodput_vs_floor")
+        lines.append(
+            f"{r['max_datagram']:>8} {r['size']:>9} {r['goodput_mib_s'] or '-':>10} "
+            f"{r['floor_mib_s'] or '-':>11} "
+            f"{f'{100 * ratio:.0f} %' if ratio else '-':>10} "
+            f"{r['raw_udp_pair_mib_s']:>13} {r['complete']!s:>8} "
+            f"{r.get('node_cpu_ms_per_mib') or '-':>15} {r.get('floor_cpu_ms_per_mib') or '-':>16}"
+        )
+    return lines
 
 
 # ---------------------------------------------------------------------------- part 2
@@ -728,10 +939,15 @@ NOTES = [
     "goodput_mib_s: payload MiB per second delivered to *every* other node (time from the "
     "first stdin write to the last node printing the last message); aggregate_mib_s "
     "multiplies by the receivers.",
+    "node_cpu_ms_per_mib: user+sys CPU of every node process (receiver processes "
+    "included) during the transfer, per MiB delivered to one receiver; "
+    "floor_cpu_ms_per_mib: both floor processes per MiB that got through. On a shared "
+    "machine these move far less between runs than the MiB/s figures.",
     "raw_udp_pair_mib_s: one process sending datagrams of --max-datagram bytes to another "
     "process on 127.0.0.1 (bench.ceiling.measure_udp_pair), no crypto, no fanout; a node "
     "also encrypts, and the origin sends each fragment to every subscriber, so the ratio is "
     "a cost indicator, not an efficiency bound.",
+    FLOOR_NOTE,
     "chain: measured_* values are timestamps (CLOCK_MONOTONIC, shared by all processes); "
     "derived_store_and_forward_ms = hops x measured_single_hop_ms is an estimate of what "
     "forwarding only whole messages would cost, not a measurement.",
@@ -770,6 +986,9 @@ def run(args: argparse.Namespace) -> int:
     write_json(args.json, result)
     for line in log:
         print(line)
+    if "goodput" in result:
+        print()
+        print("\n".join(goodput_table(result["goodput"])))
     return 0
 
 

@@ -45,7 +45,7 @@ from gwyh_mp.config import (
     Config,
     ConfigError,
 )
-from gwyh_mp.control import ControlError, ControlServer, default_path, message_record
+from gwyh_mp.control import ControlError, ControlServer, default_path, message_line
 from gwyh_mp.identity import DataDir, IdentityError
 from gwyh_mp.metrics import MetricsServer
 from gwyh_mp.protocol import wire
@@ -350,7 +350,7 @@ def config_from_args(args: argparse.Namespace, node_id: bytes | None = None) -> 
 
 
 def message_json(msg: Message, received_at: float | None = None) -> bytes:
-    return orjson.dumps(message_record(msg, received_at)) + b"\n"
+    return message_line(msg, received_at)
 
 
 def messages_json(batch: list[Message], received_at: float) -> bytes:

@@ -55,17 +55,33 @@ def default_path(port: int) -> str:
     return os.path.join(base, f"{port}.sock")
 
 
-def message_record(msg: Message, received_at: float | None = None) -> dict[str, object]:
-    """A delivered message in the --stdio / tail schema."""
+def _record_head(msg: Message, received_at: float | None) -> dict[str, object]:
     record: dict[str, object] = {"id": msg.id.hex(), "origin": msg.origin.hex(), "hops": msg.hops}
     if received_at is not None:
         record["received_at"] = round(received_at, 6)
-    try:
-        record["data"] = msg.data.decode("utf-8")
-    except UnicodeDecodeError:
-        record["data"] = base64.b64encode(msg.data).decode()
-        record["encoding"] = "base64"
     return record
+
+
+def message_record(msg: Message, received_at: float | None = None) -> dict[str, object]:
+    """A delivered message in the --stdio / tail schema, as a dict (``message_line``'s)."""
+    return orjson.loads(message_line(msg, received_at))  # type: ignore[no-any-return]
+
+
+def message_line(msg: Message, received_at: float | None = None) -> bytes:
+    """``message_record`` as one JSON line. Binary data is base64-encoded straight into
+    the line's bytes (base64 needs no JSON escaping): for a 4 MiB message that skips
+    turning 5.6 MB of base64 into a str and orjson encoding it back, about 40 % of the
+    line's cost."""
+    try:
+        text = msg.data.decode("utf-8")
+    except UnicodeDecodeError:
+        head = orjson.dumps(_record_head(msg, received_at))
+        return b"".join(
+            (head[:-1], b',"data":"', base64.b64encode(msg.data), b'","encoding":"base64"}\n')
+        )
+    record = _record_head(msg, received_at)
+    record["data"] = text
+    return orjson.dumps(record) + b"\n"
 
 
 class ControlServer:
@@ -237,7 +253,7 @@ class ControlServer:
                 except StreamOverflow as exc:
                     writer.write(orjson.dumps({"event": "lost", "count": exc.lost}) + b"\n")
                 else:
-                    writer.write(b"".join(_line(message_record(m, wall)) for m in batch))
+                    writer.write(b"".join([message_line(m, wall) for m in batch]))
                 await writer.drain()
         finally:
             gone.cancel()
@@ -305,10 +321,6 @@ class ControlServer:
         """The key files were re-read (SIGHUP): the first file's key is in use again."""
         psks = self.node.psks
         self._primary = psks[0] if psks else None
-
-
-def _line(record: dict[str, object]) -> bytes:
-    return orjson.dumps(record) + b"\n"
 
 
 # ---------------------------------------------------------------- client side

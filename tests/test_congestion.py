@@ -816,6 +816,145 @@ def test_aimd_loss_free_link_ramps_up_to_max() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# The node's rules for fast links: slow start, heavy-loss cut, pacing tick (links.pacing_config)
+# --------------------------------------------------------------------------------------------------
+
+FAST = PacingConfig(
+    initial_rate_bytes_per_s=1_000_000,
+    max_rate_bytes_per_s=64_000_000,
+    increase_interval_s=0.05,
+    slow_start_factor=2.0,
+    heavy_loss_decrease=True,
+    tick_s=0.001,
+)
+
+
+def _starve(p: AimdPacer, now: float) -> None:
+    """Data waits for the pacer: send until it refuses."""
+    for _ in range(100_000):
+        if not p.can_send(PKT, now):
+            return
+        p.consume(PKT, now)
+    raise AssertionError("the pacer never refused")
+
+
+def test_slow_start_doubles_only_while_data_waits() -> None:
+    p = AimdPacer(FAST, now=0.0)
+    assert p.in_slow_start
+    r0 = p.rate_bytes_per_s
+    # An idle interval: nothing waited, so no growth (an unused rate is not evidence).
+    assert not p.on_tick(0.05)
+    assert p.rate_bytes_per_s == r0
+    for k in range(1, 5):
+        _starve(p, 0.05 * k + 0.01)
+        assert p.on_tick(0.05 * (k + 1))
+        assert p.rate_bytes_per_s == r0 * 2**k
+    # Capped at the maximum.
+    for k in range(5, 12):
+        _starve(p, 0.05 * k + 0.01)
+        p.on_tick(0.05 * (k + 1))
+    assert p.rate_bytes_per_s == FAST.max_rate_bytes_per_s
+
+
+def test_slow_start_ends_at_first_decrease_then_additive() -> None:
+    p = AimdPacer(FAST, now=0.0)
+    _starve(p, 0.01)
+    assert p.on_tick(0.05)
+    assert p.on_nak(20, 180, 0.06)  # 10 % loss: a plain decrease_factor cut
+    assert not p.in_slow_start
+    r1 = p.rate_bytes_per_s
+    assert r1 == pytest.approx(2_000_000 * FAST.decrease_factor)
+    t = 0.06 + FAST.decrease_holdoff_s
+    _starve(p, t)
+    assert p.on_tick(t + FAST.increase_interval_s)
+    assert p.rate_bytes_per_s == pytest.approx(r1 + FAST.increase_bytes_per_s)
+
+
+@pytest.mark.parametrize(
+    ("lost", "received", "factor"),
+    [
+        (20, 180, 0.7),
+        (60, 140, 0.7),
+        (120, 80, 0.4),
+        (190, 10, 0.25),
+        (3, 2, 0.7),  # heavy, but too small a sample to say what the link carries
+    ],
+)
+def test_heavy_loss_cuts_to_the_delivered_fraction(lost: int, received: int, factor: float) -> None:
+    p = AimdPacer(FAST, now=0.0)
+    r0 = p.rate_bytes_per_s
+    assert p.on_nak(lost, received, 0.01)
+    assert p.rate_bytes_per_s == pytest.approx(r0 * factor)
+    # Without the rule every loss event cuts by decrease_factor alone.
+    q = AimdPacer(PacingConfig(initial_rate_bytes_per_s=r0), now=0.0)
+    assert q.on_nak(lost, received, 0.01)
+    assert q.rate_bytes_per_s == pytest.approx(r0 * 0.7)
+
+
+def test_tick_sends_a_batch_per_wakeup_even_when_the_timer_fires_early() -> None:
+    rate = 10_000_000  # one 1 ms tick = 10,000 B, about 8 datagrams
+    cfg = PacingConfig(initial_rate_bytes_per_s=rate, burst_bytes=20_000, tick_s=0.001)
+    p = AimdPacer(cfg, now=0.0)
+    now = 0.0
+    while p.can_send(PKT, now):
+        p.consume(PKT, now)
+    # The bucket went into debt by at most one tick of rate plus a datagram.
+    assert -10_000 - PKT <= p.tokens(now) < 0
+    due = p.next_send_time(PKT, now)  # still waits for a whole datagram of tokens
+    assert p.tokens(due) >= PKT - 1e-6
+    # A timer firing 0.5 ms early (uvloop rounds to the millisecond) still sends...
+    assert p.can_send(PKT, due - 0.0005)
+    # ...and each wakeup at next_send_time sends about a tick of data, not one datagram.
+    sent = wakeups = 0
+    now = due
+    while now < 2.0:
+        wakeups += 1
+        while p.can_send(PKT, now):
+            p.consume(PKT, now)
+            sent += PKT
+        now = p.next_send_time(PKT, now)
+    assert sent / 2.0 == pytest.approx(rate, rel=0.02)  # the rate is unchanged
+    assert sent / PKT / wakeups >= 5  # datagram by datagram would be 1
+    # Without a tick, a timer that fires early finds the bucket short and sends nothing.
+    q = AimdPacer(PacingConfig(initial_rate_bytes_per_s=rate, burst_bytes=20_000), 0.0)
+    q.consume(20_000, 0.0)
+    assert not q.can_send(PKT, q.next_send_time(PKT, 0.0) - 0.0005)
+
+
+def test_fast_rules_ramp_a_clean_link_within_a_second() -> None:
+    res = simulate_link(
+        FAST,
+        capacity_bytes_per_s=100_000_000,
+        queue_bytes=4_000_000,
+        duration_s=1.5,
+    )
+    assert res.decrease_times == []
+    # Additive steps alone would take minutes to climb from 1 MB/s to 64 MB/s.
+    assert res.sent_rate_tail == pytest.approx(64_000_000, rel=0.1)
+
+
+@pytest.mark.parametrize("capacity", [1_000_000, 5_000_000])
+def test_fast_rules_still_converge_on_a_bottleneck(capacity: float) -> None:
+    cfg = PacingConfig(
+        initial_rate_bytes_per_s=FAST.initial_rate_bytes_per_s,
+        max_rate_bytes_per_s=FAST.max_rate_bytes_per_s,
+        increase_interval_s=FAST.increase_interval_s,
+        slow_start_factor=FAST.slow_start_factor,
+        heavy_loss_decrease=FAST.heavy_loss_decrease,
+        tick_s=FAST.tick_s,
+        max_queued_data_bytes=4_000_000,
+    )
+    res = simulate_link(
+        cfg, capacity_bytes_per_s=capacity, queue_bytes=max(64_000, capacity // 20), duration_s=20
+    )
+    cap = res.capacity
+    assert 0.5 * cap <= res.sent_rate_tail <= 1.3 * cap
+    assert res.delivered_rate_tail >= 0.5 * cap
+    assert res.loss_fraction_tail < 0.05
+    assert res.min_rate_after_warmup > 0.3 * cap
+
+
+# --------------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------------
 

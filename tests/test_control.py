@@ -4,6 +4,7 @@ and how it answers malformed requests (one JSON error line, never a dropped node
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import socket
 import stat
@@ -13,9 +14,12 @@ from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gwyh_mp import Config, Node
-from gwyh_mp.control import ControlError, ControlServer, default_path
+from gwyh_mp.control import ControlError, ControlServer, default_path, message_line
+from gwyh_mp.protocol.events import Message
 
 KEY = b"control-test-key-0123456789abcdefgh"
 
@@ -112,3 +116,22 @@ async def test_default_directory_must_be_private(node: Node, sockdir: Path) -> N
     shared.chmod(0o777)
     with pytest.raises(ControlError, match="not private"):
         await ControlServer(node, str(shared / "n.sock"), lambda: None, private_dir=True).start()
+
+
+@given(st.binary(max_size=300), st.none() | st.floats(0, 2e9))
+def test_message_line_is_the_documented_record(data: bytes, received_at: float | None) -> None:
+    """The --stdio / tail line: text as is, anything else base64 (built straight into the
+    line's bytes for speed), and the same keys in the same order either way."""
+    msg = Message(data, b"\x01" * 16, b"\x02" * 16, 3)
+    line = message_line(msg, received_at)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    record = orjson.loads(line)
+    expected: dict[str, object] = {"id": "01" * 16, "origin": "02" * 16, "hops": 3}
+    if received_at is not None:
+        expected["received_at"] = round(received_at, 6)
+    try:
+        expected["data"] = data.decode("utf-8")
+    except UnicodeDecodeError:
+        expected["data"] = base64.b64encode(data).decode()
+        expected["encoding"] = "base64"
+    assert list(record.items()) == list(expected.items())

@@ -10,7 +10,9 @@ links.py (the per-peer queues):
   bulk-data datagrams, tolerates reordering, and emits at most one aggregated ``NakReport`` per
   ``nak_interval_s``. Control packets carry no link sequence number, so a NAK is never NAKed.
 * ``AimdPacer`` (sender, one per link): token bucket in bytes/s whose rate is cut multiplicatively
-  on reported loss (once per loss event) and raised additively while the link is loss-free.
+  on reported loss (once per loss event) and raised additively while the link is loss-free;
+  optionally doubled per interval until the first loss (slow start), cut to the delivered
+  fraction on heavy loss, and released in ticks rather than datagram by datagram.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from dataclasses import dataclass
 SEQ32_MODULUS = 1 << 32
 SEQ32_MASK = SEQ32_MODULUS - 1
 _SEQ32_HALF = 1 << 31
+# heavy_loss_decrease never cuts deeper than this in one step: a loss sample is a
+# snapshot, and a burst of loss right after a pause can look worse than the link is.
+HEAVY_LOSS_MIN_FACTOR = 0.25
 
 
 def seq32_diff(a: int, b: int) -> int:
@@ -72,6 +77,23 @@ class PacingConfig:
         The defaults (+160 KiB/s per second) hold a 0.5-3 MB/s bottleneck at 90-100 % of its
         capacity with ~1 % loss in simulation; on a 200 KB/s one they overshoot (~8 % loss),
         and they take about a minute to climb from 1 MiB/s to 10 MB/s.
+      slow_start_factor: until the link's first rate decrease, each loss-free increase interval
+        in which data waited for the pacer multiplies the rate by this instead (TCP's slow
+        start, on a rate): a clean fast link reaches its capacity in a few intervals instead of
+        minutes of additive steps. An interval without waiting data does not grow the rate, so
+        an idle link never claims a rate it has not used. 1 disables it.
+      heavy_loss_decrease: when a full loss sample (>= loss_sample_packets) shows more loss than
+        1 - decrease_factor, cut the
+        rate to the fraction that got through (rate *= 1 - loss, at least x
+        HEAVY_LOSS_MIN_FACTOR) instead of by decrease_factor: a sender several times too fast
+        (a slow start's overshoot, or an initial rate far above a slow link) comes back to the
+        delivered rate in one step, not one holdoff per 30 % cut.
+      tick_s: pacing granularity. A datagram may leave while the bucket is short of it by at
+        most tick_s of rate (the bucket goes into that much debt), and ``next_send_time`` still
+        waits for the full amount: so one wakeup sends about a tick of data in one batch, and
+        an event loop whose timers fire early (uvloop rounds them to the millisecond) sends
+        instead of spinning on a bucket a few bytes short. The average rate is unchanged.
+        0 paces datagram by datagram.
 
     Queueing (sender, links.py):
       max_queued_data_bytes: bound of one link's data queue; beyond it the oldest queued data is
@@ -94,6 +116,9 @@ class PacingConfig:
     decrease_holdoff_s: float = 0.2
     increase_bytes_per_s: float = 16_384.0
     increase_interval_s: float = 0.1
+    slow_start_factor: float = 1.0
+    heavy_loss_decrease: bool = False
+    tick_s: float = 0.0
 
     max_queued_data_bytes: int = 1_048_576
 
@@ -132,6 +157,14 @@ class PacingConfig:
             "need min_rate_bytes_per_s <= initial_rate_bytes_per_s <= max_rate_bytes_per_s, finite",
         )
         need(self.burst_bytes >= 1, "burst_bytes must be >= 1")
+        need(
+            math.isfinite(self.slow_start_factor) and self.slow_start_factor >= 1,
+            "slow_start_factor must be finite and >= 1",
+        )
+        need(
+            math.isfinite(self.tick_s) and 0 <= self.tick_s <= 1,
+            "tick_s must be in [0, 1] seconds",
+        )
         need(0 < self.decrease_factor < 1, "decrease_factor must be in (0, 1)")
         need(0 <= self.loss_threshold < 1, "loss_threshold must be in [0, 1)")
         need(self.max_queued_data_bytes >= 1, "max_queued_data_bytes must be >= 1")
@@ -425,7 +458,9 @@ class AimdPacer:
         "_rate",
         "_sample_lost",
         "_sample_total",
+        "_slow_start",
         "_tokens",
+        "_waited",
         "decreases",
         "increases",
         "sent_bytes",
@@ -443,6 +478,8 @@ class AimdPacer:
         # Packets (lost, lost + received) of the loss sample still being judged; see on_nak.
         self._sample_lost = 0
         self._sample_total = 0
+        self._slow_start = self._cfg.slow_start_factor > 1  # until the first decrease
+        self._waited = False  # data waited for tokens during this increase interval
         self.sent_bytes = 0
         self.decreases = 0
         self.increases = 0
@@ -460,13 +497,36 @@ class AimdPacer:
         self._refill(now)
         return self._tokens
 
+    def send_allowance(self, now: float) -> float:
+        """Bytes that may leave now, datagram size permitting: the bucket plus one tick of
+        debt (see ``tick_s``). For a caller that spends it locally in one turn, as
+        ``can_send`` would datagram by datagram, then calls ``consume`` once."""
+        self._refill(now)
+        cfg = self._cfg
+        if cfg.tick_s:
+            return self._tokens + min(self._rate * cfg.tick_s, cfg.burst_bytes)
+        return self._tokens
+
+    def note_waited(self) -> None:
+        """Data waited for the bucket (what a refused ``can_send`` records)."""
+        self._waited = True
+
     def can_send(self, nbytes: int, now: float) -> bool:
         """True if a datagram of ``nbytes`` may go out now.
 
         A datagram larger than the bucket needs a full bucket (it could never fit otherwise).
+        With ``tick_s`` the bucket may be short of it by up to one tick of rate (see
+        PacingConfig). A refusal marks the interval as rate-limited (slow start grows then).
         """
         self._refill(now)
-        return self._tokens >= min(nbytes, self._cfg.burst_bytes)
+        cfg = self._cfg
+        need = min(nbytes, cfg.burst_bytes)
+        if cfg.tick_s:
+            need -= min(self._rate * cfg.tick_s, cfg.burst_bytes)
+        if self._tokens >= need:
+            return True
+        self._waited = True
+        return False
 
     def consume(self, nbytes: int, now: float) -> None:
         """Account for ``nbytes`` just sent on this link."""
@@ -514,8 +574,14 @@ class AimdPacer:
         if now < self._holdoff_until_s:
             return False  # same loss event: its first report already cut the rate
         self._refill(now)  # tokens earned so far accrue at the old rate
-        self._rate = max(self._rate * cfg.decrease_factor, cfg.min_rate_bytes_per_s)
+        factor = cfg.decrease_factor
+        # Cut to what got through when that is deeper, judged only on a full sample: three
+        # losses among five packets say little about the link's capacity.
+        if cfg.heavy_loss_decrease and total >= cfg.loss_sample_packets:
+            factor = min(factor, max(1 - lost / total, HEAVY_LOSS_MIN_FACTOR))
+        self._rate = max(self._rate * factor, cfg.min_rate_bytes_per_s)
         self._holdoff_until_s = now + cfg.decrease_holdoff_s
+        self._slow_start = False
         self.decreases += 1
         # The increase clock restarts: probing resumes only after a full loss-free interval.
         self._next_increase_s = now + cfg.increase_interval_s
@@ -532,18 +598,28 @@ class AimdPacer:
         if now < self._next_increase_s:
             return False
         self._next_increase_s = now + cfg.increase_interval_s
-        lossy = self._loss_in_interval
-        self._loss_in_interval = False
+        lossy, waited = self._loss_in_interval, self._waited
+        self._loss_in_interval = self._waited = False
         # Within the holdoff the link has not yet shown the effect of the last decrease (NAKs
         # lag by reorder window + NAK interval + RTT), so probing upward then only overshoots.
         if lossy or now < self._holdoff_until_s:
             return False
         if self._rate >= cfg.max_rate_bytes_per_s:
             return False
+        if self._slow_start:
+            if not waited:  # the rate did not hold anything back: no evidence it is too low
+                return False
+            rate = self._rate * cfg.slow_start_factor
+        else:
+            rate = self._rate + cfg.increase_bytes_per_s
         self._refill(now)
-        self._rate = min(self._rate + cfg.increase_bytes_per_s, cfg.max_rate_bytes_per_s)
+        self._rate = min(rate, cfg.max_rate_bytes_per_s)
         self.increases += 1
         return True
+
+    @property
+    def in_slow_start(self) -> bool:
+        return self._slow_start
 
     def next_timer(self, now: float) -> float:
         """When ``on_tick`` next has work to do."""

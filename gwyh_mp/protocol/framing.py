@@ -129,8 +129,8 @@ class AddKind(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class AddResult:
     kind: AddKind
-    # COMPLETE only: the whole message. Ownership passes to the caller (no copy is made).
-    data: bytearray | None = None
+    # COMPLETE only: the whole message (joined once; the caller keeps it as is).
+    data: bytes | bytearray | None = None
     # REJECTED only: one of the REJECT_* constants.
     reason: str | None = None
 
@@ -233,9 +233,9 @@ class _Partial:
                 pos += 1
             self.first_missing = pos
 
-    def joined(self) -> bytearray:
+    def joined(self) -> bytes:
         parts = self.parts
-        return bytearray().join(parts[i] for i in range(self.count))
+        return b"".join([parts[i] for i in range(self.count)])
 
 
 class Reassembler:
@@ -334,21 +334,27 @@ class Reassembler:
         now: float,
     ) -> AddResult:
         """Feed one fragment received from ``peer``; see AddKind for the outcomes."""
-        reason = _header_error(msg_id, index, count, total_len, self.max_message_bytes)
-        if reason is not None:
-            return self._reject(reason)
-        if msg_id in self._completed:
-            self.stats["late_duplicates"] += 1
-            return _DUPLICATE
         size = len(data)
         m = self._partials.get(msg_id)
+        if m is not None and count == m.count and total_len == m.total_len:
+            # Per fragment of a message in progress (the hot path): the shape was checked
+            # when its first fragment was admitted, so only the index is left to check.
+            if not 0 <= index < count:
+                return self._reject(REJECT_INDEX_OUT_OF_RANGE)
+        else:
+            reason = _header_error(msg_id, index, count, total_len, self.max_message_bytes)
+            if reason is not None:
+                return self._reject(reason)
+        if m is None and msg_id in self._completed:
+            self.stats["late_duplicates"] += 1
+            return _DUPLICATE
         if m is None:
             frag_size = _infer_fragment_size(index, count, total_len, size)
             if frag_size is None or (count > 1 and frag_size < self.min_fragment_bytes):
                 return self._reject(REJECT_BAD_FRAGMENT_SIZE)
             if count == 1:  # nothing to buffer
                 self._mark_completed(msg_id)
-                return AddResult(AddKind.COMPLETE, data=bytearray(data))
+                return AddResult(AddKind.COMPLETE, data=bytes(data))
             m = self._admit(peer, msg_id, count, total_len, frag_size, now)
             if m is None:
                 return self._reject(REJECT_OVER_BUDGET)

@@ -23,8 +23,10 @@ from gwyh_mp.protocol.stats import Stats
 from gwyh_mp.protocol.wire import FrameType, fragment_id
 
 FRAGMENT_RETAIN_S = 10.0  # own fragments kept for FRAGMENT_NAK answers
-FRAGMENT_WINDOW_BYTES = 512 * 1024  # fragment bytes released per send round (sliding window)
-FRAGMENT_INTERVAL_S = 0.002  # pause between windows while a large message drains
+# Sliding window: fragment bytes allowed in the link queues per fanout target. Refilled
+# on every flush (each pacer wakeup), so it only has to cover one pacer tick plus the
+# time to the next flush: 512 KiB is 5 ms at 100 MiB/s.
+FRAGMENT_WINDOW_BYTES = 512 * 1024
 LARGE_INFO_ENTRIES = 4096
 _FRAGMENT_HEADER = wire.FRAGMENT_HEADER
 _ENTRY_HEADER = wire.ENTRY_HEADER
@@ -110,7 +112,8 @@ class LargeMessages:
         # 16 MiB message never lands in the kernel's buffers all at once.
         self._queue: deque[tuple[bytes, bytes]] = deque()
         self.queued_bytes = 0
-        self._next_release: float | None = None
+        self._next_release: float | None = None  # None: at the next flush
+        self._window_bytes = FRAGMENT_WINDOW_BYTES  # per target, as of the last release
         self._info: OrderedDict[bytes, LargeInfo] = OrderedDict()
         self._resend_to: list[tuple[bytes, list[tuple[bytes, bytes]]]] = []
 
@@ -135,24 +138,27 @@ class LargeMessages:
         return bool(self._queue) and (self._next_release is None or now >= self._next_release)
 
     def release(self, now: float) -> None:
-        # Sliding window: more fragments only once the pacers have drained the last ones,
-        # and none while nobody subscribes (they wait here, under backpressure, rather
-        # than overflow the fanout's no-subscriber buffer).
+        """Top the link queues up to the window: called on every flush while fragments
+        wait, so the pacers never starve for want of a timer (before: one 512 KiB round
+        per 2 ms at best, and none while the backlog was above half a window)."""
+        # None while nobody subscribes: the fragments wait here, under backpressure, rather
+        # than overflow the fanout's no-subscriber buffer.
         targets = self._target_count()
         if not targets:
             self._next_release = now + self.config.heartbeat_interval_s / 10
             return
-        if self._link_backlog_bytes() > FRAGMENT_WINDOW_BYTES * targets // 2:
-            self._next_release = now + FRAGMENT_INTERVAL_S
-            return
-        budget = FRAGMENT_WINDOW_BYTES
+        self._next_release = None
+        self._window_bytes = FRAGMENT_WINDOW_BYTES * targets
+        room = self._window_bytes - self._link_backlog_bytes()
+        if room <= 0:
+            return  # the pacers' own timers bring the next flush, and with it this call
+        budget = room // targets  # every entry goes to each target
         queue = self._queue
         while queue and budget > 0:
             frag_id, entry = queue.popleft()
             self.queued_bytes -= len(entry)
             budget -= len(entry)
             self.fanout.add(frag_id, entry, None)
-        self._next_release = now + FRAGMENT_INTERVAL_S if queue else None
 
     def take_resends(self) -> list[tuple[bytes, list[tuple[bytes, bytes]]]]:
         """Fragments to resend, per peer that NAKed them."""
@@ -193,7 +199,7 @@ class LargeMessages:
         self.stats.bump("fragments_received")
         if result.kind is AddKind.COMPLETE:
             assert result.data is not None
-            whole = bytes(result.data)
+            whole = bytes(result.data)  # a no-op for the reassembler's own bytes
             self.stats.bump("delivered")
             self.stats.bump("delivered_large")
             self._deliver(Message(whole, msg_id, origin, hops))
@@ -237,8 +243,12 @@ class LargeMessages:
     # ------------------------------------------------------------------ timers
 
     def next_timer(self, now: float) -> float | None:
-        """The next window release and the reassembler's next NAK or expiry."""
+        """The next window release and the reassembler's next NAK or expiry. A window
+        with room left is due now (the pacers sent all of it at once); a full one waits
+        for the pacers' timers, which flush and so release."""
         t = self._next_release
+        if t is None and self._queue and self._link_backlog_bytes() < self._window_bytes:
+            t = now
         reassembly = self.reassembler.next_timer(now)
         if reassembly is not None and (t is None or reassembly < t):
             t = reassembly

@@ -40,6 +40,11 @@ def pacing_config(config: Config) -> PacingConfig:
         max_rate_bytes_per_s=float(config.send_rate_max_bytes_per_s),
         increase_bytes_per_s=float(config.send_rate_increase_bytes_per_s),
         increase_interval_s=0.05,
+        # Large messages on a clean fast link reach its capacity in a few intervals, an
+        # overshoot comes back in one cut, and the pacer sends 1 ms batches (congestion.py).
+        slow_start_factor=2.0,
+        heavy_loss_decrease=True,
+        tick_s=0.001,
         # As many loss ranges as one NAK frame can carry within a datagram.
         max_nak_ranges=max(
             1,
@@ -173,7 +178,7 @@ class LinkQueues:
             # One refill for the whole turn (``now`` does not move inside it), then the
             # bucket is spent locally and charged once: the same decisions as
             # can_send/consume per datagram, without two calls per datagram.
-            tokens = pacer.tokens(now)
+            tokens = pacer.send_allowance(now)
             burst = pacer.config.burst_bytes
             queue = link.queue
             sent_bytes = 0
@@ -183,6 +188,7 @@ class LinkQueues:
                 datagram, addr = queue[0]
                 size = len(datagram)
                 if tokens < (size if size < burst else burst):
+                    pacer.note_waited()
                     break
                 queue.popleft()
                 tokens -= size
