@@ -53,7 +53,7 @@ import orjson
 from bench.common import machine_description, median, node_command
 from gwyh_mp.api import MemberEvent, Node
 from gwyh_mp.config import Config
-from gwyh_mp.protocol.events import MemberDown, MemberUp
+from gwyh_mp.protocol.events import MemberDown, MemberSuspect, MemberUp
 
 PRESETS = ("local", "lan", "wan")
 KEY = b"bench-membership-key-0123456789ab"
@@ -524,6 +524,8 @@ async def _follow_gwyh(
         subject = event.member.node_id
         if isinstance(event, MemberUp):
             up.add(subject)
+        elif isinstance(event, MemberSuspect):
+            tracker.down(index, subject, suspect=True)  # still counted UP
         elif isinstance(event, MemberDown):
             up.discard(subject)
             tracker.down(index, subject)

@@ -183,6 +183,8 @@ class FailureDetector:
         self._dirty = True
         # The runtime is not reading the socket (backpressure): silence is our doing.
         self.deaf = False
+        self._lag_quiet_until = float("-inf")
+        self._accusing: bytes | None = None
 
     # ------------------------------------------------------------------ timers
 
@@ -267,11 +269,14 @@ class FailureDetector:
             self.woke(now)
         self.deaf = deaf
 
-    def report_lag(self, lag_s: float) -> None:
-        """The runtime's event loop ran this late: our own slowness, not the peers'."""
-        if lag_s > self.s.probe_timeout_s:
+    def report_lag(self, lag_s: float, now: float) -> None:
+        """The runtime's event loop ran this late: our own slowness, not the peers'.
+        At most one bump per probe interval, as a probe's success takes one back."""
+        if lag_s > self.s.probe_timeout_s and now >= self._lag_quiet_until:
+            self._lag_quiet_until = now + self.s.probe_interval_s
             self._bump_health(1)
             self.stats.bump("fd_lag_reports")
+            self._dirty = True
 
     def refuted_us(self) -> None:
         """We were suspected while alive: likely our own slowness (Lifeguard)."""
@@ -420,7 +425,11 @@ class FailureDetector:
                 self._suspect(peer_id, now)
                 self._set_deadline(sus)
             return
-        incarnation = self._suspect(peer_id, now)
+        self._accusing = peer_id  # on_suspected, called back from _suspect: no re-probe
+        try:
+            incarnation = self._suspect(peer_id, now)
+        finally:
+            self._accusing = None
         if incarnation is None:
             # Not alive in our table (already DOWN, LEFT or unknown), so nothing to
             # accuse; but it must stop being our provider or subscriber.
@@ -439,7 +448,11 @@ class FailureDetector:
         if sus is None or sus.incarnation != incarnation:
             sus = self.suspicions[node_id] = Suspicion(incarnation, now, False)
             self._set_deadline(sus)
-            if node_id in self._watched() and node_id not in self.probes:
+            if (
+                node_id != self._accusing
+                and node_id not in self.probes
+                and node_id in self._watched()
+            ):
                 # We watch it: check for ourselves at once (a confirmation or a rescue).
                 self.start_probe(node_id, now)
 
