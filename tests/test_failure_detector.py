@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gwyh_mp.cli import CliError, build_run_parser, config_from_args
 from gwyh_mp.config import Config, ConfigError
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.events import MemberDown, MemberSuspect, MemberUp
@@ -33,6 +35,7 @@ from gwyh_mp.protocol.membership import record_of
 from gwyh_mp.protocol.stats import Stats
 from gwyh_mp.protocol.wire import FrameType, MemberState
 from tests.helpers_core import PSK, down_events, live_nodes, make_cluster, view_of
+from tests.procs import write_key
 
 SETTINGS = DetectorSettings(
     probe_interval_s=0.5,
@@ -500,3 +503,33 @@ def test_a_node_paused_for_30_s_accuses_nobody_and_refutes_on_waking() -> None:
     for n in live_nodes(net, (addrs[3],)):
         ups = [e for t, e in n.events if t >= t_wake and isinstance(e, MemberUp)]
         assert any(e.member.node_id == sid for e in ups), n.addr
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _cli_config(tmp_path: Path, *flags: str) -> Config:
+    key = write_key(tmp_path, "k", PSK)
+    args = build_run_parser().parse_args(["--psk-file", key, *flags])
+    return config_from_args(args)
+
+
+def test_the_heartbeat_flag_keeps_the_handshake_retry_consistent(tmp_path: Path) -> None:
+    assert _cli_config(tmp_path).handshake_retry_s == 1.0
+    assert _cli_config(tmp_path, "--heartbeat-interval", "0.5").handshake_retry_s == 0.25
+    both = _cli_config(tmp_path, "--heartbeat-interval", "0.5", "--handshake-retry", "0.1")
+    assert both.handshake_retry_s == 0.1
+    with pytest.raises(CliError, match="--handshake-retry"):
+        _cli_config(tmp_path, "--heartbeat-interval", "0.5", "--handshake-retry", "2")
+
+
+def test_the_probe_interval_flag_carries_the_probe_timeout_and_suspicion(tmp_path: Path) -> None:
+    config = _cli_config(tmp_path, "--probe-interval", "0.1")
+    assert config.probe_timeout_s == pytest.approx(0.02)
+    assert (config.suspicion_min_s, config.suspicion_max_s) == (
+        pytest.approx(0.2),
+        pytest.approx(1.2),
+    )
+    assert _cli_config(tmp_path, "--suspicion-max", "30").suspicion_max_s == 30.0
+    with pytest.raises(CliError, match="suspicion"):
+        _cli_config(tmp_path, "--probe-interval", "1", "--suspicion-max", "1")
