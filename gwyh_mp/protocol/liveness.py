@@ -57,6 +57,7 @@ class Liveness:
         # doing, so nobody is suspected and we do not count as isolated meanwhile.
         self.deaf = False
         self._last_timer: float | None = None
+        self._reannounce_after = float("-inf")
 
     # ------------------------------------------------------------------ timers
 
@@ -162,3 +163,10 @@ class Liveness:
             # The sender still holds an old DOWN for us: correct it directly.
             notice = wire.encode_members([self._self_record(MemberState.UP)])
             self._queue_control(source, FrameType.PEERS, notice)
+        elif newer_incarnation(ours, record.incarnation) and now >= self._reannounce_after:
+            # A stale accusation is still flooding: our refutation did not reach
+            # everyone (a lossy moment, or no subscriber to carry it). Flood it again,
+            # at most once per heartbeat interval.
+            self._reannounce_after = now + self.heartbeat_interval_s
+            self.stats.bump("refutations_repeated")
+            self._announce(self._self_record(MemberState.UP), now)

@@ -111,6 +111,17 @@ class MembershipChanges:
             change is Change.REFRESHED and record.state == MemberState.UP
         ):
             self._on_cleared(record.node_id)
+        if (
+            source == record.node_id
+            and not announce
+            and record.state == MemberState.UP
+            and change in (Change.ALIVE, Change.REFRESHED, Change.UP)
+        ):
+            # The member's own refutation, sent to us directly: it may have no
+            # subscriber to flood it, so we do.
+            announce = True
+            if change is Change.REFRESHED:
+                self.announce(record_of(self.members.get(record.node_id)), now)  # type: ignore[arg-type]
         if change is Change.ALIVE:
             member = self.members.get(record.node_id)
             assert member is not None
