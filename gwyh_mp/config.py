@@ -79,7 +79,9 @@ class Config:
     """Providers heartbeat subscribers (and subscribers refresh) this often; at least
     MIN_HEARTBEAT_INTERVAL_S (shorter only spins the CPU)."""
     missed_heartbeats: int = 3
-    """A provider silent for this many intervals is declared DOWN."""
+    """Intervals (plus half of one) without a word from any provider after which this node
+    counts itself cut off and rejoins (nobody is accused: accusing is the failure
+    detector's, below); also how long a subscription lasts without a refresh."""
     reassign_delay_s: tuple[float, float] = (0.05, 0.5)
     """Random delay before re-selecting providers, so bursts of changes coalesce."""
     peer_sync_interval_s: float = 30.0
