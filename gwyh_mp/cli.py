@@ -69,6 +69,8 @@ FLAG_OF_FIELD = {
     "missed_heartbeats": "--missed-heartbeats",
     "handshake_retry_s": "--handshake-retry",
     "probe_interval_s": "--probe-interval",
+    "probe_timeout_s": "--probe-timeout",
+    "suspicion_min_s": "--suspicion-min",
     "suspicion_max_s": "--suspicion-max",
     "max_members": "--max-members",
     "max_datagram_bytes": "--max-datagram",
@@ -206,6 +208,21 @@ def _add_membership_options(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="failure detection period: one silent peer is PINGed this often (default "
         "0.5); the probe timeout (/5) and suspicion window (x2 to x12) follow it",
+    )
+    g.add_argument(
+        "--probe-timeout",
+        type=positive_float,
+        default=None,
+        metavar="S",
+        help="wait for one PING's answer before the next attempt (default: probe interval "
+        "/ 5; at most the probe interval)",
+    )
+    g.add_argument(
+        "--suspicion-min",
+        type=positive_float,
+        default=None,
+        metavar="S",
+        help="suspicion timeout once 3 other members confirm it (default: 2 probe intervals)",
     )
     g.add_argument(
         "--suspicion-max",
@@ -349,6 +366,8 @@ def config_from_args(args: argparse.Namespace, node_id: bytes | None = None) -> 
         missed_heartbeats=args.missed_heartbeats,
         handshake_retry_s=args.handshake_retry,
         probe_interval_s=args.probe_interval,
+        probe_timeout_s=args.probe_timeout,
+        suspicion_min_s=args.suspicion_min,
         suspicion_max_s=args.suspicion_max,
         max_datagram_bytes=args.max_datagram,
         flush_interval_s=args.flush_interval,
