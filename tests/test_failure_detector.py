@@ -88,6 +88,8 @@ class Harness:
         self.fd.start(0.0)
 
     def _queue(self, peer: bytes, ftype: FrameType, body: bytes = b"") -> None:
+        # A PING can only go over a session: never to a peer whose handshake is pending.
+        assert ftype != FrameType.PING or peer in self.sessions
         self.sent.append((self.now, peer, ftype, body))
 
     def _suspect(self, peer: bytes, now: float) -> int | None:
@@ -563,3 +565,57 @@ def test_a_stale_accusation_still_flooding_is_refuted_again() -> None:
     assert subject.core.stats["refutations_repeated"] == 1
     subject.core.membership.apply(stale, net.now, announce=False)
     assert subject.core.stats["refutations_repeated"] == 1  # once per heartbeat interval
+
+
+# ----------------------------------------------------------------------------- state machine
+
+ACTIONS = st.one_of(
+    st.tuples(st.just("advance"), st.floats(0.0, 3.0)),
+    st.tuples(st.just("hear"), st.integers(1, 5)),
+    st.tuples(st.just("drop_session"), st.integers(1, 5)),
+    st.tuples(st.just("lag"), st.floats(0.0, 1.0)),
+    st.tuples(st.just("others_suspect"), st.integers(1, 6)),
+    st.tuples(st.just("refuted"), st.integers(1, 6)),
+    st.tuples(st.just("ping_req"), st.integers(1, 6)),
+    st.tuples(st.just("pause"), st.floats(5.0, 40.0)),
+)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.lists(ACTIONS, max_size=40), st.sets(st.integers(1, 5)))
+def test_random_histories_keep_the_detector_rules(
+    actions: list[tuple[str, float | int]], dead: set[int]
+) -> None:
+    """Whatever happens: no PING to a peer without a session (asserted as it is queued),
+    DOWN only for a member suspected first (by us or in a flood), the timer never in the
+    past, health within bounds."""
+    h = Harness(n=5)
+    alive = {pid(i) for i in range(1, 6)} - {pid(i) for i in dead}
+    flooded: set[bytes] = set()
+    for action, arg in actions:
+        if action == "advance":
+            h.run_until(h.now + float(arg), chatty=alive & h.sessions)
+        elif action == "hear":
+            h.hear(pid(int(arg)))
+        elif action == "drop_session":
+            h.sessions.discard(pid(int(arg)))
+        elif action == "lag":
+            h.fd.report_lag(float(arg), h.now)
+        elif action == "others_suspect":
+            flooded.add(pid(int(arg)))
+            h.fd.on_suspected(pid(int(arg)), 7, h.now)
+            h.fd.on_suspect_status(pid(int(arg)), 7, h.now + 0.001)
+        elif action == "refuted":
+            h.fd.forget(pid(int(arg)))
+        elif action == "ping_req":
+            h.fd.on_ping_req(pid(1), encode_ping_req(pid(int(arg)), 1), h.now)
+        elif action == "pause":
+            h.now += float(arg)
+            h.fd.handle_timer(h.now)
+        if action in ("advance", "pause"):
+            due = h.fd.next_timer()
+            assert due is None or due > h.now - 1e-9
+        assert 0 <= h.fd.health <= MAX_HEALTH
+    suspected = {p for _, p in h.suspected} | flooded
+    for _, peer, _ in h.downs:
+        assert peer in suspected
