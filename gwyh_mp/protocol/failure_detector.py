@@ -222,6 +222,9 @@ class FailureDetector:
         # this process was stopped or starved.
         if last is not None and now - last > self._pause_threshold():
             self.woke(now)
+        due = self.next_timer()
+        if due is None or now < due:
+            return  # another mechanism's timer: nothing of ours is due (the common case)
         self._check_relays(now)
         self._check_probes(now)
         self._check_suspicions(now)
