@@ -53,7 +53,7 @@ import orjson
 from bench.common import machine_description, median, node_command
 from gwyh_mp.api import MemberEvent, Node
 from gwyh_mp.config import Config
-from gwyh_mp.protocol.events import MemberDown, MemberUp
+from gwyh_mp.protocol.events import MemberDown, MemberSuspect, MemberUp
 
 PRESETS = ("local", "lan", "wan")
 KEY = b"bench-membership-key-0123456789ab"
@@ -524,6 +524,8 @@ async def _follow_gwyh(
         subject = event.member.node_id
         if isinstance(event, MemberUp):
             up.add(subject)
+        elif isinstance(event, MemberSuspect):
+            tracker.down(index, subject, suspect=True)  # still counted UP
         elif isinstance(event, MemberDown):
             up.discard(subject)
             tracker.down(index, subject)
@@ -610,6 +612,12 @@ def cli_preset_flags(preset: str) -> tuple[list[str], str]:
     if "--preset" in help_text:
         return ["--preset", preset], "exact"
     config = getattr(Config, preset)()
+    detection = {
+        "probe_interval_s": config.probe_interval_s,
+        "probe_timeout_s": config.probe_timeout_s,
+        "suspicion_min_s": config.suspicion_min_s,
+        "suspicion_max_s": config.suspicion_max_s,
+    }
     flags = [
         "--heartbeat-interval",
         str(config.heartbeat_interval_s),
@@ -618,10 +626,14 @@ def cli_preset_flags(preset: str) -> tuple[list[str], str]:
         "--max-datagram",
         str(config.max_datagram_bytes),
     ]
+    for name, value in detection.items():
+        if value is not None:  # None: derived the same way by the node
+            flags += ["--" + name.removesuffix("_s").replace("_", "-"), str(value)]
     exact = config == Config(
         heartbeat_interval_s=config.heartbeat_interval_s,
         missed_heartbeats=config.missed_heartbeats,
         max_datagram_bytes=config.max_datagram_bytes,
+        **detection,  # type: ignore[arg-type]
     )
     return flags, "exact" if exact else "approximate (gwyh-node has no flag for the rest)"
 

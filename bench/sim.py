@@ -591,7 +591,11 @@ def false_positives(
         rec.fp_accused = {}
         refute0 = sum(n.core.stats.get("refutations", 0) for n in live)
         isolated0 = sum(n.core.stats.get("isolated", 0) for n in live)
+        suspected0 = sum(n.core.stats.get("suspected", 0) for n in live)
+        bytes0 = net.bytes_sent
         net.run_for(args.fp_seconds)
+        # Nothing but membership runs in a quiet period: its cost per node.
+        membership_bps = (net.bytes_sent - bytes0) / len(live) / args.fp_seconds
         stale = 0
         for subject in rec.fp_accused:
             for n in live:
@@ -606,6 +610,8 @@ def false_positives(
                 "accused_nodes": len(rec.fp_accused),
                 "refutations": sum(n.core.stats.get("refutations", 0) for n in live) - refute0,
                 "isolated": sum(n.core.stats.get("isolated", 0) for n in live) - isolated0,
+                "suspicions": sum(n.core.stats.get("suspected", 0) for n in live) - suspected0,
+                "membership_bytes_per_node_per_s": round(membership_bps, 1),
                 "stale_down_views_at_end": stale,
                 "speed": clock.done(),
             }
@@ -761,6 +767,17 @@ def print_table(result: dict, out: io.TextIOBase | None = None) -> None:
             f"{fps:<24}{fmt(speed['sim_per_wall'], 1, 2):>13}"
             f"{fmt(speed['sim_per_cpu'], 1, 2):>12}"
         )
+    line(
+        f"{'quiet period':<14}{'loss':>5}{'sim s':>7}{'false DOWNs':>12}{'accused':>8}"
+        f"{'suspicions':>11}{'refutations':>12}{'membership B/s/node':>20}"
+    )
+    for name, s in result["strategies"].items():
+        for f in s["false_positives"]:
+            line(
+                f"{name:<14}{f['loss']:>5.0%}{f['quiet_s']:>7.0f}{f['down_events']:>12}"
+                f"{f['accused_nodes']:>8}{f.get('suspicions', 0):>11}{f['refutations']:>12}"
+                f"{fmt(f.get('membership_bytes_per_node_per_s'), 1, 0):>20}"
+            )
     # Speed per phase: a broadcast costs every node ~15 events (copies in and out, tail
     # probes, timers), an idle second ~3, so the phases differ by an order of magnitude.
     first = next(iter(result["strategies"].values()), None)

@@ -43,6 +43,7 @@ from gwyh_mp.protocol.events import (
     Event,
     Member,
     MemberDown,
+    MemberSuspect,
     MemberUp,
     MemberUpdated,
     Message,
@@ -55,7 +56,8 @@ from gwyh_mp.runtime.seeds import SeedResolver, split_seeds
 from gwyh_mp.runtime.single import SingleProcessRuntime
 
 # MemberLeft is a MemberDown: a graceful leave. MemberUpdated: new name or tags.
-MemberEvent = MemberUp | MemberUpdated | MemberDown
+# MemberSuspect: a probe failed; a MemberDown follows unless it refutes (a MemberUp).
+MemberEvent = MemberUp | MemberUpdated | MemberSuspect | MemberDown
 
 __all__ = [
     "MessageStream",
@@ -210,7 +212,8 @@ class MessageBatchStream(_Stream[Message]):
 
 
 class MemberEventStream(_Stream[MemberEvent]):
-    """``async for event in node.member_events()``: MemberUp / MemberDown from now on."""
+    """``async for event in node.member_events()``: MemberUp / MemberSuspect / MemberDown
+    from now on."""
 
     def __aiter__(self) -> MemberEventStream:
         return self
@@ -387,8 +390,8 @@ class Node:
         return self._providers
 
     def member_events(self, queue_size: int = MEMBER_EVENT_QUEUE) -> MemberEventStream:
-        """A new stream of MemberUp / MemberDown (MemberLeft, a MemberDown, for a
-        graceful leave) from now on (``members()`` is the state so far). It never slows
+        """A new stream of MemberUp / MemberSuspect / MemberDown (MemberLeft, a MemberDown,
+        for a graceful leave) from now on (``members()`` is the state so far). It never slows
         the node: a reader that falls ``queue_size`` events behind gets
         ``StreamOverflow`` at the gap."""
         stream = MemberEventStream(self, queue_size, backpressure=False)
@@ -526,7 +529,7 @@ class Node:
                 self._reading_paused = True
                 self._runtime.pause_reading()
                 self._core().set_reading_paused(True)
-        elif isinstance(event, MemberUp | MemberUpdated | MemberDown):
+        elif isinstance(event, MemberUp | MemberUpdated | MemberSuspect | MemberDown):
             for ref in self._event_streams:
                 stream = ref()
                 if stream is not None:

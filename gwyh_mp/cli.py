@@ -34,6 +34,7 @@ from gwyh_mp.cliargs import (
     float_at_least,
     int_range,
     peer_addr,
+    positive_float,
     seconds_0_to_1,
     strategy,
     tag_pair,
@@ -73,6 +74,11 @@ FLAG_OF_FIELD = {
     "subscriptions": "--subscriptions",
     "heartbeat_interval_s": "--heartbeat-interval",
     "missed_heartbeats": "--missed-heartbeats",
+    "handshake_retry_s": "--handshake-retry",
+    "probe_interval_s": "--probe-interval",
+    "probe_timeout_s": "--probe-timeout",
+    "suspicion_min_s": "--suspicion-min",
+    "suspicion_max_s": "--suspicion-max",
     "max_members": "--max-members",
     "max_datagram_bytes": "--max-datagram",
     "flush_interval_s": "--flush-interval",
@@ -194,6 +200,45 @@ def _add_membership_options(p: argparse.ArgumentParser) -> None:
         default=3,
         metavar="N",
         help="missed heartbeats before a provider is declared DOWN (default 3)",
+    )
+    g.add_argument(
+        "--handshake-retry",
+        type=positive_float,
+        default=None,
+        metavar="S",
+        help="seconds between handshake retransmissions (default: half the heartbeat "
+        "interval, at most 1; at most the heartbeat interval)",
+    )
+    g.add_argument(
+        "--probe-interval",
+        type=positive_float,
+        default=Config().probe_interval_s,
+        metavar="S",
+        help="failure detection period: one silent peer is PINGed this often (default "
+        "0.5); the probe timeout (/5) and suspicion window (x2 to x12) follow it",
+    )
+    g.add_argument(
+        "--probe-timeout",
+        type=positive_float,
+        default=None,
+        metavar="S",
+        help="wait for one PING's answer before the next attempt (default: probe interval "
+        "/ 5; at most the probe interval)",
+    )
+    g.add_argument(
+        "--suspicion-min",
+        type=positive_float,
+        default=None,
+        metavar="S",
+        help="suspicion timeout once 3 other members confirm it (default: 2 probe intervals)",
+    )
+    g.add_argument(
+        "--suspicion-max",
+        type=positive_float,
+        default=None,
+        metavar="S",
+        help="longest a SUSPECT member waits for confirmations or a refutation before it "
+        "is declared DOWN (default: 12 probe intervals)",
     )
     g.add_argument(
         "--max-members",
@@ -334,6 +379,11 @@ def config_from_args(args: argparse.Namespace, node_id: bytes | None = None) -> 
         subscriptions=args.subscriptions,
         heartbeat_interval_s=args.heartbeat_interval,
         missed_heartbeats=args.missed_heartbeats,
+        handshake_retry_s=args.handshake_retry,
+        probe_interval_s=args.probe_interval,
+        probe_timeout_s=args.probe_timeout,
+        suspicion_min_s=args.suspicion_min,
+        suspicion_max_s=args.suspicion_max,
         max_datagram_bytes=args.max_datagram,
         flush_interval_s=args.flush_interval,
         dissemination=args.dissemination,

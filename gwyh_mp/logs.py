@@ -24,6 +24,7 @@ from gwyh_mp.protocol.events import (
     WRONG_KEY,
     Member,
     MemberLeft,
+    MemberSuspect,
     MemberUp,
     MemberUpdated,
 )
@@ -121,7 +122,9 @@ class NodeWatcher:
         member = event.member
         before = self._known.get(member.node_id)
         self._known[member.node_id] = member
-        if isinstance(event, MemberUpdated):
+        if isinstance(event, MemberSuspect):
+            change = "suspect"  # a probe failed; DOWN follows unless it refutes
+        elif isinstance(event, MemberUpdated):
             change = "updated"  # its name or tags arrived (a handshake carries none)
         elif isinstance(event, MemberUp):
             if before is None:

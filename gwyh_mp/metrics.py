@@ -243,8 +243,19 @@ class NodeCollector(Collector):
         )
         yield counter(
             "gwyh_members_declared_down",
-            "Members this node declared DOWN after missed heartbeats and probes",
+            "Members this node declared DOWN after a failed probe and the suspicion timeout",
             core("declared_down"),
+        )
+        yield counter(
+            "gwyh_members_suspected",
+            "Members this node suspected (its probe of them failed; refutable)",
+            core("suspected"),
+        )
+        yield counter("gwyh_probes", "Failure-detector probes of silent peers", core("fd_probes"))
+        yield counter(
+            "gwyh_probes_failed",
+            "Probes that ended without an answer, direct or indirect",
+            core("fd_probes_failed"),
         )
         yield counter(
             "gwyh_isolations",

@@ -29,7 +29,9 @@ from gwyh_mp.protocol.membership import (
 from gwyh_mp.protocol.wire import MemberRecord, MemberState
 
 UP, DOWN, LEFT = MemberState.UP, MemberState.DOWN, MemberState.LEFT
-RANK = {UP: 0, DOWN: 1, LEFT: 2}
+SUSPECT = MemberState.SUSPECT
+ALIVE = (UP, SUSPECT)  # a SUSPECT counts as UP in every index until it is DOWN
+RANK = {UP: 0, SUSPECT: 1, DOWN: 2, LEFT: 3}
 NAMES = ("", "", "web-1", "db")
 MASK64 = (1 << 64) - 1
 ZONES: tuple[str | None, ...] = (None, "a", "b")
@@ -96,7 +98,7 @@ class Model:
         cur.name = r.name or cur.name  # a record without metadata keeps what we knew
         if not keep_address:
             cur.host, cur.port = r.host, r.port
-        if r.state is not UP:
+        if r.state not in ALIVE:
             if r.node_id not in self.down_since:
                 self.down_since.append(r.node_id)
             while len(self.down_since) > self.max_down:
@@ -105,6 +107,10 @@ class Model:
             self.down_since.remove(r.node_id)
         if old is r.state:
             return Change.REFRESHED
+        if r.state is UP and old is SUSPECT:
+            return Change.ALIVE  # refuted
+        if r.state is SUSPECT:
+            return Change.SUSPECT if old is UP else Change.UP  # back from DOWN or LEFT
         return {UP: Change.UP, DOWN: Change.DOWN, LEFT: Change.LEFT}[r.state]
 
 
@@ -112,7 +118,7 @@ def brute_digests(table: MemberTable) -> list[int]:
     """Sum of every UP member's term per bucket; DOWN members contribute nothing."""
     digests = [0] * DIGEST_BUCKETS
     for nid, m in table.members.items():
-        if m.state is not UP:
+        if m.state not in ALIVE:
             continue
         idh = id_hash(nid)
         b = bucket_of(idh)
@@ -137,11 +143,11 @@ def check_bucket_members(table: MemberTable, buckets: set[int]) -> None:
 
 def assert_indexes_consistent(table: MemberTable, rng: random.Random | None = None) -> None:
     members = table.members
-    up = {nid for nid, m in members.items() if m.state is UP}
+    up = {nid for nid, m in members.items() if m.state in ALIVE}
     listed_up = [m.node_id for m in table.up_members()]
     assert len(listed_up) == len(up) == table.up_count
     assert set(listed_up) == up
-    zones = Counter(m.zone for m in members.values() if m.state is UP)
+    zones = Counter(m.zone for m in members.values() if m.state in ALIVE)
     assert table.up_zones == dict(zones)
     assert all(count > 0 for count in table.up_zones.values())
     for nid, m in members.items():
@@ -157,7 +163,7 @@ def assert_indexes_consistent(table: MemberTable, rng: random.Random | None = No
             some = {b for b in occupied if rng.random() < 0.5}
             some |= {rng.randrange(DIGEST_BUCKETS) for _ in range(2)}
             check_bucket_members(table, some)
-    downs = sum(1 for m in members.values() if m.state is not UP)
+    downs = sum(1 for m in members.values() if m.state not in ALIVE)
     assert downs <= table.max_down
 
 
@@ -181,7 +187,7 @@ def random_record(rng: random.Random, pool: list[bytes], incs: dict[bytes, int])
     nid = rng.choice(pool)
     base = incs.get(nid, 0)
     inc = max(0, base + rng.choice((-1, 0, 0, 0, 1, 1, 2)))
-    state = UP if rng.random() < 0.55 else rng.choice((DOWN, DOWN, LEFT))
+    state = UP if rng.random() < 0.5 else rng.choice((SUSPECT, SUSPECT, DOWN, DOWN, LEFT))
     host = f"10.1.{rng.randrange(4)}.{rng.randrange(1, 5)}"
     name = rng.choice(NAMES)
     port = 7000 + rng.randrange(3)
@@ -201,7 +207,7 @@ def run_history(seed: int, steps: int, max_down: int = 5) -> tuple[Counter[Chang
         keep = rng.random() < 0.3
         before = len(model.members)
         want = model.apply(record, keep)
-        if record.state is not UP and len(model.members) < before:
+        if record.state not in ALIVE and len(model.members) < before:
             trimmed += 1
         got = table.apply(record, keep_address=keep)
         assert got is want, (record, keep)

@@ -352,7 +352,7 @@ def test_zone_limits() -> None:
 
 
 def test_member_record_field_checks() -> None:
-    prefix = wire.MEMBER_FIXED.pack(b"n" * 16, 0, 4, 1)  # state 4 does not exist
+    prefix = wire.MEMBER_FIXED.pack(b"n" * 16, 0, 5, 1)  # state 5 does not exist
     with pytest.raises(WireError, match="state"):
         wire.decode_member(prefix + b"\xff\x01h")
     ok = wire.MEMBER_FIXED.pack(b"n" * 16, 0, MemberState.DOWN, 1) + b"\xff"

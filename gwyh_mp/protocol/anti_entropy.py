@@ -134,7 +134,13 @@ class AntiEntropy:
             differ = [b for b in range(DIGEST_BUCKETS) if theirs[b] != ours[b]]
             members = self._bucket_page(differ, page) if differ else []
             self.stats.bump("peer_syncs_answered")
-        encoded.extend(record_of(m).encode() for m in members if m.node_id != peer_id)
+        # A SUSPECT goes out as UP: suspicion travels in STATUS floods only, so a peer
+        # list never carries a state an older node cannot decode.
+        encoded.extend(
+            record_of(m, MemberState.UP if m.state == MemberState.SUSPECT else None).encode()
+            for m in members
+            if m.node_id != peer_id
+        )
         self.stats.bump("peer_records_sent", len(encoded))
         budget = min(wire.MAX_FRAME_BODY, self._max_datagram_bytes - wire.CONTROL_OVERHEAD - 16)
         chunk: list[bytes] = []

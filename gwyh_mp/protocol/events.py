@@ -32,6 +32,11 @@ class Member:
     def is_up(self) -> bool:
         return self.state == MemberState.UP
 
+    @property
+    def is_alive(self) -> bool:
+        """UP or SUSPECT: not (yet) declared DOWN, not LEFT."""
+        return self.state in (MemberState.UP, MemberState.SUSPECT)
+
 
 @dataclass(frozen=True, slots=True)
 class Message:
@@ -52,6 +57,14 @@ class MemberUp:
 class MemberUpdated:
     """The member's name or tags became known or changed (serf's member-update); its
     state and incarnation did not change."""
+
+    member: Member
+
+
+@dataclass(frozen=True, slots=True)
+class MemberSuspect:
+    """A probe of the member failed somewhere: it is SUSPECT, not yet DOWN. A MemberDown
+    follows after the suspicion timeout unless it refutes, which brings a MemberUp."""
 
     member: Member
 
@@ -90,4 +103,6 @@ class RejectedHandshakes:
     count: int
 
 
-Event = Message | MemberUp | MemberUpdated | MemberDown | MemberLeft | ProviderChanged
+Event = (
+    Message | MemberUp | MemberUpdated | MemberSuspect | MemberDown | MemberLeft | ProviderChanged
+)

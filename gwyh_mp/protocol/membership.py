@@ -6,8 +6,8 @@ raises. The rules (SWIM's) make the outcome independent of arrival order:
 - a newer incarnation always wins. "Newer" is serial-number order (RFC 1982) on the
   32-bit wire field, so the counter wraps: a forged DOWN at 0xFFFFFFFF is refuted
   with 0, and no incarnation is one a member cannot get past;
-- at equal incarnation DOWN beats UP (suspicion sticks until refuted), and LEFT (the
-  member's own goodbye) beats both;
+- at equal incarnation SUSPECT beats UP, DOWN beats both (suspicion sticks until
+  refuted), and LEFT (the member's own goodbye) beats all;
 - a node that hears itself declared DOWN at its current incarnation refutes by
   announcing UP with incarnation + 1, which beats that DOWN everywhere.
 
@@ -22,14 +22,16 @@ import functools
 import hashlib
 
 from gwyh_mp.protocol.events import Member
-from gwyh_mp.protocol.wire import MemberRecord, MemberState, Tags, encode_metadata
+from gwyh_mp.protocol.wire import ALIVE_STATES, MemberRecord, MemberState, Tags, encode_metadata
 
 
 class Change(enum.Enum):
     NONE = "none"  # stale or identical news
     JOINED = "joined"  # a member we did not know, UP
     UP = "up"  # known member went DOWN -> UP
-    DOWN = "down"  # UP -> DOWN
+    SUSPECT = "suspect"  # UP -> SUSPECT (a probe failed somewhere)
+    ALIVE = "alive"  # SUSPECT -> UP (it refuted)
+    DOWN = "down"  # UP or SUSPECT -> DOWN
     LEFT = "left"  # UP or DOWN -> LEFT (it announced a graceful leave)
     REFRESHED = "refreshed"  # same state, newer incarnation or address
     UPDATED = "updated"  # same state and incarnation, new name or tags
@@ -120,8 +122,8 @@ def next_incarnation(incarnation: int) -> int:
     return (incarnation + 1) % INCARNATION_MODULUS
 
 
-# At equal incarnation: UP < DOWN < LEFT.
-_RANK = {MemberState.UP: 0, MemberState.DOWN: 1, MemberState.LEFT: 2}
+# At equal incarnation: UP < SUSPECT < DOWN < LEFT.
+_RANK = {MemberState.UP: 0, MemberState.SUSPECT: 1, MemberState.DOWN: 2, MemberState.LEFT: 3}
 
 
 def supersedes(new_state: MemberState, new_inc: int, old_state: MemberState, old_inc: int) -> bool:
@@ -158,7 +160,8 @@ class MemberTable:
         return len(self.members)
 
     def up_members(self) -> list[Member]:
-        return [m for m in self.members.values() if m.state == MemberState.UP]
+        """Members alive as far as we know: UP or SUSPECT."""
+        return [m for m in self.members.values() if m.state in ALIVE_STATES]
 
     def bucket_members(self, buckets: set[int]) -> list[Member]:
         """Every member (UP and DOWN) whose digest bucket is in ``buckets``."""
@@ -207,12 +210,14 @@ class MemberTable:
                 return self._set_metadata(current, record)
             return Change.NONE
         old_state = current.state
+        was_alive = old_state in ALIVE_STATES
+        alive = record.state in ALIVE_STATES
         # Handshakes carry no metadata: a record without any keeps what we knew.
         name, tags = (record.name, record.tags) if has_metadata else (current.name, current.tags)
-        if old_state == MemberState.UP:
+        if was_alive:
             self._digest_add(record.node_id, current.incarnation, -1, _meta(current))
             self._left_up(current.zone)
-        if record.state == MemberState.UP:
+        if alive:
             self._digest_add(record.node_id, record.incarnation, 1, metadata_hash(name, tags))
         # Members are immutable snapshots (the same objects events and member_list()
         # hand out): news replaces the entry, in place in the dict's order.
@@ -226,7 +231,7 @@ class MemberTable:
             name=name,
             tags=tags,
         )
-        if record.state != MemberState.UP:
+        if not alive:
             self._down_order[record.node_id] = None
             self._trim_down()
         else:
@@ -235,7 +240,12 @@ class MemberTable:
             self._down_order.pop(record.node_id, None)
         if old_state == record.state:
             return Change.REFRESHED
+        if record.state == MemberState.UP and old_state == MemberState.SUSPECT:
+            return Change.ALIVE
+        if record.state == MemberState.SUSPECT and not was_alive:
+            return Change.UP  # back from DOWN or LEFT, suspected meanwhile
         return {
+            MemberState.SUSPECT: Change.SUSPECT,
             MemberState.UP: Change.UP,
             MemberState.DOWN: Change.DOWN,
             MemberState.LEFT: Change.LEFT,
@@ -244,7 +254,7 @@ class MemberTable:
     def _set_metadata(self, current: Member, record: MemberRecord) -> Change:
         """Same state and incarnation, but the record says who the member is (its name
         and tags), which a handshake-learned entry does not know."""
-        if current.state == MemberState.UP:
+        if current.state in ALIVE_STATES:
             self._digest_add(current.node_id, current.incarnation, -1, _meta(current))
             self._digest_add(current.node_id, current.incarnation, 1, _meta(record))
         self.members[current.node_id] = dataclasses.replace(
@@ -263,7 +273,7 @@ class MemberTable:
         member = self.members.pop(node_id, None)
         if member is None:
             return
-        if member.state == MemberState.UP:
+        if member.state in ALIVE_STATES:
             self._digest_add(node_id, member.incarnation, -1, _meta(member))
             self._left_up(member.zone)
         self._down_order.pop(node_id, None)

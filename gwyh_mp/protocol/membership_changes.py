@@ -12,7 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from gwyh_mp.protocol import wire
-from gwyh_mp.protocol.events import Event, MemberDown, MemberLeft, MemberUp, MemberUpdated
+from gwyh_mp.protocol.events import (
+    Event,
+    MemberDown,
+    MemberLeft,
+    MemberSuspect,
+    MemberUp,
+    MemberUpdated,
+)
 from gwyh_mp.protocol.flood import Flood
 from gwyh_mp.protocol.liveness import Liveness
 from gwyh_mp.protocol.membership import Change, MemberTable, record_of
@@ -37,6 +44,8 @@ class MembershipChanges:
         random_bytes: Callable[[int], bytes],
         queue_control: Callable[..., None],
         emit: Callable[[Event], None],
+        on_suspected: Callable[[bytes, int, float], None],
+        on_cleared: Callable[[bytes], None],
     ) -> None:
         self.node_id = node_id
         self.members = members
@@ -49,6 +58,8 @@ class MembershipChanges:
         self._random_bytes = random_bytes
         self._queue_control = queue_control
         self._emit = emit
+        self._on_suspected = on_suspected  # the failure detector times the suspicion
+        self._on_cleared = on_cleared  # ... until it is refuted, DOWN or LEFT
 
     def apply(
         self,
@@ -86,6 +97,39 @@ class MembershipChanges:
                 )
             return
         subscriptions = self.subscriptions
+        if change is Change.SUSPECT:
+            # Still alive for every purpose (subscriptions, sessions, digests) until
+            # the suspicion times out: a refutation then costs no reshuffle.
+            member = self.members.get(record.node_id)
+            assert member is not None
+            self._emit(MemberSuspect(member))
+            self._on_suspected(record.node_id, record.incarnation, now)
+            if announce:
+                self.announce(record_of(member), now)
+            return
+        if change is Change.ALIVE or (
+            change is Change.REFRESHED and record.state == MemberState.UP
+        ):
+            self._on_cleared(record.node_id)
+        if (
+            source == record.node_id
+            and not announce
+            and record.state == MemberState.UP
+            and change in (Change.ALIVE, Change.REFRESHED, Change.UP)
+        ):
+            # The member's own refutation, sent to us directly: it may have no
+            # subscriber to flood it, so we do.
+            announce = True
+            if change is Change.REFRESHED:
+                self.announce(record_of(self.members.get(record.node_id)), now)  # type: ignore[arg-type]
+        if change is Change.ALIVE:
+            member = self.members.get(record.node_id)
+            assert member is not None
+            self._emit(MemberUp(member))  # it refuted the suspicion
+            if announce:
+                self.announce(record_of(member), now)
+            subscriptions.schedule_reassign(now)  # a choice again (settled: no-op)
+            return
         if change in (Change.JOINED, Change.UP):
             member = self.members.get(record.node_id)
             assert member is not None
@@ -105,13 +149,13 @@ class MembershipChanges:
             member = self.members.get(record.node_id)
             assert member is not None
             self._emit(MemberDown(member) if change is Change.DOWN else MemberLeft(member))
+            self._on_cleared(record.node_id)
             if record.node_id in subscriptions.subscribers:
                 # It will not get our forward of this news any more: tell it directly.
                 self._queue_control(
                     record.node_id, FrameType.PEERS, wire.encode_members([record_of(member)])
                 )
                 del subscriptions.subscribers[record.node_id]
-            self.liveness.probing.pop(record.node_id, None)
             if subscriptions.providers.pop(record.node_id, None) is not None:
                 # If it is in fact alive, it must not keep us as a subscriber, let the
                 # subscription expire and then accuse *us*.
@@ -134,12 +178,39 @@ class MembershipChanges:
                 self.stats.bump("members_evicted")
                 return
 
-    def declare_down(self, node_id: bytes, now: float) -> None:
+    def declare_down(self, node_id: bytes, now: float, incarnation: int | None = None) -> None:
+        """Accuse a member; with ``incarnation``, only if still SUSPECT at it (a refutation
+        in the meantime wins)."""
         member = self.members.get(node_id)
-        if member is None or member.state != MemberState.UP:
+        if member is None or member.state not in wire.ALIVE_STATES:
             return  # already DOWN, or LEFT: a member that said goodbye is never accused
+        if incarnation is not None and (
+            member.state != MemberState.SUSPECT or member.incarnation != incarnation
+        ):
+            return
         self.stats.bump("declared_down")
         self.apply(record_of(member, MemberState.DOWN), now, announce=True)
+
+    def suspect(self, node_id: bytes, now: float) -> int | None:
+        """Our probe of an UP member failed: mark it SUSPECT and flood that; returns the
+        incarnation suspected (None: not UP here). Already SUSPECT: flood our own
+        SUSPECT anyway, which the others count as a confirmation."""
+        member = self.members.get(node_id)
+        if member is None or member.state not in wire.ALIVE_STATES:
+            return None
+        self.stats.bump("suspected")
+        record = record_of(member, MemberState.SUSPECT)
+        if member.state == MemberState.SUSPECT:
+            self.announce(record, now)
+        else:
+            self.apply(record, now, announce=True)
+        return member.incarnation
+
+    def tell_suspect(self, node_id: bytes) -> None:
+        """The suspect talks to us: hand it the suspicion so that it refutes."""
+        member = self.members.get(node_id)
+        if member is not None and member.state == MemberState.SUSPECT:
+            self._queue_control(node_id, FrameType.PEERS, wire.encode_members([record_of(member)]))
 
     def announce(self, record: MemberRecord, now: float) -> None:
         """Originate a STATUS broadcast; it floods like any message."""
@@ -153,8 +224,12 @@ class MembershipChanges:
         providers = self.subscriptions.providers
         for member in self.members.up_members():
             if (member.host, member.port) == addr and member.node_id in providers:
-                # It was chosen as a provider and never answered: treat as silent.
-                self.declare_down(member.node_id, now)
+                # It was chosen as a provider and never answered a whole handshake
+                # timeout of retries: choose another, and suspect it (refutable) rather
+                # than accuse it outright.
+                del providers[member.node_id]
+                self.subscriptions.lost_provider(now)
+                self.suspect(member.node_id, now)
 
     def on_handshake(
         self, peer_id: bytes, incarnation: int, addr: tuple[str, int], zone: str | None, now: float

@@ -33,6 +33,7 @@ from gwyh_mp.protocol.anti_entropy import AntiEntropy
 from gwyh_mp.protocol.crypto import DecryptError
 from gwyh_mp.protocol.dissemination import BroadcastChannel, Datagram, Fanout, Outgoing, SeenSet
 from gwyh_mp.protocol.events import Event, Member, RejectedHandshakes
+from gwyh_mp.protocol.failure_detector import FailureDetector, detector_settings
 from gwyh_mp.protocol.flood import Flood
 from gwyh_mp.protocol.handshake import Established
 from gwyh_mp.protocol.inbound import broadcast_ids_end, open_broadcast, open_control
@@ -134,7 +135,7 @@ class NodeCore:
             self.fanout,
             self.stats,
             deliver=self._events.append,
-            on_status=lambda record, now: self.membership.apply(record, now, announce=False),
+            on_status=lambda record, now: _on_status(self, record, now),
         )
         self._on_entries = self.flood.on_entries
         self.pacing = pacing_config(config)
@@ -178,21 +179,7 @@ class NodeCore:
         )
         self.providers = self.subscriptions.providers
         self.subscribers = self.subscriptions.subscribers
-        self.liveness = Liveness(
-            config.heartbeat_interval_s,
-            config.missed_heartbeats,
-            self.providers,
-            self.subscribers,
-            self.stats,
-            queue_control=self._queue_control,
-            declare_down=lambda node_id, now: self.membership.declare_down(node_id, now),
-            isolated=lambda now: self.subscriptions.start_over(now),
-            lost_provider=lambda now: self.subscriptions.lost_provider(now),
-            self_record=self._self_record,
-            announce=lambda record, now: self.membership.announce(record, now),
-            rejoin=lambda now: self.peers.rejoin(now, self.members, self.providers),
-            rejoined=self.peers.rejoined,
-        )
+        self.liveness = _liveness(self)
         self.large = LargeMessages(
             config,
             self.node_id,
@@ -224,7 +211,10 @@ class NodeCore:
             random_bytes=random_bytes,
             queue_control=self._queue_control,
             emit=self._events.append,
+            on_suspected=lambda node_id, inc, now: self.detector.on_suspected(node_id, inc, now),
+            on_cleared=lambda node_id: self.detector.forget(node_id),
         )
+        self.detector = _failure_detector(self)
         self._next_heartbeat = now
         self._running = False
         self._left = False
@@ -242,6 +232,7 @@ class NodeCore:
     def start(self, now: float) -> None:
         self._running = True
         self._next_heartbeat = now  # first tick bootstraps immediately
+        self.detector.start(now)
         self.peers.bootstrap(now)
 
     def leave(self, now: float) -> None:
@@ -355,6 +346,7 @@ class NodeCore:
     def set_reading_paused(self, paused: bool) -> None:
         """Socket reading paused/resumed: the app is not consuming (see Subscriptions)."""
         self.liveness.set_deaf(paused, self._last_now)
+        self.detector.set_deaf(paused, self._last_now)
         self.subscriptions.set_reading_paused(paused, self._last_now)
 
     @property
@@ -378,6 +370,9 @@ class NodeCore:
         due = self.liveness.next_timer()
         if due is not None and due < t:
             t = due
+        due = self.detector.next_timer()
+        if due is not None and due < t:
+            t = due
         due = self.large.next_timer(self._last_now)
         if due is not None and due < t:
             t = due
@@ -397,6 +392,7 @@ class NodeCore:
             return
         self.subscriptions.handle_timer(now)
         self.liveness.handle_timer(now)
+        self.detector.handle_timer(now)
         self.large.handle_timer(now)
         self.link_queues.handle_timer(now)
         self.trees.handle_timer(now)
@@ -583,7 +579,7 @@ class NodeCore:
         if link is None:
             link = self.links[peer_id] = PeerLink(peer_id, session=session)
         link.last_heard = now
-        self.liveness.probing.pop(peer_id, None)
+        self.detector.heard(peer_id, now)
         provider = self.providers.get(peer_id)
         if provider is not None:
             provider.last_heard = now
@@ -620,6 +616,10 @@ class NodeCore:
             self._queue_control(peer_id, FrameType.PONG, body)
         elif ftype in TREE_FRAMES:
             self.trees.on_frame(ftype, body, peer_id, now)
+        elif ftype == FrameType.PING_REQ:
+            self.detector.on_ping_req(peer_id, body, now)
+        elif ftype == FrameType.PING_ACK:
+            self.detector.on_ping_ack(peer_id, body, now)
         else:
             self.stats.bump("ignored_frames")
 
@@ -673,3 +673,69 @@ class NodeCore:
 
     def _queue_control(self, peer_id: bytes, ftype: FrameType, body: bytes = b"") -> None:
         self._control.setdefault(peer_id, []).append(wire.encode_frame(ftype, body))
+
+
+# -- wiring of the liveness mechanisms (kept out of the class: each is a module) -------
+
+
+def _liveness(core: NodeCore) -> Liveness:
+    config = core.config
+    liveness = Liveness(
+        config.heartbeat_interval_s,
+        config.missed_heartbeats,
+        core.providers,
+        core.subscribers,
+        core.stats,
+        queue_control=core._queue_control,
+        isolated=lambda now: core.subscriptions.start_over(now),
+        self_record=core._self_record,
+        announce=lambda record, now: core.membership.announce(record, now),
+        rejoin=lambda now: core.peers.rejoin(now, core.members, core.providers),
+        rejoined=core.peers.rejoined,
+    )
+    liveness.on_refuted = lambda: core.detector.refuted_us()
+    return liveness
+
+
+def _failure_detector(core: NodeCore) -> FailureDetector:
+    """Probe our providers and subscribers (the members we hold a session and a
+    relation with); suspicion and DOWN go through the membership rules."""
+    links = core.links
+    providers, subscribers = core.providers, core.subscribers
+
+    def has_session(peer_id: bytes) -> bool:
+        link = links.get(peer_id)
+        return link is not None and link.session is not None
+
+    def last_heard(peer_id: bytes) -> float:
+        link = links.get(peer_id)
+        return link.last_heard if link is not None else float("-inf")
+
+    def declare_down(node_id: bytes, incarnation: int, now: float) -> None:
+        core.membership.declare_down(node_id, now, incarnation)
+
+    def lost(peer_id: bytes, now: float) -> None:
+        subscribers.pop(peer_id, None)
+        if providers.pop(peer_id, None) is not None:
+            core.subscriptions.lost_provider(now)
+
+    return FailureDetector(
+        detector_settings(core.config),
+        core._rng,
+        core.stats,
+        watched=lambda: list(dict.fromkeys([*providers, *subscribers])),  # ordered: replayable
+        has_session=has_session,
+        last_heard=last_heard,
+        queue_control=core._queue_control,
+        suspect=core.membership.suspect,
+        declare_down=declare_down,
+        tell_suspect=core.membership.tell_suspect,
+        lost=lost,
+    )
+
+
+def _on_status(core: NodeCore, record: MemberRecord, now: float) -> None:
+    """A STATUS entry: membership news; each SUSPECT flood is one accuser's confirmation."""
+    core.membership.apply(record, now, announce=False)
+    if record.state == MemberState.SUSPECT:
+        core.detector.on_suspect_status(record.node_id, record.incarnation, now)

@@ -37,7 +37,7 @@ from gwyh_mp.protocol.offload import (
     SessionKeyRetired,
 )
 from gwyh_mp.protocol.stats import Stats
-from gwyh_mp.protocol.wire import MemberState, PacketType
+from gwyh_mp.protocol.wire import ALIVE_STATES, PacketType
 
 Addr = tuple[str, int]
 
@@ -186,7 +186,7 @@ class Peers:
         up: list[Addr] = []
         down: list[Addr] = []
         for member in members.members.values():
-            (up if member.state == MemberState.UP else down).append((member.host, member.port))
+            (up if member.state in ALIVE_STATES else down).append((member.host, member.port))
         if up:
             # Start at a random member, so that nodes isolated together (a partition)
             # do not all call on the same ones first.
@@ -278,7 +278,7 @@ class Peers:
             if now - session.last_rx < SESSION_GRACE_S:
                 continue
             member = members.get(session.peer_id)
-            if session.superseded or member is None or member.state != MemberState.UP:
+            if session.superseded or member is None or member.state not in ALIVE_STATES:
                 del self.sessions[sid]
                 self.sids.discard(sid)
                 if self.key_updates is not None:
@@ -290,7 +290,7 @@ class Peers:
         for peer_id, link in list(self.links.items()):
             if link.session is None and peer_id not in keep and peer_id not in in_use:
                 member = members.get(peer_id)
-                if member is None or member.state != MemberState.UP:
+                if member is None or member.state not in ALIVE_STATES:
                     del self.links[peer_id]
                     self._on_link_dropped(peer_id, link)
                     self._report_channel(peer_id, None)

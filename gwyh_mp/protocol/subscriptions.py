@@ -21,7 +21,7 @@ from gwyh_mp.protocol.membership import MemberTable, record_of
 from gwyh_mp.protocol.peers import PeerLink, Peers
 from gwyh_mp.protocol.selection import Candidate, Strategy, select_providers
 from gwyh_mp.protocol.stats import Stats
-from gwyh_mp.protocol.wire import FrameType, MemberState
+from gwyh_mp.protocol.wire import ALIVE_STATES, FrameType, MemberState
 
 Addr = tuple[str, int]
 SUBSCRIBE_NEED_KEY = 0x01
@@ -115,7 +115,7 @@ class Subscriptions:
         zones: dict[str | None, int] = {}
         for provider_id in self.providers:
             member = members.get(provider_id)
-            if member is None or member.state != MemberState.UP:
+            if member is None or member.state not in ALIVE_STATES:
                 return False
             zones[member.zone] = zones.get(member.zone, 0) + 1
         n = self.config.subscriptions
@@ -138,6 +138,8 @@ class Subscriptions:
                 if now >= until:
                     del self.refused[node_id]
             up = [m for m in up if m.node_id not in self.refused]
+        # A SUSPECT keeps its place if it is ours already, but is not newly chosen.
+        up = [m for m in up if m.state is MemberState.UP or m.node_id in self.providers]
         up.sort(key=_node_id_of)
         candidates = [Candidate(m.node_id, m.zone) for m in up]
         keep = set(self.providers)
@@ -300,7 +302,7 @@ class Subscriptions:
             self._queue_control(peer_id, FrameType.UNSUBSCRIBE, UNSUBSCRIBE_REFUSED)
             return
         member = self.members.get(peer_id)
-        if member is None or member.state != MemberState.UP:
+        if member is None or member.state not in ALIVE_STATES:
             # We believe it is DOWN: tell it, so it refutes with a higher incarnation.
             if member is not None:
                 self._queue_control(

@@ -65,6 +65,8 @@ class FrameType(enum.IntEnum):
     IHAVE = 0x18
     GRAFT = 0x19
     PRUNE = 0x1A
+    PING_REQ = 0x10  # target:16 nonce:u32 - PING the target for me (failure_detector.py)
+    PING_ACK = 0x11  # target:16 nonce:u32 status:u8 (1 it answered, 0 nack)
 
 
 class EntryKind(enum.IntEnum):
@@ -79,6 +81,12 @@ class MemberState(enum.IntEnum):
     UP = 1
     DOWN = 2  # declared failed by the cluster
     LEFT = 3  # announced its own graceful leave
+    SUSPECT = 4  # a probe failed; DOWN after the suspicion timeout unless it refutes
+
+
+# States a member counts as alive in: a SUSPECT keeps its subscriptions, sessions and
+# place in the digests until it is declared DOWN (or refutes).
+ALIVE_STATES = frozenset((MemberState.UP, MemberState.SUSPECT))
 
 
 PREFIX = struct.Struct("!BB")

@@ -106,12 +106,16 @@ class CoreDriver:
             self._timer_at = None
 
     def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
+        due, self._timer, self._timer_at = self._timer_at, None, None
         if self.core is None or self._loop is None or not self._active():
             return
         try:
-            self.core.handle_timer(self._loop.time())
+            now = self._loop.time()
+            if due is not None:
+                # The core has no clock: tell its failure detector how late the loop
+                # woke us, so that our own slowness stretches our timeouts.
+                self.core.detector.report_lag(now - due, now)
+            self.core.handle_timer(now)
             self._flush()
         finally:
             self._arm_timer()  # an error must not stop the node's clock
