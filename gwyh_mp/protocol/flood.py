@@ -44,19 +44,25 @@ class Flood:
         self._on_status = on_status  # a member record arrived in a STATUS entry
         # Large messages forward through us, so their handler is set once they exist.
         self.on_fragment: Callable[[bytes, int, bytes, bytes, bytes, float], None] | None = None
+        # Every entry we originate or forward, for the recent-entry history (catch-up).
+        self.record: Callable[[bytes, bytes], None] | None = None
 
     def originate(self, msg_id: bytes, kind: int, body: bytes) -> None:
         """One of our own entries, into the next flush."""
         self.seen.add(msg_id)
         entry = _ENTRY_HEADER.pack(kind, 1, self.node_id, len(body)) + body
         self.fanout.add(msg_id, entry, None)
+        if self.record is not None:
+            self.record(msg_id, entry)
 
     def forward(
         self, msg_id: bytes, kind: int, hops: int, origin: bytes, body: bytes, source: bytes
     ) -> None:
         # Forward first, so the copy leaves before any local work on it.
-        header = _ENTRY_HEADER.pack(kind, min(hops + 1, 255), origin, len(body))
-        self.fanout.add(msg_id, header + body, source)
+        entry = _ENTRY_HEADER.pack(kind, min(hops + 1, 255), origin, len(body)) + body
+        self.fanout.add(msg_id, entry, source)
+        if self.record is not None:
+            self.record(msg_id, entry)
 
     def on_entries(
         self, ids: bytes, count: int, plaintext: bytes, source: bytes, now: float

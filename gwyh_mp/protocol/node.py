@@ -30,6 +30,7 @@ from collections.abc import Callable
 from gwyh_mp.config import Config
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.anti_entropy import AntiEntropy
+from gwyh_mp.protocol.catch_up import CATCHUP_FRAMES, CatchUp
 from gwyh_mp.protocol.crypto import DecryptError
 from gwyh_mp.protocol.dissemination import BroadcastChannel, Datagram, Fanout, Outgoing, SeenSet
 from gwyh_mp.protocol.events import Event, Member, RejectedHandshakes
@@ -199,6 +200,11 @@ class NodeCore:
             link_backlog_bytes=lambda: self.link_queues.backlog_bytes,
         )
         self.flood.on_fragment = self.large.on_fragment
+        self.catch_up = CatchUp(
+            config, self.seen.ids, self.stats, self.peers, self.subscriptions, self.flood,
+            watchdog_s=watchdog_s, clock=lambda: self._last_now, warn=self.warnings.append,
+            queue_control=self._queue_control, connected=self.liveness.heard_from_a_provider,
+        )  # fmt: skip
         self.membership = MembershipChanges(
             self.node_id,
             self.members,
@@ -210,7 +216,7 @@ class NodeCore:
             running=lambda: self._running,
             random_bytes=random_bytes,
             queue_control=self._queue_control,
-            emit=self._events.append,
+            emit=self.catch_up.watching(self._events.append),
         )
         self._next_heartbeat = now
         self._running = False
@@ -318,7 +324,7 @@ class NodeCore:
         if large.release_due(now):
             large.release(now)
         data: list[Outgoing] = []
-        resend = large.take_resends()
+        resend = large.take_resends() + self.catch_up.take_resends()
         if resend:
             for peer_id, entries in resend:
                 target = self.peers.fanout_target(peer_id)
@@ -377,7 +383,8 @@ class NodeCore:
         due = self.link_queues.next_timer(self._last_now)
         if due is not None and due < t:
             t = due
-        return t
+        due = self.catch_up.next_timer()
+        return due if due is not None and due < t else t
 
     def handle_timer(self, now: float) -> None:
         self._last_now = now
@@ -391,6 +398,7 @@ class NodeCore:
         self.liveness.handle_timer(now)
         self.large.handle_timer(now)
         self.link_queues.handle_timer(now)
+        self.catch_up.handle_timer(now)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_interval_s
             self._heartbeat_tick(now)
@@ -606,6 +614,8 @@ class NodeCore:
             self.link_queues.on_tail(peer_id, link, body, now)
         elif ftype == FrameType.PING:
             self._queue_control(peer_id, FrameType.PONG, body)
+        elif ftype in CATCHUP_FRAMES:
+            self.catch_up.on_frame(ftype, body, peer_id, now)
         else:
             self.stats.bump("ignored_frames")
 
