@@ -1,6 +1,7 @@
-"""Catch-up with real ``gwyh-node`` processes: one is stopped (SIGSTOP) during a paced
-stream for longer than it takes its peers to declare it DOWN, yet shorter than the
-catch-up window; after SIGCONT it delivers every broadcast exactly once.
+"""Catch-up with real ``gwyh-node`` processes: one is stopped (SIGSTOP, with its
+receiver processes) during a paced stream for longer than it takes its peers to declare
+it DOWN, yet shorter than the catch-up window; after SIGCONT it delivers every
+broadcast exactly once.
 
 Marked ``attack`` like its neighbours (tests/test_attack_liveness.py): it takes
 ~30 s. ``python -m bench pause`` measures the issue's 30 s scenario.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import signal_tree
 from tests.procs import STDIO_FAST, NodeProcess, free_udp_port, node_args, node_processes, wait_all
 
 KEY = b"catch-up-suite-key-0123456789abcd"
@@ -58,11 +60,11 @@ def test_a_node_stopped_during_a_stream_delivers_every_broadcast_exactly_once(
                 time.sleep(RATE_S)
 
         stream(1.0)
-        os.kill(paused.proc.pid, signal.SIGSTOP)
+        signal_tree(paused.proc.pid, signal.SIGSTOP)
         try:
             stream(PAUSE_S)
         finally:
-            os.kill(paused.proc.pid, signal.SIGCONT)
+            signal_tree(paused.proc.pid, signal.SIGCONT)
         stream(2.0)
         expected = set(sent)
 
