@@ -44,7 +44,9 @@ STATS_INTERVAL_S = 0.1
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=4, help="gwyh-node processes")
-    parser.add_argument("--preset", choices=("local", "lan", "wan"), default="lan")
+    parser.add_argument(
+        "--preset", choices=("local", "lan", "wan"), default="lan", help="Config preset"
+    )
     parser.add_argument("--pause", type=float, default=30.0, help="seconds stopped")
     parser.add_argument("--rate", type=float, default=10.0, help="broadcasts per second")
     parser.add_argument("--before", type=float, default=3.0, help="stream seconds before")
