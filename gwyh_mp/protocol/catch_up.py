@@ -73,6 +73,7 @@ Addr = tuple[str, int]
 # A gap this many heartbeat intervals between two timer calls means this process was
 # stopped: the heartbeat alone brings the node's timer back every interval.
 PAUSE_HEARTBEATS = 2.0
+HISTORY_MARGIN_HEARTBEATS = 2
 MAX_TRIES = 5  # unanswered ASKs (or wanted ids still missing) before a pull gives up
 MAX_PULLS = 64
 MAX_ASKED = 1 << 16  # ids one pull may have outstanding; beyond, counted as missed
@@ -133,8 +134,12 @@ class CatchUp:
         self.watchdog_s = watchdog_s
         self.frame_ids = ids_per_frame(config.max_datagram_bytes)
         self.page_ids = self.frame_ids // 2  # the other half: ids asked again
-        # Also what a lazy-push GRAFT can be answered from (one store, one bound).
-        self.history = History(config.catch_up_window_s, config.catch_up_bytes)
+        # Also what a lazy-push GRAFT can be answered from (one store, one bound). Kept
+        # HISTORY_MARGIN_HEARTBEATS longer than the window: an asker's range starts at
+        # its last timer before the pause and adds one heartbeat of margin, so a pause
+        # of exactly the window is covered in full.
+        margin = HISTORY_MARGIN_HEARTBEATS * config.heartbeat_interval_s if self.enabled else 0
+        self.history = History(self.window_s + margin, config.catch_up_bytes)
         flood.record = self.record
         self.seen = seen_ids
         self.stats = stats
