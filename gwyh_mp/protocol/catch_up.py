@@ -449,10 +449,12 @@ class CatchUp:
             if self._cut_since is not None:
                 since, self._cut_since = self._cut_since, None
                 self.doubt(since, now)
-            self._last_connected = now
+            # When we last heard a provider that still had us: data flowed until then.
+            self._last_connected = max(
+                (st.last_heard for st in self.providers.values() if st.confirmed), default=now
+            )
         elif self._cut_since is None and self._last_connected is not None:
-            # The last provider we heard was heard up to a watchdog period before.
-            self._cut_since = self._last_connected - self.watchdog_s
+            self._cut_since = self._last_connected
 
     def _retry(self, peer_id: bytes, pull: Pull, now: float) -> None:
         if not self._has_session(peer_id):
