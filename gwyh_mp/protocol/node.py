@@ -141,18 +141,11 @@ class NodeCore:
         )
         self._on_link_packet = self.link_queues.on_packet
         self.anti_entropy = AntiEntropy(
-            self.node_id,
-            self.members,
-            config.peer_sync_interval_s,
-            config.max_datagram_bytes,
-            config.peer_list_max_records,
-            self._rng,
-            self.stats,
-            now,
-            incarnation=lambda: self.incarnation,
-            self_record=self._self_record,
+            self.node_id, self.members, config.peer_sync_interval_s, config.max_datagram_bytes,
+            config.peer_list_max_records, self._rng, self.stats, now,
+            incarnation=lambda: self.incarnation, self_record=self._self_record,
             queue_control=self._queue_control,
-        )
+        )  # fmt: skip
         watchdog_s = config.heartbeat_interval_s * (config.missed_heartbeats + 0.5)
         self.subscriptions = Subscriptions(
             config,
