@@ -91,6 +91,10 @@ def test_config_validates_the_window_and_bytes() -> None:
         base.replace(catch_up_window_s=-1.0).validate()
     with pytest.raises(ConfigError, match="catch_up_bytes"):
         base.replace(catch_up_bytes=100).validate()
+    # The history may not offer more ids than a returning node remembers.
+    with pytest.raises(ConfigError, match="seen_set_size"):
+        base.replace(catch_up_bytes=64 << 20).validate()
+    base.replace(catch_up_bytes=64 << 20, seen_set_size=500_000).validate()
 
 
 # ----------------------------------------------------------------------------- helpers
