@@ -48,7 +48,7 @@ class History:
     def __init__(self, max_age_s: float, max_bytes: int) -> None:
         self.max_age_s = max_age_s
         self.max_bytes = max_bytes
-        self._entries: dict[bytes, tuple[int, float, bytes]] = {}  # id -> (seq, time, entry)
+        self._entries: dict[bytes, bytes] = {}  # id -> entry
         # Insertion order as two parallel lists with a moving head (compacted when the
         # dead prefix is half the list): O(1) eviction and random access for paging.
         self._ids: list[bytes] = []
@@ -72,23 +72,25 @@ class History:
 
     def add(self, msg_id: bytes, entry: bytes, now: float) -> None:
         """Keep ``entry`` under ``msg_id`` (a second add of the same id is ignored)."""
-        if msg_id in self._entries or self.max_age_s <= 0:
+        entries = self._entries
+        if msg_id in entries or self.max_age_s <= 0:
             return
         size = len(entry) + ENTRY_OVERHEAD_BYTES
         if size > self.max_bytes:
             return
-        self._entries[msg_id] = (self.last_seq + 1, now, entry)
+        entries[msg_id] = entry
         self._ids.append(msg_id)
-        self._times.append(now)
+        times = self._times
+        times.append(now)
         self.bytes += size
-        self.expire(now)
+        # Hot path (every forwarded entry): evict only when a bound is crossed.
+        if self.bytes > self.max_bytes or times[self._head] < now - self.max_age_s:
+            self._evict(now)
 
     def get(self, msg_id: bytes) -> bytes | None:
-        item = self._entries.get(msg_id)
-        return None if item is None else item[2]
+        return self._entries.get(msg_id)
 
-    def expire(self, now: float) -> None:
-        """Evict what is older than max_age_s or beyond max_bytes, oldest first."""
+    def _evict(self, now: float) -> None:
         oldest = now - self.max_age_s
         times = self._times
         while self._head < len(times) and (
@@ -99,6 +101,11 @@ class History:
             del self._ids[: self._head]
             del times[: self._head]
             self._head = 0
+
+    def expire(self, now: float) -> None:
+        """Evict what is older than max_age_s (or beyond max_bytes), oldest first, and
+        forget eviction counts older than the eviction memory (called on timers)."""
+        self._evict(now)
         memory = EVICTED_MEMORY * self.max_age_s
         evicted = self._evicted
         while evicted and (evicted[0][0] < now - memory or len(evicted) > EVICTED_MAX_BUCKETS):
@@ -109,7 +116,7 @@ class History:
         t = self._times[self._head]
         self._head += 1
         self.first_seq += 1
-        _, _, entry = self._entries.pop(msg_id)
+        entry = self._entries.pop(msg_id)
         self.bytes -= len(entry) + ENTRY_OVERHEAD_BYTES
         self.evicted += 1
         bucket = t - t % EVICTED_BUCKET_S
