@@ -62,7 +62,7 @@ from gwyh_mp.config import Config
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.events import Event, MemberDown, MemberLeft, MemberUp
 from gwyh_mp.protocol.flood import Flood
-from gwyh_mp.protocol.history import EVICTED_MEMORY, History
+from gwyh_mp.protocol.history import EVICTED_BUCKET_S, EVICTED_MEMORY, History
 from gwyh_mp.protocol.peers import Peers
 from gwyh_mp.protocol.stats import Stats
 from gwyh_mp.protocol.subscriptions import Subscriptions
@@ -384,7 +384,12 @@ class CatchUp:
             start = now - since_ms / 1000
             ids, last = history.page(start, cursor, self.page_ids)
             next_cursor = last if len(ids) == self.page_ids else CATCHUP_NO_MORE
-            missed = history.evicted_since(start) if cursor == 0 else 0
+            # Counted conservatively: the range's first bucket and one heartbeat are left
+            # out, since the asker widened its range by that much (and its start is only
+            # known to within that), and it may well hold what we had there.
+            missed = 0
+            if cursor == 0:
+                missed = history.evicted_since(start + EVICTED_BUCKET_S + self.heartbeat_s)
             offer = wire.encode_catchup_offer(cursor, next_cursor, missed, ids)
             self._queue_control(peer_id, FrameType.CATCHUP_OFFER, offer)
             tokens -= len(offer)
