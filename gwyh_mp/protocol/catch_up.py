@@ -257,8 +257,12 @@ class CatchUp:
                 self.stats.bump("catch_up_pulls_refused")
                 return
             pull = self.pulls[peer_id] = Pull(since)
-        # A pull already running starts over from the first page (the peer may not
-        # have forwarded to us between its first offer and now), keeping what it asked.
+        elif since >= pull.since and pull.cursor != CATCHUP_NO_MORE:
+            # Still paging, and its pages run up to the newest entries the peer holds,
+            # so whatever the peer got before it (re)accepted us will be offered.
+            return
+        # A wider range, or the pages are done: start over from the first page (what
+        # we have is not asked again).
         pull.since = min(pull.since, since)
         pull.cursor = 0
         pull.tries = 0
