@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sim": ("bench.sim", "simulated cluster of the real protocol core: spread and detection"),
     "large": ("bench.large", "large-message goodput and delivery under loss"),
     "membership": ("bench.membership", "convergence, crash detection and false DOWNs"),
+    "pause": ("bench.pause", "a gwyh-node stopped (SIGSTOP) during a stream: catch-up"),
     "ipc": ("bench.ipc", "inter-process hand-off: shared-memory ring vs multiprocessing.Queue"),
     "udp": ("bench.udp", "batched recvmmsg/sendmmsg vs plain socket calls"),
     "fuzz": ("bench.fuzz", "coverage-guided fuzzing of the decoders, handshake and reassembler"),

@@ -14,6 +14,7 @@ import importlib.metadata
 import math
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -373,3 +374,13 @@ class ClusterNode:
         self.out_offset += len(chunk)
         self.lines_seen += chunk.count(b"\n")
         return self.lines_seen
+
+
+def signal_tree(pid: int, sig: signal.Signals) -> None:
+    """Signal a node and its receiver processes (SIGSTOP: a whole machine pauses, not
+    one process of it)."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for child in psutil.Process(pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.send_signal(sig)
+    os.kill(pid, sig)

@@ -80,6 +80,8 @@ FLAG_OF_FIELD = {
     "suspicion_min_s": "--suspicion-min",
     "suspicion_max_s": "--suspicion-max",
     "max_members": "--max-members",
+    "catch_up_window_s": "--catch-up-window",
+    "catch_up_bytes": "--catch-up-bytes",
     "max_datagram_bytes": "--max-datagram",
     "flush_interval_s": "--flush-interval",
     "dissemination": "--dissemination",
@@ -248,6 +250,21 @@ def _add_membership_options(p: argparse.ArgumentParser) -> None:
         help="most members held; news of more is refused and counted (default 20000)",
     )
     g.add_argument("--seed", type=int, help="seed for reproducible peer selection")
+    g.add_argument(
+        "--catch-up-window",
+        type=float_at_least(0.0),
+        default=Config().catch_up_window_s,
+        metavar="S",
+        help="a node back from a pause or partition this long gets every broadcast it "
+        "missed; older misses are counted and logged (default 30; 0: off)",
+    )
+    g.add_argument(
+        "--catch-up-bytes",
+        type=int_range(1 << 16),
+        default=Config().catch_up_bytes,
+        metavar="BYTES",
+        help="memory for that history, and what one peer may pull per window (default 16 MiB)",
+    )
 
 
 def _add_tuning_options(p: argparse.ArgumentParser) -> None:
@@ -392,6 +409,8 @@ def config_from_args(args: argparse.Namespace, node_id: bytes | None = None) -> 
         node_id=node_id,
         ring_bytes=args.ring_bytes,
         max_members=args.max_members,
+        catch_up_window_s=args.catch_up_window,
+        catch_up_bytes=args.catch_up_bytes,
     )
     try:
         return config.validate()

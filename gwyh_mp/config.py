@@ -155,6 +155,18 @@ class Config:
     reassembly_timeout_s: float = 30.0
     """An incomplete large message that makes no progress this long is dropped."""
 
+    catch_up_window_s: float = 30.0
+    """A node back from a pause or a partition this long (or shorter) gets every broadcast
+    it missed, exactly once (protocol/catch_up.py): each node keeps what it forwarded for
+    this long. 30 s covers a VM migration, a GC or SIGSTOP stall and a short network cut
+    at the LAN preset's heartbeat; older misses are counted (``catch_up_missed``) and
+    logged. 0 turns catch-up off (nothing is kept)."""
+    catch_up_bytes: int = 16 << 20
+    """Bound on that history (entries plus ~120 B each of bookkeeping), and on what one
+    peer may pull from this node per window. At 16 MiB it holds the full 30 s window up
+    to ~2,000 msg/s of 150-byte messages; beyond, the window shrinks (oldest first) and
+    the loss is counted."""
+
     # -- congestion control and backpressure -------------------------------------------
     send_rate_initial_bytes_per_s: int = 32 << 20
     """Starting pace of data to each peer; AIMD moves it between min and max."""
@@ -296,6 +308,10 @@ class Config:
         )
         _positive_int("max_message_bytes", self.max_message_bytes, maximum=(1 << 32) - 1)
         _positive_int("reassembly_memory_bytes", self.reassembly_memory_bytes)
+        window = self.catch_up_window_s
+        if isinstance(window, bool) or not isinstance(window, int | float) or window < 0:
+            raise ConfigError(f"catch_up_window_s must be >= 0 (seconds), got {window!r}")
+        _positive_int("catch_up_bytes", self.catch_up_bytes, minimum=1 << 16)
         _positive("reassembly_timeout_s", self.reassembly_timeout_s)
         _positive_int("send_rate_min_bytes_per_s", self.send_rate_min_bytes_per_s)
         _positive_int(

@@ -278,6 +278,15 @@ class NodeCollector(Collector):
             "Subscribers told this node could not serve them (the application was not reading)",
             core("subscribers_shed"),
         )
+        catch_up = CounterMetricFamily(
+            "gwyh_catch_up_messages",
+            "Broadcasts missed while away (paused, cut off, DOWN): recovered by catch-up, "
+            "or missed for good (beyond the catch-up window)",
+            labels=["outcome"],
+        )
+        catch_up.add_metric(["recovered"], core("catch_up_recovered"))
+        catch_up.add_metric(["missed"], core("catch_up_missed"))
+        yield catch_up
 
         members = GaugeMetricFamily(
             "gwyh_members", "Other cluster members known, by state", labels=["state"]

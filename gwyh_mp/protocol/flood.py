@@ -47,6 +47,8 @@ class Flood:
         self.on_fragment: Callable[[bytes, int, bytes, bytes, bytes, float], None] | None = None
         # Broadcast trees (protocol/trees.py), set once they exist; APP entries only.
         self.trees: Trees | None = None
+        # Every entry we originate or forward, for the recent-entry history (catch-up).
+        self.record: Callable[[bytes, bytes], None] | None = None
 
     def originate(self, msg_id: bytes, kind: int, body: bytes) -> None:
         """One of our own entries, into the next flush."""
@@ -57,14 +59,18 @@ class Flood:
             lazy = self.trees.lazy_for(self.node_id)
             self.trees.note_own(msg_id)
         self.fanout.add(msg_id, entry, None, lazy)
+        if self.record is not None:
+            self.record(msg_id, entry)
 
     def forward(
         self, msg_id: bytes, kind: int, hops: int, origin: bytes, body: bytes, source: bytes
     ) -> None:
         # Forward first, so the copy leaves before any local work on it.
-        header = _ENTRY_HEADER.pack(kind, min(hops + 1, 255), origin, len(body))
+        entry = _ENTRY_HEADER.pack(kind, min(hops + 1, 255), origin, len(body)) + body
         lazy = self.trees.lazy_for(origin) if kind == _APP and self.trees else None
-        self.fanout.add(msg_id, header + body, source, lazy)
+        self.fanout.add(msg_id, entry, source, lazy)
+        if self.record is not None:
+            self.record(msg_id, entry)
 
     def on_entries(
         self, ids: bytes, count: int, plaintext: bytes, source: bytes, now: float

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from gwyh_mp.config import Config
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.anti_entropy import AntiEntropy
+from gwyh_mp.protocol.catch_up import CATCHUP_FRAMES, CatchUp
 from gwyh_mp.protocol.crypto import DecryptError
 from gwyh_mp.protocol.dissemination import BroadcastChannel, Datagram, Fanout, Outgoing, SeenSet
 from gwyh_mp.protocol.events import Event, Member, RejectedHandshakes
@@ -149,18 +150,11 @@ class NodeCore:
         )
         self._on_link_packet = self.link_queues.on_packet
         self.anti_entropy = AntiEntropy(
-            self.node_id,
-            self.members,
-            config.peer_sync_interval_s,
-            config.max_datagram_bytes,
-            config.peer_list_max_records,
-            self._rng,
-            self.stats,
-            now,
-            incarnation=lambda: self.incarnation,
-            self_record=self._self_record,
+            self.node_id, self.members, config.peer_sync_interval_s, config.max_datagram_bytes,
+            config.peer_list_max_records, self._rng, self.stats, now,
+            incarnation=lambda: self.incarnation, self_record=self._self_record,
             queue_control=self._queue_control,
-        )
+        )  # fmt: skip
         watchdog_s = config.heartbeat_interval_s * (config.missed_heartbeats + 0.5)
         self.subscriptions = Subscriptions(
             config,
@@ -199,6 +193,11 @@ class NodeCore:
             queue_control=self._queue_control, clock=lambda: self._last_now,
         )  # fmt: skip
         self.fanout.on_lazy = self.trees.announce
+        self.catch_up = CatchUp(
+            config, self.seen.ids, self.stats, self.peers, self.subscriptions, self.flood,
+            watchdog_s=watchdog_s, clock=lambda: self._last_now, warn=self.warnings.append,
+            queue_control=self._queue_control, connected=self.liveness.heard_from_a_provider,
+        )  # fmt: skip
         self.membership = MembershipChanges(
             self.node_id,
             self.members,
@@ -210,7 +209,7 @@ class NodeCore:
             running=lambda: self._running,
             random_bytes=random_bytes,
             queue_control=self._queue_control,
-            emit=self._events.append,
+            emit=self.catch_up.watching(self._events.append),
             on_suspected=lambda node_id, inc, now: self.detector.on_suspected(node_id, inc, now),
             on_cleared=lambda node_id: self.detector.forget(node_id),
         )
@@ -320,7 +319,7 @@ class NodeCore:
         if large.release_due(now):
             large.release(now)
         data: list[Outgoing] = []
-        resend = large.take_resends() + self.trees.take_resends()
+        resend = large.take_resends() + self.trees.take_resends() + self.catch_up.take_resends()
         if resend:
             for peer_id, entries in resend:
                 target = self.peers.fanout_target(peer_id)
@@ -361,26 +360,16 @@ class NodeCore:
         hs = self.handshaker.next_timer()
         if not self._running:
             return hs
+        now = self._last_now
         t = self._next_heartbeat
-        if hs is not None and hs < t:
-            t = hs
-        due = self.subscriptions.next_timer()
-        if due is not None and due < t:
-            t = due
-        due = self.liveness.next_timer()
-        if due is not None and due < t:
-            t = due
-        due = self.detector.next_timer()
-        if due is not None and due < t:
-            t = due
-        due = self.large.next_timer(self._last_now)
-        if due is not None and due < t:
-            t = due
-        due = self.link_queues.next_timer(self._last_now)
-        if due is not None and due < t:
-            t = due
-        due = self.trees.next_timer()
-        return due if due is not None and due < t else t
+        for due in (
+            hs, self.subscriptions.next_timer(), self.liveness.next_timer(),
+            self.detector.next_timer(), self.large.next_timer(now),
+            self.link_queues.next_timer(now), self.trees.next_timer(), self.catch_up.next_timer(),
+        ):  # fmt: skip
+            if due is not None and due < t:
+                t = due
+        return t
 
     def handle_timer(self, now: float) -> None:
         self._last_now = now
@@ -396,6 +385,7 @@ class NodeCore:
         self.large.handle_timer(now)
         self.link_queues.handle_timer(now)
         self.trees.handle_timer(now)
+        self.catch_up.handle_timer(now)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_interval_s
             self._heartbeat_tick(now)
@@ -620,6 +610,8 @@ class NodeCore:
             self.detector.on_ping_req(peer_id, body, now)
         elif ftype == FrameType.PING_ACK:
             self.detector.on_ping_ack(peer_id, body, now)
+        elif ftype in CATCHUP_FRAMES:
+            self.catch_up.on_frame(ftype, body, peer_id, now)
         else:
             self.stats.bump("ignored_frames")
 

@@ -86,6 +86,9 @@ class Subscriptions:
         self.reading_paused_since: float | None = None  # set by the runtime (backpressure)
         self.saturated = False
         self.pending_swaps: list[tuple[bytes, bytes]] = []  # (provider out, newcomer in)
+        # A provider (re)accepted us: it forwards to us from now on (catch-up pulls
+        # what it got before, if we may have missed it).
+        self.on_accepted: Callable[[bytes, float], None] | None = None
 
     # ------------------------------------------------------------------ selection
 
@@ -240,7 +243,10 @@ class Subscriptions:
         provider = self.providers.get(peer_id)
         if provider is None:
             self._queue_control(peer_id, FrameType.UNSUBSCRIBE)
-        elif not provider.confirmed:
+            return
+        if self.on_accepted is not None:
+            self.on_accepted(peer_id, now)
+        if not provider.confirmed:
             provider.confirmed = True
             provider.last_heard = now
             # Members that joined while we had no providers were announced to

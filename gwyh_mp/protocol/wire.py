@@ -61,12 +61,15 @@ class FrameType(enum.IntEnum):
     CHANNEL_KEY = 0x0A
     FRAGMENT_NAK = 0x0B
     TAIL = 0x0C
+    PING_REQ = 0x10  # target:16 nonce:u32 - PING the target for me (failure_detector.py)
+    PING_ACK = 0x11  # target:16 nonce:u32 status:u8 (1 it answered, 0 nack)
     # Epidemic broadcast trees (protocol/trees.py): lazy announcements and their repair.
     IHAVE = 0x18
     GRAFT = 0x19
     PRUNE = 0x1A
-    PING_REQ = 0x10  # target:16 nonce:u32 - PING the target for me (failure_detector.py)
-    PING_ACK = 0x11  # target:16 nonce:u32 status:u8 (1 it answered, 0 nack)
+    # Catch-up (protocol/catch_up.py).
+    CATCHUP_ASK = 0x20
+    CATCHUP_OFFER = 0x21
 
 
 class EntryKind(enum.IntEnum):
@@ -286,6 +289,52 @@ MAX_NAK_RANGES = 200  # 1,210 B of ranges: fits the default 1,400-byte datagram
 # FRAGMENT_NAK frame: message id, count, then that many u32 fragment indexes.
 FRAGMENT_NAK_HEADER = struct.Struct("!16sH")
 MAX_FRAGMENT_NAK_INDEXES = 256
+
+
+# CATCHUP_ASK frame: how far back (ms), the offer cursor asked for (0: from the start of
+# that range; CATCHUP_NO_MORE: no more offers, only the entries), count, then that many
+# message ids wanted (from the previous offer). CATCHUP_OFFER frame: the cursor it answers,
+# the cursor to ask next (CATCHUP_NO_MORE: that was all), entries of the range the sender
+# no longer holds (first page only), count, then that many message ids it holds.
+CATCHUP_ASK_HEADER = struct.Struct("!IQH")
+CATCHUP_OFFER_HEADER = struct.Struct("!QQIH")
+CATCHUP_NO_MORE = (1 << 64) - 1
+MAX_CATCHUP_IDS = (MAX_FRAME_BODY - CATCHUP_OFFER_HEADER.size) // MESSAGE_ID_BYTES
+
+
+def _catchup_ids(body: bytes, offset: int, count: int) -> list[bytes]:
+    if count > MAX_CATCHUP_IDS or len(body) != offset + count * MESSAGE_ID_BYTES:
+        raise WireError("bad catch-up id count")
+    return [body[i : i + MESSAGE_ID_BYTES] for i in range(offset, len(body), MESSAGE_ID_BYTES)]
+
+
+def encode_catchup_ask(since_ms: int, cursor: int, wanted: list[bytes]) -> bytes:
+    wanted = wanted[:MAX_CATCHUP_IDS]
+    return CATCHUP_ASK_HEADER.pack(min(since_ms, 0xFFFFFFFF), cursor, len(wanted)) + b"".join(
+        wanted
+    )
+
+
+def decode_catchup_ask(body: bytes) -> tuple[int, int, list[bytes]]:
+    """-> (since_ms, cursor, wanted ids)"""
+    if len(body) < CATCHUP_ASK_HEADER.size:
+        raise WireError("short catch-up ask")
+    since_ms, cursor, count = CATCHUP_ASK_HEADER.unpack_from(body)
+    return since_ms, cursor, _catchup_ids(body, CATCHUP_ASK_HEADER.size, count)
+
+
+def encode_catchup_offer(cursor: int, next_cursor: int, missed: int, ids: list[bytes]) -> bytes:
+    ids = ids[:MAX_CATCHUP_IDS]
+    header = CATCHUP_OFFER_HEADER.pack(cursor, next_cursor, min(missed, 0xFFFFFFFF), len(ids))
+    return header + b"".join(ids)
+
+
+def decode_catchup_offer(body: bytes) -> tuple[int, int, int, list[bytes]]:
+    """-> (cursor, next cursor, missed, ids)"""
+    if len(body) < CATCHUP_OFFER_HEADER.size:
+        raise WireError("short catch-up offer")
+    cursor, next_cursor, missed, count = CATCHUP_OFFER_HEADER.unpack_from(body)
+    return cursor, next_cursor, missed, _catchup_ids(body, CATCHUP_OFFER_HEADER.size, count)
 
 
 def fragment_id(msg_id: bytes, index: int) -> bytes:
