@@ -122,6 +122,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--settle", type=float, default=2.0, help="pause after the join (s)")
     g.add_argument("--drain", type=float, default=15.0, help="max wait for late deliveries (s)")
     g = parser.add_argument_group("virtual peers")
+    g.add_argument(
+        "--peer-mode",
+        choices=["light", "full"],
+        default="light",
+        help="light: peers subscribe to the node only and drop membership floods (cost per "
+        "message independent of --peers); full: every peer a complete node (O(N^2) join)",
+    )
     g.add_argument("--subscriptions", type=int, default=5, help="providers per virtual peer")
     g.add_argument(
         "--heartbeat-interval",
@@ -388,7 +395,8 @@ class LoadRun:
                 total_peers=args.peers,
                 target=self.target,
                 psk=self.psk,
-                subscriptions=args.subscriptions,
+                # A light peer knows only the node: one provider is all it can have.
+                subscriptions=1 if args.peer_mode == "light" else args.subscriptions,
                 peer_sync_interval=args.peer_sync_interval,
                 reassign_delay=(low, high),
                 heartbeat_interval=args.heartbeat_interval,
@@ -401,6 +409,7 @@ class LoadRun:
                 graceful_churn=args.churn_mode == "graceful",
                 join_rate=args.join_rate / n,
                 join_window=max(1, math.ceil(args.join_window / n)),
+                light=args.peer_mode == "light",
                 profile=args.profile if i == 0 else None,
             )
             for i in range(n)

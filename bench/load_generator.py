@@ -69,6 +69,7 @@ class ShardSpec:
     graceful_churn: bool
     join_rate: float
     join_window: int
+    light: bool = True  # light virtual peers (bench/virtual_peers.py make_light)
     profile: str | None = None
 
 
@@ -154,7 +155,9 @@ class Shard:
         if spec.heartbeat_interval is not None:
             config = config.replace(heartbeat_interval_s=spec.heartbeat_interval)
         config.validate()
-        self.driver = PeerDriver(self.loop, config, on_message=self.on_message, tick_s=spec.tick_s)
+        self.driver = PeerDriver(
+            self.loop, config, on_message=self.on_message, tick_s=spec.tick_s, light=spec.light
+        )
         self.driver.on_tick = self.on_tick
 
     def _cpu(self) -> float:
@@ -217,10 +220,21 @@ class Shard:
         self.spawned += 1
         return peer
 
+    def _sender(self) -> VirtualPeer:
+        """A random joined peer. Light peers know only the node, so only the few the
+        node picked as its providers have anyone to send to: one of those when this
+        shard has one (else the broadcast is counted as held at its sender)."""
+        peer = self.ready[self.rng.randrange(len(self.ready))]
+        if self.spec.light and not peer.core.subscribers:
+            senders = [p for p in self.ready if p.core.subscribers]
+            if senders:
+                peer = senders[self.rng.randrange(len(senders))]
+        return peer
+
     def _send_one(self) -> None:
         if not self.ready:
             return
-        peer = self.ready[self.rng.randrange(len(self.ready))]
+        peer = self._sender()
         seq = len(self.send_seqs) * self.spec.procs + self.spec.index
         now_ns = time.time_ns()
         head = header(now_ns, seq)

@@ -25,7 +25,8 @@ from gwyh_mp.protocol.wire import FrameType
 Addr = tuple[str, int]
 QueueControl = Callable[..., None]  # (peer_id, frame_type, body=b"")
 
-RETAIN_BYTES_PER_LINK = 4 << 20  # sent data datagrams kept per peer to answer NAKs
+RETAIN_BYTES_PER_LINK = 4 << 20  # sent data datagrams kept per peer to answer NAKs (at most)
+RETAIN_MIN_BYTES_PER_LINK = 16 << 10  # ... and at least, however many links share the budget
 RETAIN_DATAGRAMS_PER_LINK = 8192
 MAX_RETRANSMITS_PER_NAK = 256
 TAIL_PROBE_S = 0.1  # quiet time after the last data datagram before a tail probe
@@ -51,6 +52,16 @@ def pacing_config(config: Config) -> PacingConfig:
         burst_bytes=max(256 << 10, 4 * config.max_datagram_bytes),
         max_queued_data_bytes=config.link_queue_bytes,
     )
+
+
+def retain_bytes_per_link(budget_bytes: int, links: int) -> int:
+    """What one link may keep for NAK answers: an equal share of the node-wide
+    Config.retransmit_buffer_bytes, within [RETAIN_MIN_BYTES_PER_LINK,
+    RETAIN_BYTES_PER_LINK]. A node with 5,000 subscribers would otherwise hold up to
+    4 MiB for each (20 GB); a NAK asks for what was sent a few round trips ago, and a
+    share of the budget still holds seconds of traffic at any sane rate."""
+    share = budget_bytes // max(1, links)
+    return max(RETAIN_MIN_BYTES_PER_LINK, min(RETAIN_BYTES_PER_LINK, share))
 
 
 def head(datagram: Datagram) -> bytes:
@@ -88,14 +99,14 @@ class LinkState:
         self.link_seq_out = (self.link_seq_out + 1) & 0xFFFFFFFF
         return self.link_seq_out
 
-    def remember(self, datagram: Datagram) -> None:
+    def remember(self, datagram: Datagram, max_bytes: int = RETAIN_BYTES_PER_LINK) -> None:
         """Keep a sent data datagram, keyed by its link sequence, until NAKs for it are
-        no longer plausible (bounded by bytes and count)."""
+        no longer plausible (bounded by bytes, ``max_bytes``, and count)."""
         seq = int.from_bytes(head(datagram)[8:12], "big")
         self.sent[seq] = datagram
         self.sent_bytes += len(datagram)
         sent = self.sent
-        while self.sent_bytes > RETAIN_BYTES_PER_LINK or len(sent) > RETAIN_DATAGRAMS_PER_LINK:
+        while self.sent_bytes > max_bytes or len(sent) > RETAIN_DATAGRAMS_PER_LINK:
             _, old = sent.popitem(last=False)
             self.sent_bytes -= len(old)
 
@@ -111,11 +122,13 @@ class LinkQueues:
         stats: Stats,
         queue_control: QueueControl,
         clock: Callable[[], float],
+        retain_budget_bytes: int = 64 << 20,
     ) -> None:
         self.links = links
         self._link_for = link_for  # get or create a peer's link
         self.pacing = pacing
         self._link_queue_bytes = pacing.max_queued_data_bytes
+        self.retain_budget_bytes = retain_budget_bytes  # Config.retransmit_buffer_bytes
         self.stats = stats
         self._queue_control = queue_control
         self._clock = clock  # the node's latest ``now``: a new pacer starts from it
@@ -152,6 +165,7 @@ class LinkQueues:
 
     def drain(self, now: float, out: list[tuple[Datagram, Addr]]) -> None:
         """Hand the socket what each link's pacer allows now."""
+        retain = retain_bytes_per_link(self.retain_budget_bytes, len(self.links))
         for peer_id in list(self.backlogged):
             link = self.links.get(peer_id)
             if link is None:
@@ -170,7 +184,7 @@ class LinkQueues:
                 self.backlog_bytes -= size
                 pacer.consume(size, now)
                 out.append((datagram, addr))
-                link.remember(datagram)
+                link.remember(datagram, retain)
                 link.last_sent_seq = int.from_bytes(head(datagram)[8:12], "big")
                 link.tail_due = now + TAIL_PROBE_S
                 self._tail_links[peer_id] = None

@@ -137,6 +137,7 @@ class NodeCore:
             self.stats,
             self._queue_control,
             lambda: self._last_now,
+            config.retransmit_buffer_bytes,
         )
         self._on_link_packet = self.link_queues.on_packet
         self.anti_entropy = AntiEntropy(
@@ -358,25 +359,21 @@ class NodeCore:
 
     def get_timer(self) -> float | None:
         """The earliest deadline of any mechanism's timer. Called after every datagram,
-        so it builds nothing: one running minimum."""
+        so it builds nothing but one small tuple: one running minimum."""
         hs = self.handshaker.next_timer()
         if not self._running:
             return hs
         t = self._next_heartbeat
-        if hs is not None and hs < t:
-            t = hs
-        due = self.subscriptions.next_timer()
-        if due is not None and due < t:
-            t = due
-        due = self.liveness.next_timer()
-        if due is not None and due < t:
-            t = due
-        due = self.large.next_timer(self._last_now)
-        if due is not None and due < t:
-            t = due
-        due = self.link_queues.next_timer(self._last_now)
-        if due is not None and due < t:
-            t = due
+        for due in (
+            hs,
+            self.subscriptions.next_timer(),
+            self.liveness.next_timer(),
+            self.membership.next_timer(),
+            self.large.next_timer(self._last_now),
+            self.link_queues.next_timer(self._last_now),
+        ):
+            if due is not None and due < t:
+                t = due
         return t
 
     def handle_timer(self, now: float) -> None:
@@ -389,6 +386,7 @@ class NodeCore:
             return
         self.subscriptions.handle_timer(now)
         self.liveness.handle_timer(now)
+        self.membership.handle_timer(now)
         self.large.handle_timer(now)
         self.link_queues.handle_timer(now)
         if now >= self._next_heartbeat:
