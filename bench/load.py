@@ -666,6 +666,9 @@ class LoadRun:
                 "node_members_up": stats.get("members_up"),
                 "node_packets_in": stats.get("packets_in"),
                 "node_packets_out": stats.get("packets_out"),
+                "node_subscribers": stats.get("subscribers"),
+                "node_sessions_established": stats.get("sessions_established"),
+                "node_hello_overload": stats.get("handshake_hello_overload"),
                 # [shard, cpu %, worst loop lag ms, rss] per generator process
                 "gen_procs": [
                     [s["shard"], s["cpu_pct"], s["lag_ms"], s["rss_bytes"]] for s in shards

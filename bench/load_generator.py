@@ -220,21 +220,10 @@ class Shard:
         self.spawned += 1
         return peer
 
-    def _sender(self) -> VirtualPeer:
-        """A random joined peer. Light peers know only the node, so only the few the
-        node picked as its providers have anyone to send to: one of those when this
-        shard has one (else the broadcast is counted as held at its sender)."""
-        peer = self.ready[self.rng.randrange(len(self.ready))]
-        if self.spec.light and not peer.core.subscribers:
-            senders = [p for p in self.ready if p.core.subscribers]
-            if senders:
-                peer = senders[self.rng.randrange(len(senders))]
-        return peer
-
     def _send_one(self) -> None:
         if not self.ready:
             return
-        peer = self._sender()
+        peer = self.ready[self.rng.randrange(len(self.ready))]
         seq = len(self.send_seqs) * self.spec.procs + self.spec.index
         now_ns = time.time_ns()
         head = header(now_ns, seq)
