@@ -131,7 +131,7 @@ class Config:
     """Data waiting for one peer's pacer; forwarded datagrams beyond it are shed (counted)."""
     send_queue_bytes: int = 64 << 20
     """Above this much queued data, broadcast() waits (backpressure) instead of queueing."""
-    retransmit_buffer_bytes: int = 64 << 20
+    retransmit_buffer_bytes: int = 256 << 20
     """Sent data kept to answer NAKs, over all links: each link keeps an equal share,
     16 KiB to 4 MiB (protocol/links.py retain_bytes_per_link)."""
     flush_interval_s: float = 0.0

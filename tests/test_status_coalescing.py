@@ -139,6 +139,7 @@ def test_retransmit_share_is_bounded_both_ways() -> None:
     assert retain_bytes_per_link(budget, 0) == RETAIN_BYTES_PER_LINK
     assert retain_bytes_per_link(budget, 10) == RETAIN_BYTES_PER_LINK
     assert retain_bytes_per_link(budget, 1000) == budget // 1000
+    assert retain_bytes_per_link(256 << 20, 5000) == (256 << 20) // 5000
     assert retain_bytes_per_link(budget, 100_000) == RETAIN_MIN_BYTES_PER_LINK
 
 

@@ -122,7 +122,7 @@ class LinkQueues:
         stats: Stats,
         queue_control: QueueControl,
         clock: Callable[[], float],
-        retain_budget_bytes: int = 64 << 20,
+        retain_budget_bytes: int = 256 << 20,
     ) -> None:
         self.links = links
         self._link_for = link_for  # get or create a peer's link
