@@ -238,6 +238,8 @@ def test_default_procs_grow_with_peers_and_rate() -> None:
     assert default_procs(1000, 10) <= default_procs(5000, 10) <= default_procs(5000, 100)
     assert default_procs(5000, 10) > 1
     assert default_procs(10**6, 1000) == MAX_DEFAULT_PROCS
+    # A full peer relays and keeps the member table: it needs more processes.
+    assert default_procs(2000, 10, "light") < default_procs(2000, 10, "full")
 
 
 def test_light_peers_deliver_everything_and_keep_no_membership() -> None:
