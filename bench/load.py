@@ -68,12 +68,13 @@ DRAIN_QUIET_S = 3.0
 SAMPLE_S = 1.0
 PHASE_LEAD_S = 0.3  # phases start this far ahead, so every shard switches at once
 # Default --procs: a generator process costs roughly this much of a core (%) per virtual
-# peer, idle and per broadcast/s (each broadcast reaches, and is relayed by, every peer:
-# ~300 us per delivery). Measured on the 2-core project VM (500 peers at 10 msg/s of
-# 1 KB: ~140 % of a core); the default keeps each process under TARGET_GEN_CPU_PCT at
-# the steady rate (the join costs more: see the README).
-GEN_PCT_PER_PEER = 0.01
-GEN_PCT_PER_PEER_MSG = 0.03
+# peer, idle and per broadcast/s. Full peers (each broadcast reaches, and is relayed by,
+# every peer: ~300 us per delivery): 500 peers at 10 msg/s of 1 KB took ~140 % of a core
+# on the 2-core project VM. Light peers (no relaying, no membership): ~45 us per delivery
+# and ~0.01 % idle per peer (2,000-5,000 peers at 1-10 msg/s on the same VM). The default
+# keeps each process under TARGET_GEN_CPU_PCT at the steady rate.
+GEN_PCT_PER_PEER = {"light": 0.002, "full": 0.01}
+GEN_PCT_PER_PEER_MSG = {"light": 0.0045, "full": 0.03}
 TARGET_GEN_CPU_PCT = 70.0
 MAX_DEFAULT_PROCS = 16
 
@@ -122,6 +123,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--settle", type=float, default=2.0, help="pause after the join (s)")
     g.add_argument("--drain", type=float, default=15.0, help="max wait for late deliveries (s)")
     g = parser.add_argument_group("virtual peers")
+    g.add_argument(
+        "--peer-mode",
+        choices=["light", "full"],
+        default="light",
+        help="light: peers subscribe to the node only and drop membership floods (cost per "
+        "message independent of --peers); full: every peer a complete node (O(N^2) join)",
+    )
     g.add_argument("--subscriptions", type=int, default=5, help="providers per virtual peer")
     g.add_argument(
         "--heartbeat-interval",
@@ -189,9 +197,9 @@ def parse_pair(text: str) -> tuple[float, float]:
     return low, high
 
 
-def default_procs(peers: int, rate: float) -> int:
+def default_procs(peers: int, rate: float, mode: str = "light") -> int:
     """Generator processes so that none should exceed TARGET_GEN_CPU_PCT of a core."""
-    load_pct = peers * (GEN_PCT_PER_PEER + GEN_PCT_PER_PEER_MSG * rate)
+    load_pct = peers * (GEN_PCT_PER_PEER[mode] + GEN_PCT_PER_PEER_MSG[mode] * rate)
     return max(1, min(MAX_DEFAULT_PROCS, peers, math.ceil(load_pct / TARGET_GEN_CPU_PCT)))
 
 
@@ -353,7 +361,7 @@ class LoadRun:
         self.target = target
         self.psk = psk
         self.node = node
-        self.procs = args.procs or default_procs(args.peers, args.rate)
+        self.procs = args.procs or default_procs(args.peers, args.rate, args.peer_mode)
         self.progress = not args.quiet
         self.phases: list[dict[str, Any]] = []
         self.phase = "join"
@@ -388,7 +396,8 @@ class LoadRun:
                 total_peers=args.peers,
                 target=self.target,
                 psk=self.psk,
-                subscriptions=args.subscriptions,
+                # A light peer knows only the node: one provider is all it can have.
+                subscriptions=1 if args.peer_mode == "light" else args.subscriptions,
                 peer_sync_interval=args.peer_sync_interval,
                 reassign_delay=(low, high),
                 heartbeat_interval=args.heartbeat_interval,
@@ -401,6 +410,7 @@ class LoadRun:
                 graceful_churn=args.churn_mode == "graceful",
                 join_rate=args.join_rate / n,
                 join_window=max(1, math.ceil(args.join_window / n)),
+                light=args.peer_mode == "light",
                 profile=args.profile if i == 0 else None,
             )
             for i in range(n)
@@ -657,6 +667,9 @@ class LoadRun:
                 "node_members_up": stats.get("members_up"),
                 "node_packets_in": stats.get("packets_in"),
                 "node_packets_out": stats.get("packets_out"),
+                "node_subscribers": stats.get("subscribers"),
+                "node_sessions_established": stats.get("sessions_established"),
+                "node_hello_overload": stats.get("handshake_hello_overload"),
                 # [shard, cpu %, worst loop lag ms, rss] per generator process
                 "gen_procs": [
                     [s["shard"], s["cpu_pct"], s["lag_ms"], s["rss_bytes"]] for s in shards
@@ -728,7 +741,7 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"bench load: {problem}", file=sys.stderr)
         return 2
-    procs = args.procs or default_procs(args.peers, args.rate)
+    procs = args.procs or default_procs(args.peers, args.rate, args.peer_mode)
     per_shard = math.ceil(args.peers / procs)
     limit = ensure_fd_limit(per_shard + FD_MARGIN)
     if not limit.ok:

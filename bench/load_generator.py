@@ -69,6 +69,7 @@ class ShardSpec:
     graceful_churn: bool
     join_rate: float
     join_window: int
+    light: bool = True  # light virtual peers (bench/virtual_peers.py make_light)
     profile: str | None = None
 
 
@@ -154,7 +155,9 @@ class Shard:
         if spec.heartbeat_interval is not None:
             config = config.replace(heartbeat_interval_s=spec.heartbeat_interval)
         config.validate()
-        self.driver = PeerDriver(self.loop, config, on_message=self.on_message, tick_s=spec.tick_s)
+        self.driver = PeerDriver(
+            self.loop, config, on_message=self.on_message, tick_s=spec.tick_s, light=spec.light
+        )
         self.driver.on_tick = self.on_tick
 
     def _cpu(self) -> float:

@@ -225,6 +225,14 @@ def build_report(
             block["generator_cpu_pct"] = _cpu_pct(a, b, "gen_cpu")
             block["generator"] = generator_load(run, (name,))
             block["generator_saturated"] = any(g["saturated"] for g in block["generator"])
+            # CPU per delivery (one message to one peer): for the node under test this is
+            # its cost per message per subscriber.
+            per_s = mesh["deliveries_per_s"]
+            for role, key in (("node", "node_cpu_pct"), ("generator", "generator_cpu_pct")):
+                pct = block[key]
+                block[f"{role}_cpu_us_per_delivery"] = (
+                    round(pct * 1e4 / per_s, 1) if pct is not None and per_s else None
+                )
             if name == "churn":
                 rejoin = [x for r in run.results for x in r.rejoin_s]
                 left = sum(r.churn_left for r in run.results)
@@ -282,7 +290,31 @@ def resources(run: LoadRun, roles: dict[int, str]) -> dict[str, Any]:
         "system_cpu_pct": {p: series("system_cpu_pct", (p,)) for p in ("join", *load)},
         "loop_lag_ms": {p: series("loop_lag_ms", (p,)) for p in ("join", *load)},
         "node_processes": node_processes(run, roles),
+        "generator_processes": generator_processes(run),
     }
+
+
+def generator_processes(run: LoadRun) -> list[dict[str, Any]]:
+    """CPU % per phase and the largest RSS of each generator process."""
+    per: dict[int, list[tuple[float, int, str]]] = {}
+    for sample in run.samples:
+        for shard, pct, _lag, rss in sample["gen_procs"]:
+            per.setdefault(shard, []).append((pct, rss, sample["phase"]))
+    out = []
+    for shard, rows in sorted(per.items()):
+        cpu: dict[str, float] = {}
+        for phase in ("join", "steady", "churn"):
+            xs = [c for c, _, p in rows if p == phase]
+            if xs:
+                cpu[phase] = round(sum(xs) / len(xs), 1)
+        out.append(
+            {
+                "role": f"generator-{shard}",
+                "cpu_pct_mean": cpu,
+                "rss_bytes_max": max(r for _, r, _ in rows),
+            }
+        )
+    return out
 
 
 def node_processes(run: LoadRun, roles: dict[int, str]) -> list[dict[str, Any]]:
@@ -383,15 +415,27 @@ def print_summary(result: dict[str, Any], out: Any = None) -> None:
         elif b["generator"]:
             top = max(g["cpu_pct_mean"] for g in b["generator"])
             lines.append(f"{name}: generator not saturated (busiest process {top:.0f} % CPU)")
-    procs = result.get("resources", {}).get("node_processes", [])
-    if procs:
-        lines.append(
-            "node processes (steady CPU %, max RSS MiB): "
-            + ", ".join(
-                f"{x['role']} {_fmt(x['cpu_pct_mean'].get('steady'))} % {x['rss_bytes_max'] >> 20}"
-                for x in procs
+    for name in ("steady", "churn"):
+        b = result.get(name)
+        if b and b.get("node_cpu_us_per_delivery") is not None:
+            lines.append(
+                f"{name}: peers' latency p50 {_fmt(b['mesh']['latency_ms']['p50'], 1)} ms, p99 "
+                f"{_fmt(b['mesh']['latency_ms']['p99'], 1)} ms over "
+                f"{_fmt(b['mesh']['deliveries_per_s'])} deliveries/s; CPU per delivery: node "
+                f"{_fmt(b['node_cpu_us_per_delivery'], 1)} us, generator "
+                f"{_fmt(b['generator_cpu_us_per_delivery'], 1)} us"
             )
-        )
+    res = result.get("resources", {})
+    procs = res.get("node_processes", []) + res.get("generator_processes", [])
+    if procs:
+        lines.append("CPU % (join / steady / churn) and max RSS per process:")
+        for x in procs:
+            cpu = x["cpu_pct_mean"]
+            lines.append(
+                f"  {x['role']:>16}  "
+                + " / ".join(_fmt(cpu.get(p)) for p in ("join", "steady", "churn"))
+                + f" %  {x['rss_bytes_max'] >> 20} MiB"
+            )
     if "error" in result:
         lines.append(f"error: {result['error']}")
     out.write("\n".join(lines) + "\n")

@@ -10,6 +10,15 @@ driving machinery, kept O(1) per event so thousands of peers fit on one core:
 - one periodic tick (``tick_s``) instead of a TimerHandle per core: cores' deadlines
   sit in one heap, re-pushed only when a core's deadline moves earlier (stale entries
   are skipped when popped).
+
+Light peers (``light=True``, bench load's default) keep everything the node under test
+sees of a peer (handshake, session, channel key, SUBSCRIBE, heartbeats, link sequence
+accounting and NAKs, de-duplication of what it delivers) but drop what only matters to
+a peer that relays for others: STATUS and fragment entries are discarded unread after
+authentication (no table, no re-flood), peer lists are neither asked for nor applied,
+and nothing is held for subscribers it does not have. A full peer applies every member
+record it hears, so N of them in one process cost O(N^2) during a join; a light peer's
+cost per datagram does not grow with the cluster (see make_light).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gwyh_mp.config import Config
+from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.events import Message
 from gwyh_mp.protocol.node import NodeCore
 from gwyh_mp.runtime.udp import set_buffers
@@ -31,6 +41,56 @@ Addr = tuple[str, int]
 RECV_PER_WAKEUP = 64  # bound one socket's turn so timers and other sockets still run
 SOCKET_BUFFER_BYTES = 1 << 20  # thousands of sockets: deep enough for bursts, not 8 MiB each
 MAX_DATAGRAM = 65_535
+
+
+_ENTRY_HEADER = wire.ENTRY_HEADER
+_APP = wire.EntryKind.APP
+
+
+def make_light(core: NodeCore) -> None:
+    """Turn a NodeCore into a light virtual peer (module doc): it still authenticates
+    and decrypts every BROADCAST datagram, accounts its link sequence (NAKs on gaps)
+    and drops duplicates by message id, but keeps no membership beyond its sessions.
+
+    Only the instance's entry points are replaced, so the node under test cannot tell:
+    the same frames reach it as from a real peer that simply subscribes to it."""
+    seen = core.seen
+    deliver = core._events.append
+    stats = core.stats
+
+    def on_entries(ids: bytes, count: int, plaintext: bytes, source: bytes, now: float) -> None:
+        offset, end = 0, len(plaintext)
+        unpack = _ENTRY_HEADER.unpack_from
+        head = _ENTRY_HEADER.size
+        for i in range(count):
+            if offset + head > end:
+                raise wire.WireError("truncated entry")
+            kind, hops, origin, length = unpack(plaintext, offset)
+            start = offset + head
+            offset = start + length
+            if offset > end:
+                raise wire.WireError("truncated entry body")
+            if kind != _APP:
+                continue  # membership and fragments: nobody relies on us for them
+            msg_id = ids[16 * i : 16 * i + 16]
+            if not seen.add(msg_id):
+                stats.bump("duplicate_entries")
+                continue
+            deliver(Message(plaintext[start:offset], msg_id, origin, hops))
+
+    def no_records(peer_id: bytes, body: bytes, now: float) -> bool:
+        return False
+
+    def no_request(peer_id: bytes) -> None:
+        return None
+
+    core._on_entries = on_entries  # type: ignore[method-assign]
+    core.membership.on_peers = no_records  # type: ignore[method-assign]
+    core.anti_entropy.request_peers = no_request  # type: ignore[method-assign]
+    core.subscriptions._request_peers = no_request
+    # Without subscribers, a full peer keeps up to 10,000 entries for the day one
+    # subscribes; a light peer has nothing anyone waits for.
+    core.fanout.max_pending_entries = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -78,8 +138,10 @@ class PeerDriver:
         *,
         on_message: MessageHook,
         tick_s: float = 0.005,
+        light: bool = False,
     ) -> None:
         self.loop = loop
+        self.light = light
         self.base_config = base_config
         self.on_message = on_message
         self.tick_s = tick_s
@@ -121,6 +183,8 @@ class PeerDriver:
         now = self.loop.time()
         config = self.base_config.replace(bind=addr)
         core = NodeCore(config, now, wall_offset_s=self._wall_offset)
+        if self.light:
+            make_light(core)
         peer = VirtualPeer(len(self.peers), core, sock, sock.fileno(), addr, now)
         self.peers.append(peer)
         self.alive[peer.index] = peer

@@ -180,6 +180,9 @@ class Config:
     """Data waiting for one peer's pacer; forwarded datagrams beyond it are shed (counted)."""
     send_queue_bytes: int = 64 << 20
     """Above this much queued data, broadcast() waits (backpressure) instead of queueing."""
+    retransmit_buffer_bytes: int = 256 << 20
+    """Sent data kept to answer NAKs, over all links: each link keeps an equal share,
+    16 KiB to 4 MiB (protocol/links.py retain_bytes_per_link)."""
     flush_interval_s: float = 0.0
     """Coalescing window for traffic caused by received datagrams (forwards, replies): a
     node flushes at once when idle, but at most once per this interval under load, so
@@ -327,6 +330,9 @@ class Config:
         _positive_int("send_rate_increase_bytes_per_s", self.send_rate_increase_bytes_per_s)
         _positive_int("link_queue_bytes", self.link_queue_bytes, minimum=wire.MAX_DATAGRAM_BYTES)
         _positive_int("send_queue_bytes", self.send_queue_bytes, minimum=wire.MAX_DATAGRAM_BYTES)
+        _positive_int(
+            "retransmit_buffer_bytes", self.retransmit_buffer_bytes, minimum=wire.MAX_DATAGRAM_BYTES
+        )
         interval = self.flush_interval_s
         if (
             isinstance(interval, bool)

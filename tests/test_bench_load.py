@@ -141,6 +141,13 @@ def test_peers_sharded_over_generator_processes(tmp_path: Path) -> None:
     assert result["generator"]["peers_created"] >= 20
     roles = {p["role"] for p in result["resources"]["node_processes"]}
     assert "coordinator" in roles
+    gens = result["resources"]["generator_processes"]
+    assert [g["role"] for g in gens] == ["generator-0", "generator-1"]
+    assert all(g["rss_bytes_max"] > 0 and "steady" in g["cpu_pct_mean"] for g in gens)
+    steady = result["steady"]
+    assert 0 < steady["mesh"]["receivers"] <= 20 and steady["mesh"]["duplicates"] == 0
+    assert steady["node_cpu_us_per_delivery"] is None or steady["node_cpu_us_per_delivery"] > 0
+    assert "CPU per delivery" in proc.stdout.decode()
 
 
 def test_target_mode_measures_at_virtual_peers(tmp_path: Path) -> None:
@@ -162,6 +169,7 @@ def test_target_mode_measures_at_virtual_peers(tmp_path: Path) -> None:
         proc = _bench(
             "--target", f"127.0.0.1:{port}", "--psk-file", str(key),
             "--target-pid", str(node.pid), "--peers", "5", *TINY, "--churn", "0",
+            "--peer-mode", "full",  # complete nodes: they relay to each other too
             "--json", "-",
         )  # fmt: skip
     finally:
@@ -230,3 +238,42 @@ def test_default_procs_grow_with_peers_and_rate() -> None:
     assert default_procs(1000, 10) <= default_procs(5000, 10) <= default_procs(5000, 100)
     assert default_procs(5000, 10) > 1
     assert default_procs(10**6, 1000) == MAX_DEFAULT_PROCS
+    # A full peer relays and keeps the member table: it needs more processes.
+    assert default_procs(2000, 10, "light") < default_procs(2000, 10, "full")
+
+
+def test_light_peers_deliver_everything_and_keep_no_membership() -> None:
+    """Light virtual peers (make_light) against a full node, on the fake clock: every
+    broadcast reaches every light peer exactly once, the node sees them all UP and
+    subscribed, yet a light peer's table never holds more than the node."""
+    from bench.virtual_peers import make_light
+    from gwyh_mp.config import Config
+    from gwyh_mp.protocol.events import Message
+    from gwyh_mp.simulation import SimNetwork
+    from tests.helpers_core import PSK, addr
+
+    net = SimNetwork(seed=3)
+    hub = net.add_node(Config.local(bind=addr(0), psks=[PSK]))
+    lights = []
+    for i in range(1, 9):
+        node = net.add_node(
+            Config.local(bind=addr(i), psks=[PSK], bootstrap=[addr(0)], subscriptions=1),
+            start=False,
+        )
+        make_light(node.core)
+        node.core.start(net.now)
+        net.pump(node)
+        lights.append(node)
+    net.run_for(10.0)
+    assert len(hub.core.members.up_members()) == 8
+    assert len(hub.core.subscribers) == 8
+    sent = [net.broadcast(addr(0), b"hub %d" % k) for k in range(5)]
+    sent.append(net.broadcast(addr(1), b"from a light peer"))
+    net.run_for(5.0)
+    for node in lights:
+        got = [e.id for _, e in node.events if type(e) is Message]
+        own = {sent[-1]} if node is lights[0] else set()
+        assert sorted(got) == sorted(set(sent) - own)  # each once, none missing
+        assert len(node.core.members.members) <= 1  # the node only: floods dropped
+        assert not node.core.fanout.pending
+    assert sent[-1] in {e.id for _, e in hub.events if type(e) is Message}

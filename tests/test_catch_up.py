@@ -97,7 +97,6 @@ def test_config_validates_the_window_and_bytes() -> None:
     base.replace(seen_set_size=1000).validate()
 
 
-
 # ----------------------------------------------------------------------------- helpers
 
 

@@ -25,7 +25,8 @@ from gwyh_mp.protocol.wire import FrameType
 Addr = tuple[str, int]
 QueueControl = Callable[..., None]  # (peer_id, frame_type, body=b"")
 
-RETAIN_BYTES_PER_LINK = 4 << 20  # sent data datagrams kept per peer to answer NAKs
+RETAIN_BYTES_PER_LINK = 4 << 20  # sent data datagrams kept per peer to answer NAKs (at most)
+RETAIN_MIN_BYTES_PER_LINK = 16 << 10  # ... and at least, however many links share the budget
 RETAIN_DATAGRAMS_PER_LINK = 8192
 MAX_RETRANSMITS_PER_NAK = 256
 TAIL_PROBE_S = 0.1  # quiet time after the last data datagram before a tail probe
@@ -56,6 +57,16 @@ def pacing_config(config: Config) -> PacingConfig:
         burst_bytes=max(256 << 10, 4 * config.max_datagram_bytes),
         max_queued_data_bytes=config.link_queue_bytes,
     )
+
+
+def retain_bytes_per_link(budget_bytes: int, links: int) -> int:
+    """What one link may keep for NAK answers: an equal share of the node-wide
+    Config.retransmit_buffer_bytes, within [RETAIN_MIN_BYTES_PER_LINK,
+    RETAIN_BYTES_PER_LINK]. A node with 5,000 subscribers would otherwise hold up to
+    4 MiB for each (20 GB); a NAK asks for what was sent a few round trips ago, and a
+    share of the budget still holds seconds of traffic at any sane rate."""
+    share = budget_bytes // max(1, links)
+    return max(RETAIN_MIN_BYTES_PER_LINK, min(RETAIN_BYTES_PER_LINK, share))
 
 
 def head(datagram: Datagram) -> bytes:
@@ -93,21 +104,23 @@ class LinkState:
         self.link_seq_out = (self.link_seq_out + 1) & 0xFFFFFFFF
         return self.link_seq_out
 
-    def remember(self, datagram: Datagram, seq: int | None = None) -> None:
+    def remember(
+        self, datagram: Datagram, seq: int | None = None, max_bytes: int = RETAIN_BYTES_PER_LINK
+    ) -> None:
         """Keep a sent data datagram, keyed by its link sequence (read from its header
-        unless given), until NAKs for it are no longer plausible (bounded by bytes and
-        count)."""
+        unless given), until NAKs for it are no longer plausible (bounded by bytes,
+        ``max_bytes``, and count)."""
         if seq is None:
             seq = int.from_bytes(head(datagram)[8:12], "big")
         sent = self.sent
         sent[seq] = datagram
         self.sent_bytes += len(datagram)
-        if self.sent_bytes > RETAIN_BYTES_PER_LINK or len(sent) > RETAIN_DATAGRAMS_PER_LINK:
-            self._trim()
+        if self.sent_bytes > max_bytes or len(sent) > RETAIN_DATAGRAMS_PER_LINK:
+            self._trim(max_bytes)
 
-    def _trim(self) -> None:
+    def _trim(self, max_bytes: int) -> None:
         sent = self.sent
-        while self.sent_bytes > RETAIN_BYTES_PER_LINK or len(sent) > RETAIN_DATAGRAMS_PER_LINK:
+        while self.sent_bytes > max_bytes or len(sent) > RETAIN_DATAGRAMS_PER_LINK:
             _, old = sent.popitem(last=False)
             self.sent_bytes -= len(old)
 
@@ -123,11 +136,13 @@ class LinkQueues:
         stats: Stats,
         queue_control: QueueControl,
         clock: Callable[[], float],
+        retain_budget_bytes: int = 256 << 20,
     ) -> None:
         self.links = links
         self._link_for = link_for  # get or create a peer's link
         self.pacing = pacing
         self._link_queue_bytes = pacing.max_queued_data_bytes
+        self.retain_budget_bytes = retain_budget_bytes  # Config.retransmit_buffer_bytes
         self.stats = stats
         self._queue_control = queue_control
         self._clock = clock  # the node's latest ``now``: a new pacer starts from it
@@ -165,6 +180,7 @@ class LinkQueues:
     def drain(self, now: float, out: list[tuple[Datagram, Addr]]) -> None:
         """Hand the socket what each link's pacer allows now."""
         tail_due = now + TAIL_PROBE_S
+        retain = retain_bytes_per_link(self.retain_budget_bytes, len(self.links))
         links, backlogged, tail_links = self.links, self.backlogged, self._tail_links
         append = out.append
         from_bytes = int.from_bytes
@@ -197,7 +213,7 @@ class LinkQueues:
                 seq = from_bytes(
                     (datagram if type(datagram) is bytes else head(datagram))[8:12], "big"
                 )
-                remember(datagram, seq)
+                remember(datagram, seq, retain)
             if sent_bytes:
                 link.queue_bytes -= sent_bytes
                 self.backlog_bytes -= sent_bytes

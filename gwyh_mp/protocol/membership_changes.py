@@ -28,6 +28,12 @@ from gwyh_mp.protocol.stats import Stats
 from gwyh_mp.protocol.subscriptions import Subscriptions
 from gwyh_mp.protocol.wire import FrameType, MemberRecord, MemberState
 
+# News about other members leaves at once when it is rare; when it is not (a join
+# storm: every newcomer is announced to every subscriber), what comes within this long
+# of the last announcement waits and leaves together, so N joins cost about N/17
+# datagrams per subscriber (full datagrams of STATUS entries), not N.
+STATUS_COALESCE_S = 0.5
+
 
 class MembershipChanges:
     def __init__(
@@ -60,6 +66,9 @@ class MembershipChanges:
         self._emit = emit
         self._on_suspected = on_suspected  # the failure detector times the suspicion
         self._on_cleared = on_cleared  # ... until it is refuted, DOWN or LEFT
+        self._held: dict[bytes, MemberRecord] = {}  # news waiting for the coalescing timer
+        self._last_announce = float("-inf")
+        self._announce_due: float | None = None
 
     def apply(
         self,
@@ -213,7 +222,36 @@ class MembershipChanges:
             self._queue_control(node_id, FrameType.PEERS, wire.encode_members([record_of(member)]))
 
     def announce(self, record: MemberRecord, now: float) -> None:
-        """Originate a STATUS broadcast; it floods like any message."""
+        """Originate a STATUS broadcast; it floods like any message. Our own record
+        (a refutation, our leaving) and failure news (SUSPECT, DOWN, LEFT: detection
+        time is what they are judged by) go at once; a member's UP may wait up to
+        STATUS_COALESCE_S to share datagrams with others (joins come in storms; a later
+        record about the same member replaces the held one: it is newer)."""
+        if record.state != MemberState.UP:
+            self._held.pop(record.node_id, None)  # this one is newer
+        elif record.node_id != self.node_id:
+            if self._held or now - self._last_announce < STATUS_COALESCE_S:
+                self._held[record.node_id] = record
+                if self._announce_due is None:
+                    self._announce_due = max(now, self._last_announce + STATUS_COALESCE_S)
+                self.stats.bump("status_coalesced")
+                return
+            self._last_announce = now
+        self._originate(record)
+
+    def next_timer(self) -> float | None:
+        return self._announce_due
+
+    def handle_timer(self, now: float) -> None:
+        if self._announce_due is None or now < self._announce_due:
+            return
+        held, self._held = self._held, {}
+        self._announce_due = None
+        self._last_announce = now
+        for record in held.values():
+            self._originate(record)
+
+    def _originate(self, record: MemberRecord) -> None:
         body = record.encode()
         msg_id = self._random_bytes(wire.MESSAGE_ID_BYTES)
         self.flood.originate(msg_id, wire.EntryKind.STATUS, body)

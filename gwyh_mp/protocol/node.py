@@ -147,6 +147,7 @@ class NodeCore:
             self.stats,
             self._queue_control,
             lambda: self._last_now,
+            config.retransmit_buffer_bytes,
         )
         self._on_link_packet = self.link_queues.on_packet
         self.anti_entropy = AntiEntropy(
@@ -364,7 +365,7 @@ class NodeCore:
         t = self._next_heartbeat
         for due in (
             hs, self.subscriptions.next_timer(), self.liveness.next_timer(),
-            self.detector.next_timer(), self.large.next_timer(now),
+            self.detector.next_timer(), self.membership.next_timer(), self.large.next_timer(now),
             self.link_queues.next_timer(now), self.trees.next_timer(), self.catch_up.next_timer(),
         ):  # fmt: skip
             if due is not None and due < t:
@@ -382,6 +383,7 @@ class NodeCore:
         self.subscriptions.handle_timer(now)
         self.liveness.handle_timer(now)
         self.detector.handle_timer(now)
+        self.membership.handle_timer(now)
         self.large.handle_timer(now)
         self.link_queues.handle_timer(now)
         self.trees.handle_timer(now)
