@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass, field
 
 from gwyh_mp.protocol import wire
-from gwyh_mp.protocol.history import ENTRY_OVERHEAD_BYTES
 from gwyh_mp.protocol.selection import Strategy
 
 Addr = tuple[str, int]
@@ -260,15 +259,7 @@ class Config:
         if isinstance(window, bool) or not isinstance(window, int | float) or window < 0:
             raise ConfigError(f"catch_up_window_s must be >= 0 (seconds), got {window!r}")
         _positive_int("catch_up_bytes", self.catch_up_bytes, minimum=1 << 16)
-        # A returning node must still remember (seen-set) every id the history can offer
-        # it, or it would take back, and deliver twice, what it forgot.
-        most_entries = self.catch_up_bytes // (ENTRY_OVERHEAD_BYTES + wire.ENTRY_OVERHEAD)
-        if self.catch_up_window_s and most_entries > self.seen_set_size:
-            raise ConfigError(
-                f"catch_up_bytes {self.catch_up_bytes} holds up to {most_entries} messages, "
-                f"more than seen_set_size {self.seen_set_size}: raise seen_set_size or lower "
-                "catch_up_bytes"
-            )
+
         _positive("reassembly_timeout_s", self.reassembly_timeout_s)
         _positive_int("send_rate_min_bytes_per_s", self.send_rate_min_bytes_per_s)
         _positive_int(

@@ -91,10 +91,14 @@ def test_config_validates_the_window_and_bytes() -> None:
         base.replace(catch_up_window_s=-1.0).validate()
     with pytest.raises(ConfigError, match="catch_up_bytes"):
         base.replace(catch_up_bytes=100).validate()
-    # The history may not offer more ids than a returning node remembers.
-    with pytest.raises(ConfigError, match="seen_set_size"):
-        base.replace(catch_up_bytes=64 << 20).validate()
-    base.replace(catch_up_bytes=64 << 20, seen_set_size=500_000).validate()
+
+
+def test_the_history_holds_at_most_half_the_seen_set() -> None:
+    """An asker must remember every id it is offered, or it would deliver it twice."""
+    core = lone_core("small", seen_set_size=1000)
+    for i in range(1500):
+        core.catch_up.record(i.to_bytes(16, "big"), b"\x00" + bytes(30))
+    assert len(core.catch_up.history) == 500
 
 
 # ----------------------------------------------------------------------------- helpers

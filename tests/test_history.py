@@ -45,6 +45,13 @@ def test_evicts_by_bytes_oldest_first() -> None:
     assert mid(99) not in h and len(h) == 5
 
 
+def test_evicts_by_count_oldest_first() -> None:
+    h = History(1000.0, 1 << 20, max_entries=3)
+    for i in range(5):
+        h.add(mid(i), b"x", 0.0)
+    assert [i for i in range(5) if mid(i) in h] == [2, 3, 4]
+
+
 def test_disabled_window_keeps_nothing() -> None:
     h = History(0.0, 1 << 20)
     h.add(mid(1), b"x", 0.0)

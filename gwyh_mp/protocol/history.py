@@ -3,9 +3,10 @@
 Why it exists: a node that was away (paused, partitioned, declared DOWN) asks a peer
 for what it missed (catch_up.py), and a lazy-push tree answers a GRAFT with an entry
 it only announced; both need the entries this node forwarded recently. The store is
-bounded twice, by age (``max_age_s``) and by bytes (``max_bytes``, payload plus a fixed
-per-entry overhead), and always evicts the oldest first, so it never holds more than
-the configured window and memory. Insert, lookup and eviction are O(1) (amortised).
+bounded by age (``max_age_s``), by bytes (``max_bytes``, payload plus a fixed per-entry
+overhead) and optionally by count (``max_entries``), and always evicts the oldest first,
+so it never holds more than the configured window and memory. Insert, lookup and
+eviction are O(1) (amortised).
 
 Entries are kept in insertion order with a sequence number each (consecutive, starting
 at 1), so a reader can page through "everything after sequence s" without the store
@@ -43,11 +44,13 @@ class History:
         "first_seq",
         "max_age_s",
         "max_bytes",
+        "max_entries",
     )
 
-    def __init__(self, max_age_s: float, max_bytes: int) -> None:
+    def __init__(self, max_age_s: float, max_bytes: int, max_entries: int | None = None) -> None:
         self.max_age_s = max_age_s
         self.max_bytes = max_bytes
+        self.max_entries = max_entries if max_entries is not None else 1 << 62
         self._entries: dict[bytes, bytes] = {}  # id -> entry
         # Insertion order as two parallel lists with a moving head (compacted when the
         # dead prefix is half the list): O(1) eviction and random access for paging.
@@ -84,7 +87,11 @@ class History:
         times.append(now)
         self.bytes += size
         # Hot path (every forwarded entry): evict only when a bound is crossed.
-        if self.bytes > self.max_bytes or times[self._head] < now - self.max_age_s:
+        if (
+            self.bytes > self.max_bytes
+            or len(entries) > self.max_entries
+            or times[self._head] < now - self.max_age_s
+        ):
             self._evict(now)
 
     def get(self, msg_id: bytes) -> bytes | None:
@@ -93,8 +100,11 @@ class History:
     def _evict(self, now: float) -> None:
         oldest = now - self.max_age_s
         times = self._times
+        entries = self._entries
         while self._head < len(times) and (
-            self.bytes > self.max_bytes or times[self._head] < oldest
+            self.bytes > self.max_bytes
+            or len(entries) > self.max_entries
+            or times[self._head] < oldest
         ):
             self._evict_head()
         if self._head > 64 and self._head * 2 > len(times):
