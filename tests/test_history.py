@@ -45,6 +45,13 @@ def test_evicts_by_bytes_oldest_first() -> None:
     assert mid(99) not in h and len(h) == 5
 
 
+def test_evicts_by_count_oldest_first() -> None:
+    h = History(1000.0, 1 << 20, max_entries=3)
+    for i in range(5):
+        h.add(mid(i), b"x", 0.0)
+    assert [i for i in range(5) if mid(i) in h] == [2, 3, 4]
+
+
 def test_disabled_window_keeps_nothing() -> None:
     h = History(0.0, 1 << 20)
     h.add(mid(1), b"x", 0.0)
@@ -103,14 +110,3 @@ def test_matches_a_simple_model(
             break
         got += ids
     assert got == [m[0] for m in model]
-
-
-def test_count_bound_evicts_oldest_first() -> None:
-    """The count bound (a node's seen-set size): never more entries than that."""
-    history = History(max_age_s=30.0, max_bytes=1 << 20, max_entries=3)
-    for i in range(5):
-        history.add(bytes([i]) * 16, b"x" * 10, now=float(i))
-    assert len(history) == 3
-    assert bytes([0]) * 16 not in history and bytes([1]) * 16 not in history
-    assert history.get(bytes([4]) * 16) == b"x" * 10
-    assert history.evicted == 2

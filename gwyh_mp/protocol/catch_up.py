@@ -139,7 +139,11 @@ class CatchUp:
         # its last timer before the pause and adds one heartbeat of margin, so a pause
         # of exactly the window is covered in full.
         margin = HISTORY_MARGIN_HEARTBEATS * config.heartbeat_interval_s if self.enabled else 0
-        self.history = History(self.window_s + margin, config.catch_up_bytes, config.seen_set_size)
+        # At most half the seen-set's ids: an asker must still remember every id it is
+        # offered, or it would take back, and deliver twice, what it forgot.
+        self.history = History(
+            self.window_s + margin, config.catch_up_bytes, max(1, config.seen_set_size // 2)
+        )
         flood.record = self.record
         self.seen = seen_ids
         self.stats = stats

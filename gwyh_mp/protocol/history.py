@@ -50,8 +50,6 @@ class History:
     def __init__(self, max_age_s: float, max_bytes: int, max_entries: int | None = None) -> None:
         self.max_age_s = max_age_s
         self.max_bytes = max_bytes
-        # A third bound, by count: catch-up must never offer more ids than a returning
-        # node's seen-set remembers, or it would take back (and deliver twice) what it forgot.
         self.max_entries = max_entries if max_entries is not None else 1 << 62
         self._entries: dict[bytes, bytes] = {}  # id -> entry
         # Insertion order as two parallel lists with a moving head (compacted when the
@@ -91,8 +89,8 @@ class History:
         # Hot path (every forwarded entry): evict only when a bound is crossed.
         if (
             self.bytes > self.max_bytes
-            or times[self._head] < now - self.max_age_s
             or len(entries) > self.max_entries
+            or times[self._head] < now - self.max_age_s
         ):
             self._evict(now)
 
@@ -105,8 +103,8 @@ class History:
         entries = self._entries
         while self._head < len(times) and (
             self.bytes > self.max_bytes
-            or times[self._head] < oldest
             or len(entries) > self.max_entries
+            or times[self._head] < oldest
         ):
             self._evict_head()
         if self._head > 64 and self._head * 2 > len(times):
