@@ -351,3 +351,24 @@ def test_the_paused_node_is_up_again_everywhere() -> None:
         if a != paused:
             m = view_of(net.nodes[a].core, pid)
             assert m is not None and m.state == MemberState.UP
+
+
+def test_a_large_message_is_pulled_from_its_origin() -> None:
+    """An origin keeps its own fragments in the history too: in a two-node cluster
+    (no relay to pull from) the paused peer still gets a large message exactly once."""
+    net, (origin, paused) = make_cluster(2, seed=5, max_datagram_bytes=1400)
+    net.pause(paused)
+    data = bytes(range(256)) * 800  # 200 KiB: ~150 fragments at 1400 B
+    msg_id = net.broadcast(origin, data)
+    net.run_for(8.0)
+    net.resume(paused)
+    assert net.run_until_true(
+        lambda: [m.data for m in messages(net.nodes[paused]) if m.id == msg_id] == [data],
+        20.0,
+        0.1,
+    )
+    net.run_for(3.0)
+    assert [m.id for m in messages(net.nodes[paused])].count(msg_id) == 1
+    # ... from the origin's history (~158 fragments), not only from the fragment window,
+    # which waits for a subscriber and would stall a window behind a NAK in larger clusters.
+    assert net.nodes[origin].core.stats.get("catch_up_served", 0) >= 150

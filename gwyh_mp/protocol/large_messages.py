@@ -116,6 +116,9 @@ class LargeMessages:
         self._window_bytes = FRAGMENT_WINDOW_BYTES  # per target, as of the last release
         self._info: OrderedDict[bytes, LargeInfo] = OrderedDict()
         self._resend_to: list[tuple[bytes, list[tuple[bytes, bytes]]]] = []
+        # Our own fragments as they leave, for catch-up's history (set by NodeCore): they
+        # go through the window, not the flood, so the flood's hook never sees them.
+        self.record: Callable[[bytes, bytes], None] | None = None
 
     # ------------------------------------------------------------------ sending
 
@@ -159,6 +162,8 @@ class LargeMessages:
             self.queued_bytes -= len(entry)
             budget -= len(entry)
             self.fanout.add(frag_id, entry, None)
+            if self.record is not None:
+                self.record(frag_id, entry)
 
     def take_resends(self) -> list[tuple[bytes, list[tuple[bytes, bytes]]]]:
         """Fragments to resend, per peer that NAKed them."""

@@ -199,6 +199,7 @@ class NodeCore:
             watchdog_s=watchdog_s, clock=lambda: self._last_now, warn=self.warnings.append,
             queue_control=self._queue_control, connected=self.liveness.heard_from_a_provider,
         )  # fmt: skip
+        self.large.record = self.catch_up.record
         self.membership = MembershipChanges(
             self.node_id,
             self.members,
