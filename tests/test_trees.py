@@ -210,8 +210,15 @@ def test_trees_form_and_redundancy_drops() -> None:
     net, addrs = make_cluster(24, dissemination="trees", settle_s=10.0)
     copies = _copies_counter(net)
     warm = _send(net, addrs[3], 10) + _send(net, addrs[7], 10)
+    origin = net.nodes[addrs[3]].core
+
+    def echoes() -> int:  # copies of its own messages the origin receives back
+        return origin.stats.get("duplicates", 0) + origin.stats.get("duplicate_entries", 0)
+
+    before = echoes()
     steady = _send(net, addrs[3], 20) + _send(net, addrs[7], 20)
     net.run_for(2.0)
+    assert echoes() - before < 5  # it pruned every provider that sent them back
     assert _delivered_everywhere(net, warm + steady, {addrs[3], addrs[7]})
     deliveries = len(steady) * (len(addrs) - 1)
     redundancy = sum(copies[i] for i in steady) / deliveries - 1

@@ -58,7 +58,7 @@ GRAFT_TIMEOUT_S = 0.03
 PRUNE_RESEND_S = 0.5
 """A pruned provider still sending in full this long after our PRUNE gets another
 (a PRUNE travels in an unacknowledged control frame and may be lost)."""
-SWAP_MARGIN_S = 0.01
+SWAP_MARGIN_S = 0.03
 """An announcement this much earlier than the copy from the provider we keep swaps them."""
 GRAFT_TRIES = 4
 MAX_ANNOUNCERS = 4
