@@ -554,3 +554,18 @@ def test_key_rotation(init_psks: list[bytes], resp_psks: list[bytes], ok: bool) 
         assert t.ohai is None
         assert r.hs.stats == {"hello_bad_mac": 1}
         _assert_no_state(r)
+
+
+def test_next_timer_is_never_later_than_the_earliest_deadline() -> None:
+    """next_timer is cached (a node asks after every datagram): after any sequence of
+    starts, answers and expiries it is never later than the true earliest deadline,
+    and it is None once nothing is pending."""
+    a, b = _pair(retry_s=1.0, timeout_s=10.0)
+    hello = a.hs.initiate(b.addr, 0.0, WALL_NS)
+    assert a.hs.next_timer() == 1.0
+    ohai, _ = b.hs.handle(HELLO, hello, a.addr, 0.5, WALL_NS)
+    assert ohai is not None and b.hs.next_timer() == 10.5  # the responder state expires
+    a.hs.handle_timer(1.0)  # retransmit: next retry at 2.0
+    assert a.hs.next_timer() == 2.0
+    b.hs.handle_timer(10.5)
+    assert b.hs.next_timer() is None

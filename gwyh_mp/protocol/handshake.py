@@ -142,6 +142,10 @@ class Handshaker:
         self._initiating: dict[bytes, _Initiating] = {}
         self._initiating_by_addr: dict[Addr, bytes] = {}
         self._responding: dict[bytes, _Responding] = {}
+        # Earliest retry or expiry, never later than the true one (removals leave it early:
+        # one spare wakeup). get_timer asks after every datagram, and a node serving
+        # thousands of peers keeps thousands of finished responder states until they expire.
+        self._next_due: float | None = None
         # Hello ids already answered, kept for the whole time-lock window so a
         # captured Hello replayed later gets nothing (hs_id -> forget-after time).
         self._seen_hellos: OrderedDict[bytes, float] = OrderedDict()
@@ -170,6 +174,7 @@ class Handshaker:
             addr, hs_id, secret, public, sid, hello, signed, now, now + self.retry_s
         )
         self._initiating_by_addr[addr] = hs_id
+        self._due_at(now + self.retry_s)
         self.stats.bump("initiated")
         return hello
 
@@ -258,6 +263,7 @@ class Handshaker:
             ),
             expires=now + self.timeout_s,
         )
+        self._due_at(now + self.timeout_s)
         self._remember_hello(hello.hs_id, now)
         self.stats.bump("ohai_sent")
         return ohai
@@ -347,6 +353,13 @@ class Handshaker:
     # -- timers --------------------------------------------------------------
 
     def next_timer(self) -> float | None:
+        return self._next_due
+
+    def _due_at(self, t: float) -> None:
+        if self._next_due is None or t < self._next_due:
+            self._next_due = t
+
+    def _recompute_due(self) -> None:
         t: float | None = None
         for state in self._initiating.values():
             if t is None or state.next_retry < t:
@@ -354,7 +367,7 @@ class Handshaker:
         for resp in self._responding.values():
             if t is None or resp.expires < t:
                 t = resp.expires
-        return t
+        self._next_due = t
 
     def handle_timer(self, now: float) -> tuple[list[tuple[bytes, Addr]], list[Addr]]:
         """Retransmit and expire. Returns (datagrams to send, addresses whose
@@ -381,6 +394,7 @@ class Handshaker:
             if forget_at > now:
                 break
             del self._seen_hellos[hs_id]
+        self._recompute_due()
         return out, failed
 
     def _abort(self, state: _Initiating) -> None:
@@ -391,6 +405,8 @@ class Handshaker:
         self._initiating.pop(state.hs_id, None)
         if self._initiating_by_addr.get(state.addr) == state.hs_id:
             del self._initiating_by_addr[state.addr]
+        if not self._initiating and not self._responding:
+            self._next_due = None
 
     @property
     def half_open(self) -> int:
