@@ -34,7 +34,9 @@ from tests.helpers_core import (
     CheckedSimNetwork,
     addr,
     live_nodes,
+    lone_core,
     make_cluster,
+    node_id,
     seeded_random,
     view_of,
 )
@@ -597,3 +599,22 @@ def test_a_silent_provider_already_down_in_the_table_is_replaced() -> None:
     assert last.providers == tuple(sorted(a.core.providers))
     net.run_for(2.0)
     assert pid not in a.core.providers and len(a.core.providers) == 3
+
+
+def test_paging_goes_on_with_the_peer_it_started_with_and_skips_pending_providers() -> None:
+    """A follow-up page is asked of the peer we were paging from while we hold a session
+    with it, even if re-selection dropped it as a provider; a random pull picks only a
+    confirmed provider (a request to one still handshaking would go unanswered)."""
+    core = lone_core("paging-follow-up")
+    ae = core.anti_entropy
+    asked: list[bytes] = []
+    ae.request_peers = asked.append  # type: ignore[method-assign]
+    paged, other = node_id(1), node_id(2)
+    ae._follow_up = paged
+    ae.sync(10.0, [other], lambda p: p == paged)
+    assert asked == [paged]
+    ae._follow_up = paged
+    ae.sync(20.0, [other], lambda p: False)  # session gone: a confirmed provider instead
+    assert asked == [paged, other]
+    ae.sync(30.0, [], lambda p: True)  # nobody confirmed yet: nothing is sent
+    assert asked == [paged, other]

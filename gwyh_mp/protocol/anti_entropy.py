@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.events import Member
@@ -67,15 +67,22 @@ class AntiEntropy:
     def sync_due(self, now: float) -> bool:
         return now >= self.next_sync
 
-    def sync(self, now: float, providers: dict[bytes, object]) -> None:
-        """Pull from one provider at random (checked on the heartbeat tick)."""
-        self.next_sync = now + self.interval_s
+    def sync(
+        self, now: float, providers: Collection[bytes], in_session: Callable[[bytes], bool]
+    ) -> None:
+        """Pull from one confirmed provider at random (checked on the heartbeat tick),
+        or go on paging from the peer we were paging from while we still have a session
+        with it, provider or not: re-selection must not cut a newcomer's paging short,
+        and a request to a provider still handshaking (perhaps a member that no longer
+        exists) would end it unanswered for a whole ``interval_s``."""
         follow_up, self._follow_up = self._follow_up, None
-        if follow_up in providers:
+        if follow_up is not None and in_session(follow_up):
+            self.next_sync = now + self.interval_s
             self.request_peers(follow_up)
             return
-        provider_id = self._rng.choice(sorted(providers))
-        self.request_peers(provider_id)
+        if providers:
+            self.next_sync = now + self.interval_s
+            self.request_peers(self._rng.choice(sorted(providers)))
 
     def on_records(self, peer_id: bytes, changed_view: bool, now: float) -> None:
         """A PEERS frame came from ``peer_id``. If it answers our request and changed

@@ -180,10 +180,6 @@ class CatchUp:
         if entry[0] in _RECORDED:
             self.history.add(msg_id, entry, self._clock())
 
-    def _has_session(self, peer_id: bytes) -> bool:
-        link = self.peers.links.get(peer_id)
-        return link is not None and link.session is not None
-
     def take_resends(self) -> list[tuple[bytes, list[tuple[bytes, bytes]]]]:
         """Entries asked for, per asker: sent to it alone, as BROADCAST datagrams."""
         resends, self._resends = self._resends, []
@@ -234,7 +230,7 @@ class CatchUp:
             down = self._went_down.pop(event.member.node_id, None)
             if down is not None and self.enabled:
                 since = down[0]
-                if self._has_session(event.member.node_id):
+                if self.peers.has_session(event.member.node_id):
                     self.start(event.member.node_id, since - self.watchdog_s, now)
                 else:
                     self._back[event.member.node_id] = since
@@ -248,12 +244,12 @@ class CatchUp:
         """Members that came back from DOWN before we had a session with them: pull
         from each once we have one (a handshake follows a partition's healing)."""
         for peer_id, since in list(self._back.items()):
-            if self._has_session(peer_id):
+            if self.peers.has_session(peer_id):
                 del self._back[peer_id]
                 self.start(peer_id, since - self.watchdog_s, now)
 
     def start(self, peer_id: bytes, since: float, now: float) -> None:
-        if not self.enabled or not self._has_session(peer_id):
+        if not self.enabled or not self.peers.has_session(peer_id):
             return
         pull = self.pulls.get(peer_id)
         if pull is None:
@@ -470,7 +466,7 @@ class CatchUp:
             self._cut_since = self._last_connected
 
     def _retry(self, peer_id: bytes, pull: Pull, now: float) -> None:
-        if not self._has_session(peer_id):
+        if not self.peers.has_session(peer_id):
             self._give_up(peer_id, pull, now)
             return
         self._settle(pull)

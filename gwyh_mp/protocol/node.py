@@ -404,7 +404,8 @@ class NodeCore:
             self.peers.bootstrap(now)  # alone: (re)join through the seeds
         elif self.anti_entropy.sync_due(now) and self.providers:
             # Slow anti-entropy: a lost STATUS flood must not leave a member unknown forever.
-            self.anti_entropy.sync(now, self.providers)
+            confirmed = [p for p, st in self.providers.items() if st.confirmed]
+            self.anti_entropy.sync(now, confirmed, self.peers.has_session)
         self.peers.retire(now, self.members, self.providers)
 
     # ------------------------------------------------------------------ receive
@@ -698,10 +699,6 @@ def _failure_detector(core: NodeCore) -> FailureDetector:
     links = core.links
     providers, subscribers = core.providers, core.subscribers
 
-    def has_session(peer_id: bytes) -> bool:
-        link = links.get(peer_id)
-        return link is not None and link.session is not None
-
     def last_heard(peer_id: bytes) -> float:
         link = links.get(peer_id)
         return link.last_heard if link is not None else float("-inf")
@@ -719,7 +716,7 @@ def _failure_detector(core: NodeCore) -> FailureDetector:
         core._rng,
         core.stats,
         watched=lambda: list(dict.fromkeys([*providers, *subscribers])),  # ordered: replayable
-        has_session=has_session,
+        has_session=core.peers.has_session,
         last_heard=last_heard,
         queue_control=core._queue_control,
         suspect=core.membership.suspect,

@@ -204,6 +204,10 @@ class Peers:
         self._rejoin_queue.clear()
         self._rejoin_wait = self._rejoin_skip = 0
 
+    def has_session(self, peer_id: bytes) -> bool:
+        link = self.links.get(peer_id)
+        return link is not None and link.session is not None
+
     def owes_peer_request(self, addr: Addr) -> bool:
         """A session with ``addr`` was just established: is it a seed to ask for peers?"""
         if addr in self.seeds or addr in self._peer_request_addrs:
