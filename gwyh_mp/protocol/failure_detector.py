@@ -274,8 +274,11 @@ class FailureDetector:
 
     def report_lag(self, lag_s: float, now: float) -> None:
         """The runtime's event loop ran this late: our own slowness, not the peers'.
-        At most one bump per probe interval, as a probe's success takes one back."""
-        if lag_s > self.s.probe_timeout_s and now >= self._lag_quiet_until:
+        It counts once it could fail a probe by itself: longer than half a probe's
+        window of PINGs. At most one bump per probe interval, as a probe's success
+        takes one back."""
+        window = self.s.probe_timeout_s * self.s.probe_attempts
+        if lag_s > window / 2 and now >= self._lag_quiet_until:
             self._lag_quiet_until = now + self.s.probe_interval_s
             self._bump_health(1)
             self.stats.bump("fd_lag_reports")
