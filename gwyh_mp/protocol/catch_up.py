@@ -449,6 +449,11 @@ class CatchUp:
         when, address = went.pop(node_id)
         if when < now - EVICTED_MEMORY * self.window_s:
             return  # too long ago: its history is gone, forget it
+        if any(
+            link.session is not None and link.session.addr == address and peer_id != node_id
+            for peer_id, link in self.peers.links.items()
+        ):
+            return  # another member lives there now (a restart under a new id)
         went[node_id] = (when, address)
         self.stats.bump("catch_up_reconnects")
         self.peers.initiate(address, now)

@@ -106,6 +106,10 @@ class MembershipChanges:
                 )
             return
         subscriptions = self.subscriptions
+        if record.state == MemberState.SUSPECT and change in (Change.REFRESHED, Change.UP):
+            # Suspected again at a newer incarnation (we missed its refutation), or a
+            # DOWN we held turned SUSPECT: the detector times the new suspicion.
+            self._on_suspected(record.node_id, record.incarnation, now)
         if change is Change.SUSPECT:
             # Still alive for every purpose (subscriptions, sessions, digests) until
             # the suspicion times out: a refutation then costs no reshuffle.
@@ -130,13 +134,15 @@ class MembershipChanges:
             # subscriber to flood it, so we do.
             announce = True
             if change is Change.REFRESHED:
-                self.announce(record_of(self.members.get(record.node_id)), now)  # type: ignore[arg-type]
+                member = self.members.get(record.node_id)
+                assert member is not None
+                self.announce(record_of(member), now, urgent=True)
         if change is Change.ALIVE:
             member = self.members.get(record.node_id)
             assert member is not None
             self._emit(MemberUp(member))  # it refuted the suspicion
             if announce:
-                self.announce(record_of(member), now)
+                self.announce(record_of(member), now, urgent=True)
             subscriptions.schedule_reassign(now)  # a choice again (settled: no-op)
             return
         if change in (Change.JOINED, Change.UP):
@@ -145,7 +151,8 @@ class MembershipChanges:
             self._emit(MemberUp(member))
             subscriptions.maybe_swap_in(record.node_id)
             if announce:
-                self.announce(record_of(member), now)
+                # A newcomer's UP may be coalesced; DOWN -> UP (a refutation) may not.
+                self.announce(record_of(member), now, urgent=change is Change.UP)
             subscriptions.schedule_reassign(now)
         elif change is Change.UPDATED:
             member = self.members.get(record.node_id)
@@ -221,13 +228,14 @@ class MembershipChanges:
         if member is not None and member.state == MemberState.SUSPECT:
             self._queue_control(node_id, FrameType.PEERS, wire.encode_members([record_of(member)]))
 
-    def announce(self, record: MemberRecord, now: float) -> None:
+    def announce(self, record: MemberRecord, now: float, *, urgent: bool = False) -> None:
         """Originate a STATUS broadcast; it floods like any message. Our own record
-        (a refutation, our leaving) and failure news (SUSPECT, DOWN, LEFT: detection
-        time is what they are judged by) go at once; a member's UP may wait up to
-        STATUS_COALESCE_S to share datagrams with others (joins come in storms; a later
-        record about the same member replaces the held one: it is newer)."""
-        if record.state != MemberState.UP:
+        (a refutation, our leaving), failure news (SUSPECT, DOWN, LEFT) and ``urgent``
+        UPs (a refutation we flood on: accusers are timing out) go at once, as detection
+        time is what they are judged by; a newcomer's UP may wait up to STATUS_COALESCE_S
+        to share datagrams with others (joins come in storms; a later record about the
+        same member replaces the held one: it is newer)."""
+        if urgent or record.state != MemberState.UP:
             self._held.pop(record.node_id, None)  # this one is newer
         elif record.node_id != self.node_id:
             if self._held or now - self._last_announce < STATUS_COALESCE_S:
