@@ -77,6 +77,7 @@ class PeerLink(LinkState):
     channel_replay: AntiReplayWindow = field(default_factory=AntiReplayWindow)
     last_heard: float = 0.0
     last_peer_list: float = float("-inf")  # when we last answered its PEERS_REQUEST
+    target: FanoutTarget | None = None  # the fanout's view of it, kept while the session holds
 
 
 def _installed(session: Session) -> SessionKeyInstalled:
@@ -268,7 +269,18 @@ class Peers:
         if link is None or link.session is None:
             return None
         session = link.session
-        return FanoutTarget(peer_id, session.addr, session.remote_session_id, link.next_link_seq)
+        # Built once per session and address, not once per subscriber per flush (a node with
+        # 5,000 subscribers built 5,000 per message).
+        target = link.target
+        if (
+            target is None
+            or target.addr is not session.addr
+            or target.remote_session_id != session.remote_session_id
+        ):
+            target = link.target = FanoutTarget(
+                peer_id, session.addr, session.remote_session_id, link.next_link_seq
+            )
+        return target
 
     def retire(self, now: float, members: MemberTable, keep: dict[bytes, object]) -> None:
         """Free sessions nobody uses: superseded ones, and those of members that are
