@@ -714,6 +714,7 @@ def test_tail_timer_is_exact_and_every_probe_leaves_when_due(
         )
     run_timers_until(now + 10.0)
     assert len(_tail_seqs(control)) == len(expected)
+    assert queues.stats["tail_probes_sent"] == len(expected)
     assert all(link.tail_due is None for link in links.values())
     # Every link that sent data got a TAIL after its last datagram, with that datagram's seq.
     last = {p: seq for p, seq in expected}

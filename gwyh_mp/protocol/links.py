@@ -395,4 +395,5 @@ class LinkQueues:
                     return
                 link.tail_due = None
                 self._queue_control(peer_id, FrameType.TAIL, _TAIL.pack(link.last_sent_seq))
+                self.stats.bump("tail_probes_sent")
             tails.popitem(last=False)
