@@ -242,6 +242,10 @@ class LinkQueues:
                 self._arm_tail(peer_id, link, now)
             if not queue:
                 backlogged.pop(peer_id, None)
+        if not backlogged:
+            # A fresh dict: one emptied by deletions still walks all its former slots when
+            # iterated (next_timer, after every datagram: ~7 us at 5,000 links).
+            self.backlogged = {}
 
     def _arm_tail(self, peer_id: bytes, link: LinkState, now: float) -> None:
         """Data just left for the peer: its tail probe is due after the quiet time its
