@@ -677,6 +677,7 @@ class LoadRun:
                 "node_packets_out": stats.get("packets_out"),
                 "node_subscribers": stats.get("subscribers"),
                 "node_sessions_established": stats.get("sessions_established"),
+                "node_tail_probes": stats.get("tail_probes_sent"),
                 "node_hello_overload": stats.get("handshake_hello_overload"),
                 # [shard, cpu %, worst loop lag ms, rss] per generator process
                 "gen_procs": [

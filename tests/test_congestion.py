@@ -721,13 +721,18 @@ def test_tail_timer_is_exact_and_every_probe_leaves_when_due(
     assert last == {p: links[p].last_sent_seq for p, link in links.items() if link.link_seq_out}
 
 
-def _steady_stream(interval: float, messages: int) -> tuple[list[tuple[float, int]], float]:
-    """One link sending a datagram every ``interval`` s; TAILs seen as (time, seq)."""
+def _steady_stream(
+    interval: float, messages: int, pattern: tuple[float, ...] = ()
+) -> tuple[list[tuple[float, int]], float]:
+    """One link sending a datagram every ``interval`` s (or at intervals cycling through
+    ``pattern``); TAILs seen as (time, seq)."""
     queues, link, control = _link_queues(PacingConfig())
     tails: list[tuple[float, int]] = []
     now = 0.0
+    send_at = 0.0
     for k in range(messages):
-        send_at = k * interval
+        if k:
+            send_at += pattern[k % len(pattern)] if pattern else interval
         for _ in range(100):  # timers up to the next send
             due = queues.next_timer(now)
             if due is None or due > send_at:
@@ -757,6 +762,14 @@ def test_a_steady_slow_stream_gets_one_tail_probe_when_it_stops(interval: float)
     assert len(tails) <= 3  # the first few, before the pace is learnt
     assert all(t < 0.5 for t, _ in tails[:-1])
     assert last_send + TAIL_PROBE_S <= tails[-1][0] <= last_send + TAIL_PROBE_S * TAIL_PROBE_STEPS
+
+
+def test_an_irregular_stream_is_judged_by_its_long_gaps() -> None:
+    """Three senders' merged ticks: 5, 5 and 280 ms apart (10 msg/s on average). Its long
+    gaps set the probe delay (0.3 s), so again no TAIL while it flows."""
+    tails, _ = _steady_stream(0.0, 60, pattern=(0.005, 0.005, 0.28))
+    assert len(tails) <= 3 and tails[-1][1] == 60
+    assert all(t < 0.8 for t, _ in tails[:-1])
 
 
 def test_a_burst_and_a_slow_stream_are_probed_after_the_short_quiet_time() -> None:

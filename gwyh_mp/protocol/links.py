@@ -32,14 +32,16 @@ RETAIN_DATAGRAMS_PER_LINK = 8192
 MAX_RETRANSMITS_PER_NAK = 256
 TAIL_PROBE_S = 0.1  # quiet time after the last data datagram before a tail probe
 # ... or a longer one, TAIL_PROBE_S times 1..TAIL_PROBE_STEPS, for a link whose data comes at
-# a steady slower pace: TAIL_GAP_FACTOR times its smoothed interval between data sends,
-# rounded up. The next data datagram reveals a lost one about one interval later anyway, so
-# a probe sooner than that repairs nothing faster and only doubles the datagrams of a slow
-# stream (one TAIL per message at 10 msg/s, 5,000 per message at 5,000 subscribers); a
-# burst (short intervals) that ends in a quiet gap is still probed after TAIL_PROBE_S.
+# a slower pace: TAIL_GAP_FACTOR times its recent longest interval between data sends (a
+# decaying maximum, so an irregular stream such as 3 senders' merged ticks, 5, 5 and 290 ms
+# apart, counts by its long gaps, not its average), rounded up. The next data datagram
+# reveals a lost one about one interval later anyway, so a probe sooner than that repairs
+# nothing faster and only doubles the datagrams of a slow stream (one TAIL per message at
+# 10 msg/s, 5,000 per message at 5,000 subscribers); a burst (short intervals) that ends
+# in a quiet gap is still probed after TAIL_PROBE_S.
 TAIL_PROBE_STEPS = 3
 TAIL_GAP_FACTOR = 1.5
-_GAP_SMOOTHING = 0.25  # weight of the newest interval in LinkState.data_gap
+_GAP_DECAY = 0.75  # LinkState.data_gap: max(newest interval, previous value x this)
 _TAIL = struct.Struct("!I")
 
 
@@ -111,7 +113,7 @@ class LinkState:
     tail_step: int = 0  # index of the tail-probe delay it is armed under (LinkQueues)
     last_sent_seq: int = 0  # newest link sequence actually handed to the socket
     last_data_at: float = float("-inf")  # when data last left for the peer
-    data_gap: float = 0.0  # smoothed interval between data sends (0 after a pause)
+    data_gap: float = 0.0  # recent longest interval between data sends (0 after a pause)
 
     def next_link_seq(self) -> int:
         self.link_seq_out = (self.link_seq_out + 1) & 0xFFFFFFFF
@@ -251,14 +253,11 @@ class LinkQueues:
         """Data just left for the peer: its tail probe is due after the quiet time its
         pace calls for (the module's TAIL_* constants)."""
         gap = now - link.last_data_at
-        # A first send after a pause counts as a burst until its pace shows otherwise; the
-        # first interval after it is taken as it is (the average starts from there).
-        data_gap = link.data_gap
+        # A first send after a pause counts as a burst until its pace shows otherwise.
+        data_gap = link.data_gap * _GAP_DECAY
         if gap >= TAIL_PROBE_S * TAIL_PROBE_STEPS:
             data_gap = 0.0
-        elif data_gap:
-            data_gap += (gap - data_gap) * _GAP_SMOOTHING
-        else:
+        elif gap > data_gap:
             data_gap = gap
         link.data_gap = data_gap
         link.last_data_at = now
