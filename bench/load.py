@@ -235,9 +235,10 @@ class NodeUnderTest:
             self.stats = latest
         return self.stats
 
-    def roles(self) -> dict[int, str]:
-        """pid -> role (coordinator, receiver-N) from the node's process records."""
-        out: dict[int, str] = {}
+    def process_records(self) -> dict[str, dict[str, Any]]:
+        """role (coordinator, receiver-N) -> its latest process record (multiprocess
+        runtime: the receivers' own counters, e.g. send_dropped, are only there)."""
+        out: dict[str, dict[str, Any]] = {}
         try:
             lines = self.err_path.read_bytes().splitlines()[-64:]
         except OSError:
@@ -245,9 +246,16 @@ class NodeUnderTest:
         for line in lines:
             if line.startswith(b'{"event":"process"'):
                 record = orjson.loads(line)
-                if isinstance(record.get("pid"), int):
-                    out[record["pid"]] = str(record.get("role"))
+                out[str(record.get("role"))] = record
         return out
+
+    def roles(self) -> dict[int, str]:
+        """pid -> role (coordinator, receiver-N) from the node's process records."""
+        return {
+            r["pid"]: role
+            for role, r in self.process_records().items()
+            if isinstance(r.get("pid"), int)
+        }
 
     def stderr_tail(self, lines: int = 5) -> str:
         try:
@@ -669,6 +677,7 @@ class LoadRun:
                 "node_packets_out": stats.get("packets_out"),
                 "node_subscribers": stats.get("subscribers"),
                 "node_sessions_established": stats.get("sessions_established"),
+                "node_tail_probes": stats.get("tail_probes_sent"),
                 "node_hello_overload": stats.get("handshake_hello_overload"),
                 # [shard, cpu %, worst loop lag ms, rss] per generator process
                 "gen_procs": [
@@ -800,6 +809,7 @@ def run(args: argparse.Namespace) -> int:
         roles = {**load.node_cpu.helpers, **(node.roles() if node is not None else {})}
         if node is not None:
             result["node"]["final_stats"] = node.last_stats()
+            result["node"]["final_process_stats"] = node.process_records()
         result.update(build_report(args, load, measured, roles))
         if args.plot and "steady" in result:
             result["plots"] = plot(result, load, roles, args.plot)

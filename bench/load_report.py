@@ -350,6 +350,31 @@ def _fmt(x: float | None, digits: int = 0) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+# (label, key) of the node's own counters worth a line in the summary: the per-message cost
+# they explain (extra sessions, tail probes, repairs) and what it dropped.
+NODE_COUNTERS = (
+    ("sessions established", "sessions_established"),
+    ("tail probes", "tail_probes_sent"),
+    ("NAKs received", "naks_received"),
+    ("retransmits", "retransmits"),
+    ("shed", "shed_datagrams"),
+)
+
+
+def node_counters(result: dict[str, Any]) -> dict[str, int]:
+    """The node's final counters (NODE_COUNTERS), with the receivers' sends dropped at a
+    full socket buffer summed over its processes (they are not in the core's stats)."""
+    node = result.get("node") or {}
+    stats = node.get("final_stats") or {}
+    out = {label: int(stats.get(key) or 0) for label, key in NODE_COUNTERS if key in stats}
+    procs = node.get("final_process_stats") or {}
+    if procs:
+        out["sends dropped (socket buffer full)"] = sum(
+            int(r.get("send_dropped") or 0) for r in procs.values()
+        )
+    return out
+
+
 def print_summary(result: dict[str, Any], out: Any = None) -> None:
     """The human table, on stdout."""
     out = out or sys.stdout
@@ -425,6 +450,9 @@ def print_summary(result: dict[str, Any], out: Any = None) -> None:
                 f"{_fmt(b['node_cpu_us_per_delivery'], 1)} us, generator "
                 f"{_fmt(b['generator_cpu_us_per_delivery'], 1)} us"
             )
+    counters = node_counters(result)
+    if counters:
+        lines.append("node counters: " + ", ".join(f"{k} {v}" for k, v in counters.items()))
     res = result.get("resources", {})
     procs = res.get("node_processes", []) + res.get("generator_processes", [])
     if procs:

@@ -17,6 +17,7 @@ import pytest
 
 from bench import load_report
 from bench.load import MAX_DEFAULT_PROCS, default_procs
+from bench.load_report import node_counters
 from bench.virtual_peers import ensure_fd_limit
 from tests.procs import free_udp_port
 
@@ -89,6 +90,7 @@ def test_spawned_node_reports_consistent_figures(tmp_path: Path) -> None:
     result = orjson.loads(out.read_bytes())
     table = proc.stdout.decode()  # the human table goes to stdout, JSON only to the file
     assert "p99 ms" in table and table.count("\nsteady ") == 1 and "generator" in table
+    assert "node counters: sessions established " in table
 
     assert result["bench"] == "load" and result["mode"] == "spawned"
     assert result["measured_at"] == "node"
@@ -217,6 +219,27 @@ def test_ensure_fd_limit_keeps_enough() -> None:
     limit = ensure_fd_limit(64)
     assert limit.ok and not limit.raised
     assert limit.soft >= 64 or limit.soft == -1
+
+
+def test_node_counters_sum_the_receivers_dropped_sends() -> None:
+    """The summary's node counters: the core's, plus sends the receivers dropped at a full
+    socket buffer (only in their process records)."""
+    result = {
+        "node": {
+            "final_stats": {"sessions_established": 7, "tail_probes_sent": 3, "packets_in": 9},
+            "final_process_stats": {
+                "coordinator": {"role": "coordinator"},
+                "receiver-0": {"role": "receiver-0", "send_dropped": 4},
+                "receiver-1": {"role": "receiver-1", "send_dropped": 5},
+            },
+        }
+    }
+    assert node_counters(result) == {
+        "sessions established": 7,
+        "tail probes": 3,
+        "sends dropped (socket buffer full)": 9,
+    }
+    assert node_counters({}) == {}
 
 
 def test_percentiles_are_nearest_rank() -> None:

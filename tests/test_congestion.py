@@ -25,7 +25,12 @@ from gwyh_mp.protocol.congestion import (
     PacingConfig,
     seq32_diff,
 )
-from gwyh_mp.protocol.links import LinkQueues, LinkState
+from gwyh_mp.protocol.links import (
+    TAIL_PROBE_S,
+    TAIL_PROBE_STEPS,
+    LinkQueues,
+    LinkState,
+)
 from gwyh_mp.protocol.stats import Stats
 
 CFG = PacingConfig()
@@ -632,6 +637,150 @@ def test_tail_probe_follows_the_last_data_datagram() -> None:
     assert due is not None and due > 0.0
     queues.handle_timer(due)
     assert control == [(PEER, bytes([wire.FrameType.TAIL]) + (1).to_bytes(4, "big"))]
+
+
+def _tail_seqs(control: list[tuple[bytes, bytes]]) -> list[tuple[bytes, int]]:
+    return [
+        (peer, int.from_bytes(frame[1:], "big"))
+        for peer, frame in control
+        if frame[0] == wire.FrameType.TAIL
+    ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 39), st.floats(0.0, 0.35), st.integers(1, 3)),
+        min_size=1,
+        max_size=120,
+    )
+)
+def test_tail_timer_is_exact_and_every_probe_leaves_when_due(
+    sends: list[tuple[int, float, int]],
+) -> None:
+    """Links armed at random times and paces: the timer is always the earliest armed
+    deadline (never late, never early), each TAIL leaves at its deadline with the newest
+    link sequence, and the deadline is 1..TAIL_PROBE_STEPS probe times after the last
+    data. Time advances in steps to the timer or to the next send, as the runtime does."""
+    peers = [bytes([i]) * 16 for i in range(40)]
+    links = {p: LinkState(p) for p in peers}
+    control: list[tuple[bytes, bytes]] = []
+    queues = LinkQueues(
+        links,  # type: ignore[arg-type]
+        links.__getitem__,
+        PacingConfig(initial_rate_bytes_per_s=1e9, max_rate_bytes_per_s=1e9),
+        Stats(),
+        lambda peer, ftype, body=b"": control.append((peer, bytes([ftype]) + body)),
+        lambda: 0.0,
+    )
+    now = 0.0
+    expected: list[tuple[bytes, int]] = []
+
+    def run_timers_until(until: float) -> float:
+        t = now
+        for _ in range(10_000):  # bounded
+            armed = [link.tail_due for link in links.values() if link.tail_due is not None]
+            due = queues.next_timer(t)
+            if not armed:
+                assert due is None
+                return until
+            assert due == min(armed)  # the earliest deadline exactly
+            if due > until:
+                return until
+            t = max(t, due)
+            before = len(control)
+            fired = [
+                p for p, link in links.items() if link.tail_due is not None and link.tail_due <= t
+            ]
+            queues.handle_timer(t)
+            sent = sorted(_tail_seqs(control[before:]))
+            assert sent == sorted((p, links[p].last_sent_seq) for p in fired)
+            assert all(links[p].tail_due is None for p in fired)
+            expected.extend(sent)
+        raise AssertionError("timer loop did not settle")
+
+    for index, advance, count in sends:
+        now = run_timers_until(now + advance)
+        peer = peers[index]
+        link = links[peer]
+        for _ in range(count):
+            queues.enqueue(peer, _data(link.next_link_seq()), ADDR)
+        queues.drain(now, [])
+        assert link.tail_due is not None
+        assert (
+            now + TAIL_PROBE_S - 1e-9
+            <= link.tail_due
+            <= now + TAIL_PROBE_S * TAIL_PROBE_STEPS + 1e-9
+        )
+    run_timers_until(now + 10.0)
+    assert len(_tail_seqs(control)) == len(expected)
+    assert queues.stats["tail_probes_sent"] == len(expected)
+    assert all(link.tail_due is None for link in links.values())
+    # Every link that sent data got a TAIL after its last datagram, with that datagram's seq.
+    last = {p: seq for p, seq in expected}
+    assert last == {p: links[p].last_sent_seq for p, link in links.items() if link.link_seq_out}
+
+
+def _steady_stream(
+    interval: float, messages: int, pattern: tuple[float, ...] = ()
+) -> tuple[list[tuple[float, int]], float]:
+    """One link sending a datagram every ``interval`` s (or at intervals cycling through
+    ``pattern``); TAILs seen as (time, seq)."""
+    queues, link, control = _link_queues(PacingConfig())
+    tails: list[tuple[float, int]] = []
+    now = 0.0
+    send_at = 0.0
+    for k in range(messages):
+        if k:
+            send_at += pattern[k % len(pattern)] if pattern else interval
+        for _ in range(100):  # timers up to the next send
+            due = queues.next_timer(now)
+            if due is None or due > send_at:
+                break
+            now = max(now, due)
+            before = len(control)
+            queues.handle_timer(now)
+            tails += [(now, seq) for _, seq in _tail_seqs(control[before:])]
+        now = send_at
+        queues.enqueue(PEER, _data(link.next_link_seq()), ADDR)
+        queues.drain(now, [])
+    last_send = now
+    due = queues.next_timer(now)
+    assert due is not None
+    queues.handle_timer(due)
+    tails += [(due, seq) for _, seq in _tail_seqs(control)[len(tails) :]]
+    return tails, last_send
+
+
+@pytest.mark.parametrize("interval", [0.1, 0.15, 0.2, 0.25])
+def test_a_steady_slow_stream_gets_one_tail_probe_when_it_stops(interval: float) -> None:
+    """At 4-10 datagrams/s the next datagram reveals a loss as soon as a probe would:
+    no TAIL while the stream flows, one after it stops (with the last link sequence,
+    at most TAIL_PROBE_STEPS probe times later)."""
+    tails, last_send = _steady_stream(interval, 40)
+    assert [seq for _, seq in tails[-1:]] == [40]
+    assert len(tails) <= 3  # the first few, before the pace is learnt
+    assert all(t < 0.5 for t, _ in tails[:-1])
+    assert last_send + TAIL_PROBE_S <= tails[-1][0] <= last_send + TAIL_PROBE_S * TAIL_PROBE_STEPS
+
+
+def test_an_irregular_stream_is_judged_by_its_long_gaps() -> None:
+    """Three senders' merged ticks: 5, 5 and 280 ms apart (10 msg/s on average). Its long
+    gaps set the probe delay (0.3 s), so again no TAIL while it flows."""
+    tails, _ = _steady_stream(0.0, 60, pattern=(0.005, 0.005, 0.28))
+    assert len(tails) <= 3 and tails[-1][1] == 60
+    assert all(t < 0.8 for t, _ in tails[:-1])
+
+
+def test_a_burst_and_a_slow_stream_are_probed_after_the_short_quiet_time() -> None:
+    """A burst (1 ms apart) that ends, or a stream slower than the longest probe delay:
+    a TAIL TAIL_PROBE_S after each last datagram, as before."""
+    tails, last_send = _steady_stream(0.001, 20)
+    assert tails == [(pytest.approx(last_send + TAIL_PROBE_S), 20)]
+    tails, _ = _steady_stream(1.0, 5)
+    assert [(round(t, 6), seq) for t, seq in tails] == [
+        (round(k + TAIL_PROBE_S, 6), k + 1) for k in range(5)
+    ]
 
 
 # --------------------------------------------------------------------------------------------------

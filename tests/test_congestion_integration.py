@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from gwyh_mp.config import Config
 from gwyh_mp.protocol.events import Message
 from gwyh_mp.protocol.wire import PacketType
@@ -193,3 +195,38 @@ def test_a_node_nobody_subscribes_to_still_gets_its_broadcasts_out() -> None:
     big_id = net.broadcast(A, bytes(5000))  # fragmented: released to providers too
     net.run_for(1.0)
     assert {msg_id, big_id} <= set(delivered(net, B))
+
+
+@pytest.mark.parametrize("interval", [0.001, 0.1, 0.25])
+def test_the_lost_last_datagram_of_a_stream_is_repaired_after_a_tail_probe(
+    interval: float,
+) -> None:
+    """A burst, a 10 msg/s and a 4 msg/s stream whose very last BROADCAST datagram is
+    lost: no later datagram reveals the gap, so only the tail probe (however long the
+    link's pace makes it wait) gets it NAKed and resent."""
+    net = two_nodes(loss=0.0)
+    drop = {"armed": False, "dropped": 0}
+    kinds: dict[str, int] = {}
+    inner_link = net.link
+
+    def hook(src: tuple[str, int], dst: tuple[str, int], data: bytes) -> None:
+        kinds["last"] = data[1]
+
+    def drop_once(src: tuple[str, int], dst: tuple[str, int], rng: random.Random) -> float | None:
+        if drop["armed"] and src == A and kinds.get("last") == PacketType.BROADCAST:
+            drop["armed"] = False
+            drop["dropped"] += 1
+            return None
+        return inner_link(src, dst, rng)
+
+    net.on_datagram = hook
+    net.link = drop_once
+    sent = []
+    for k in range(20):
+        drop["armed"] = k == 19
+        sent.append(net.broadcast(A, b"s%d" % k))
+        net.run_for(interval)
+    assert drop["dropped"] == 1
+    assert net.run_until_true(lambda: set(sent) <= set(delivered(net, B)), 2.0)
+    assert net.nodes[B].core.stats.get("naks_sent", 0) >= 1
+    assert net.nodes[A].core.stats.get("retransmits", 0) >= 1

@@ -116,6 +116,27 @@ def test_broadcast_from_every_node_is_delivered_exactly_once_never_to_sender() -
             assert 1 <= m.hops < N
 
 
+def test_a_fanout_target_is_reused_until_its_session_or_address_changes() -> None:
+    """The fanout's view of a subscriber is built once per session and address (not per
+    flush), and never outlives either: a moved peer or a new session gets a new one."""
+    net, addrs = make_cluster(2, seed=3)
+    a, b = net.nodes[addrs[0]].core, net.nodes[addrs[1]].core
+    peers = a.peers
+    target = peers.fanout_target(b.node_id)
+    assert target is not None and peers.fanout_target(b.node_id) is target
+    session = peers.links[b.node_id].session
+    assert session is not None
+    assert (target.addr, target.remote_session_id) == (session.addr, session.remote_session_id)
+    peers.moved(session, ("10.9.9.9", 7001))
+    moved = peers.fanout_target(b.node_id)
+    assert moved is not None and moved is not target and moved.addr == ("10.9.9.9", 7001)
+    session.remote_session_id ^= 1
+    renewed = peers.fanout_target(b.node_id)
+    assert renewed is not None and renewed.remote_session_id == session.remote_session_id
+    peers.links[b.node_id].session = None
+    assert peers.fanout_target(b.node_id) is None
+
+
 def test_a_burst_is_coalesced_and_encrypted_once() -> None:
     net, addrs = make_cluster(N, seed=6)
     origin = net.nodes[addrs[2]]

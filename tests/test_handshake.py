@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gwyh_mp.config import Config
 from gwyh_mp.protocol import wire
 from gwyh_mp.protocol.crypto import (
     LABEL_HELLO,
@@ -23,6 +24,7 @@ from gwyh_mp.protocol.crypto import (
     seal,
     x25519_keypair,
 )
+from gwyh_mp.protocol.node import NodeCore
 from gwyh_mp.protocol.wire import PacketType
 from tests.helpers_core import (
     PSK,
@@ -569,3 +571,43 @@ def test_next_timer_is_never_later_than_the_earliest_deadline() -> None:
     assert a.hs.next_timer() == 2.0
     b.hs.handle_timer(10.5)
     assert b.hs.next_timer() is None
+
+
+def _core_at(i: int, **overrides: object) -> NodeCore:
+    return NodeCore(
+        Config.local(bind=addr(i), psks=[PSK], **overrides),  # type: ignore[arg-type]
+        0.0,
+        wall_offset_s=WALL_NS / 1e9,
+        random_bytes=seeded_random(f"core{i}"),
+    )
+
+
+@pytest.mark.parametrize("first_tick_s", [0.01, 0.5, 5.0])
+def test_a_first_tick_after_the_bootstrap_handshake_does_not_start_another(
+    first_tick_s: float,
+) -> None:
+    """A joining node's first heartbeat tick comes late (a loaded event loop), after its
+    bootstrap handshake completed but before any provider is confirmed: it must not
+    handshake the seed again (two sessions per joiner); once the handshake is older than
+    a retry, an alone node re-handshakes its seeds as before."""
+    seed, joiner = _core_at(0), _core_at(1, bootstrap=[addr(0)])
+    seed.start(0.0)
+    joiner.start(0.0)
+    cores = {addr(0): seed, addr(1): joiner}
+    now = 0.0
+    for _ in range(10):  # HELLO, OHAI, OKBOSS, GOTEAM, then whatever follows at once
+        moved = False
+        for src, core in cores.items():
+            for data, dst in core.datagrams_to_send(now):
+                cores[dst].receive_datagram(data, src, now)
+                moved = True
+        if not moved:
+            break
+    assert joiner.handshaker.stats["established_initiator"] == 1
+    now = first_tick_s
+    joiner.handle_timer(now)
+    hellos = [d for d, _ in joiner.datagrams_to_send(now) if d[1] == PacketType.HELLO]
+    retry = joiner.config.handshake_retry_s
+    assert retry is not None
+    assert len(hellos) == (0 if first_tick_s < retry else 1)
+    assert joiner.handshaker.stats["initiated"] == (1 if first_tick_s < retry else 2)

@@ -62,6 +62,7 @@ class Session:
     replay: AntiReplayWindow = field(default_factory=AntiReplayWindow)
     last_rx: float = 0.0
     superseded: bool = False
+    established_at: float = float("-inf")
     # Where the handshake completed: the peer proved it receives there. ``addr`` may
     # roam (moved()); large replies go out only while it is still this (§8.6).
     verified_addr: Addr = ("", 0)
@@ -77,6 +78,7 @@ class PeerLink(LinkState):
     channel_replay: AntiReplayWindow = field(default_factory=AntiReplayWindow)
     last_heard: float = 0.0
     last_peer_list: float = float("-inf")  # when we last answered its PEERS_REQUEST
+    target: FanoutTarget | None = None  # the fanout's view of it, kept while the session holds
 
 
 def _installed(session: Session) -> SessionKeyInstalled:
@@ -154,10 +156,21 @@ class Peers:
             self.bootstrap(now)
 
     def bootstrap(self, now: float) -> None:
-        """(Re)join through the seeds: a handshake with each, then a peer list."""
+        """(Re)join through the seeds: a handshake with each, then a peer list. Not with
+        a seed whose handshake completed less than a handshake retry ago (its peer list
+        is on its way): the first heartbeat tick, right after start, found the first
+        handshake done but no provider confirmed yet and started a second one; a loaded
+        generator's virtual peers did so ~2 times in 3 (977 sessions for 500 peers)."""
+        if not self.seeds:
+            return
         advertised = self._advertised()
+        fresh = {
+            session.addr
+            for session in self.sessions.values()
+            if now - session.established_at < self.handshaker.retry_s
+        }
         for addr in sorted(self.seeds):
-            if addr != advertised:
+            if addr != advertised and addr not in fresh:
                 self._peer_request_addrs.add(addr)
                 self.initiate(addr, now)
 
@@ -251,7 +264,7 @@ class Peers:
             # The peer may still be sending on the old one (two handshakes crossed):
             # it stays valid for receiving until it has been idle for SESSION_GRACE_S.
             link.session.superseded = True
-        session.last_rx = now
+        session.last_rx = session.established_at = now
         link.session = session
         link.last_heard = now
 
@@ -272,7 +285,18 @@ class Peers:
         if link is None or link.session is None:
             return None
         session = link.session
-        return FanoutTarget(peer_id, session.addr, session.remote_session_id, link.next_link_seq)
+        # Built once per session and address, not once per subscriber per flush (a node with
+        # 5,000 subscribers built 5,000 per message).
+        target = link.target
+        if (
+            target is None
+            or target.addr is not session.addr
+            or target.remote_session_id != session.remote_session_id
+        ):
+            target = link.target = FanoutTarget(
+                peer_id, session.addr, session.remote_session_id, link.next_link_seq
+            )
+        return target
 
     def retire(self, now: float, members: MemberTable, keep: dict[bytes, object]) -> None:
         """Free sessions nobody uses: superseded ones, and those of members that are
