@@ -210,14 +210,21 @@ def test_announcement_waits_for_the_data_queued_before_it() -> None:
     entry = wire.ENTRY_HEADER.pack(0, 1, b"o" * 16, 1) + b"x"
     t.announce(slow, b"1" * 16, entry)
     t.announce(idle, b"1" * 16, entry)
-    now[0] = trees.IHAVE_INTERVAL_S
+    assert t.next_timer() == 0.0  # the idle link's: at once, nothing announced to it lately
     t.handle_timer(now[0])
     assert [p for p, f, _ in sent if f == FrameType.IHAVE] == [idle]
+    # The next id to the idle link waits one IHAVE_INTERVAL_S (a batch, not a datagram each).
+    now[0] = 0.002
+    t.announce(idle, b"2" * 16, entry)
+    assert t.next_timer() == pytest.approx(trees.IHAVE_INTERVAL_S)
+    now[0] = trees.IHAVE_INTERVAL_S
+    t.handle_timer(now[0])
+    assert [p for p, f, _ in sent if f == FrameType.IHAVE] == [idle, idle]
     due = t.next_timer()
     assert due is not None and 0.09 < due < 0.11
     now[0] = due
     t.handle_timer(now[0])
-    assert [p for p, f, _ in sent if f == FrameType.IHAVE] == [idle, slow]
+    assert [p for p, f, _ in sent if f == FrameType.IHAVE] == [idle, idle, slow]
     assert t.next_timer() is None
 
 

@@ -55,8 +55,9 @@ from gwyh_mp.protocol.stats import Stats
 from gwyh_mp.protocol.wire import FrameType
 
 IHAVE_INTERVAL_S = 0.01
-"""Announcements to a lazy subscriber are batched this long (many ids per datagram), and
-longer while data queued to that subscriber before them waits for the link's pacer."""
+"""At most one announcement batch per subscriber this often (many ids per datagram); an
+id to a subscriber announced to less recently leaves at once, unless data queued to it
+before the id still waits for the link's pacer (then when that data will have left)."""
 GRAFT_TIMEOUT_S = 0.03
 """How long an announced id may stay missing before we graft while we know nothing of
 the provider we keep (then the timeout follows that provider's measured lag, below)."""
@@ -151,6 +152,7 @@ class Trees:
         self._ihave: dict[bytes, list[tuple[bytes, int, bytes]]] = {}
         self._ihave_at: dict[bytes, float] = {}
         self._ihave_due: float | None = None  # the earliest of _ihave_at
+        self._ihave_sent: dict[bytes, float] = {}  # peer -> last batch sent at
         if history is None or history.max_age_s <= 0:
             history = History(CACHE_AGE_S, CACHE_BYTES, CACHE_ENTRIES)
         self.history = history
@@ -191,9 +193,13 @@ class Trees:
             # The announcement must not overtake the data queued to that peer before it
             # (it would tell the peer of a path quicker than our link really is, and the
             # peer would graft or swap to it, then get both copies): it leaves once the
-            # pacer has sent what is queued now, and at most every IHAVE_INTERVAL_S.
+            # pacer has sent what is queued now. At most one batch per IHAVE_INTERVAL_S,
+            # but the first after a quiet spell at once (repair under loss starts sooner).
             now = self._clock()
-            at = now + max(IHAVE_INTERVAL_S, self._queue_delay(peer_id))
+            last = self._ihave_sent.get(peer_id)
+            at = now + self._queue_delay(peer_id)
+            if last is not None and last + IHAVE_INTERVAL_S > at:
+                at = last + IHAVE_INTERVAL_S
             self._ihave_at[peer_id] = at
             if self._ihave_due is None or at < self._ihave_due:
                 self._ihave_due = at
@@ -448,8 +454,13 @@ class Trees:
         """Send the batches whose time has come; the others wait for theirs."""
         batches = self._ihave
         ready = [peer_id for peer_id, at in self._ihave_at.items() if at <= now]
+        sent = self._ihave_sent
+        if len(sent) + len(ready) > MAX_IHAVE_PEERS:
+            horizon = now - IHAVE_INTERVAL_S
+            self._ihave_sent = sent = {p: t for p, t in sent.items() if t > horizon}
         for peer_id in ready:
             del self._ihave_at[peer_id]
+            sent[peer_id] = now
         self._ihave_due = min(self._ihave_at.values(), default=None)
         for peer_id in ready:
             queue = batches.pop(peer_id)
