@@ -279,7 +279,10 @@ class Trees:
         # quicker path, not a copy that waited behind a burst on the parent's link.
         margin = max(SWAP_MARGIN_S, 4 * path.lag_dev)
         swap = announced.tries == 0 and late - path.lag >= margin
-        path.note_lag(late)  # after a graft too: a slow copy, not a lost one, teaches it
+        if announced.tries == 0 or source not in announced.announcers[: announced.tries]:
+            # Not a copy we grafted (that took a timeout and a round trip: no lag of the
+            # parent's); after a graft a copy from elsewhere was slow, not lost.
+            path.note_lag(late)
         first = announced.announcers[0]
         if swap and first != source:
             self.stats.bump("trees_swaps")
