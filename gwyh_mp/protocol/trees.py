@@ -61,10 +61,13 @@ before the id still waits for the link's pacer (then when that data will have le
 GRAFT_TIMEOUT_S = 0.03
 """How long an announced id may stay missing before we graft while we know nothing of
 the provider we keep (then the timeout follows that provider's measured lag, below)."""
-GRAFT_TIMEOUT_MIN_S = 0.015
+GRAFT_TIMEOUT_MIN_S = GRAFT_TIMEOUT_S
 GRAFT_TIMEOUT_MAX_S = 0.25
 """Bounds of the adaptive graft timeout: lag + 4 * lag deviation of the copies from the
-provider we keep behind the first announcement of the same id (as TCP's RTO)."""
+provider we keep behind the first announcement of the same id (as TCP's RTO). It only ever
+lengthens the fixed timeout: with a 15 ms floor an overloaded cluster grafted more (lazy
+links carry no queue, so their announcements beat the parent's queued copies) and a 5 ms
+floor cost redundancy and a 936 ms t99 outlier at 10 % loss in bench sim."""
 PRUNE_RESEND_S = 0.5
 """A pruned provider still sending in full this long after our PRUNE gets another
 (a PRUNE travels in an unacknowledged control frame and may be lost)."""
