@@ -314,6 +314,12 @@ def run_mode(args: argparse.Namespace, mode: str, floor: dict, result: dict[str,
                 "floor": floor,
                 "datagrams_in": sum(s.get("packets_in") or 0 for s in stats),
                 "duplicates_dropped": sum(s.get("duplicates") or 0 for s in stats),
+                # Tree churn: every graft or swap leaves the old provider's queued copies
+                # in flight as duplicates, so these show whether the trees hold still.
+                "trees": {
+                    key: sum(s.get(key) or 0 for s in stats)
+                    for key in ("trees_grafts_out", "trees_swaps", "trees_prunes_out")
+                },
                 "per_node": [
                     {
                         **c,
@@ -336,7 +342,8 @@ def run_mode(args: argparse.Namespace, mode: str, floor: dict, result: dict[str,
             f"rcvbuf errors {result['rcvbuf_errors']}, latency ms p50 "
             f"{result['latency_ms']['p50']} p99 {result['latency_ms']['p99']} "
             f"max {result['latency_ms']['max']}, datagrams in {result['datagrams_in']} "
-            f"(dropped as duplicates {result['duplicates_dropped']})",
+            f"(dropped as duplicates {result['duplicates_dropped']}), trees "
+            + " ".join(f"{k[6:]} {v}" for k, v in result["trees"].items()),  # type: ignore[attr-defined]
         )
         return 0 if complete and lost == 0 else 1
     finally:

@@ -14,7 +14,11 @@ from hypothesis import strategies as st
 
 from gwyh_mp.config import Config, ConfigError
 from gwyh_mp.protocol import trees, wire
+from gwyh_mp.protocol.congestion import AimdPacer, PacingConfig
 from gwyh_mp.protocol.dissemination import SeenSet
+from gwyh_mp.protocol.history import History
+from gwyh_mp.protocol.links import LinkState
+from gwyh_mp.protocol.node import NodeCore
 from gwyh_mp.protocol.stats import Stats
 from gwyh_mp.protocol.trees import Trees
 from gwyh_mp.protocol.wire import FrameType, PacketType
@@ -80,7 +84,9 @@ def test_config_rejects_unknown_mode() -> None:
 # ---------------------------------------------------------------------------- bounds
 
 
-def _trees(enabled: bool = True) -> tuple[Trees, list[tuple[bytes, FrameType, bytes]]]:
+def _trees(
+    enabled: bool = True, clock: Callable[[], float] = lambda: 0.0
+) -> tuple[Trees, list[tuple[bytes, FrameType, bytes]]]:
     sent: list[tuple[bytes, FrameType, bytes]] = []
     t = Trees(
         b"me" * 8,
@@ -88,7 +94,7 @@ def _trees(enabled: bool = True) -> tuple[Trees, list[tuple[bytes, FrameType, by
         SeenSet(1000),
         Stats(),
         queue_control=lambda p, f, b: sent.append((p, f, b)),
-        clock=lambda: 0.0,
+        clock=clock,
     )
     return t, sent
 
@@ -121,8 +127,8 @@ def test_cache_and_announcement_queues_are_bounded() -> None:
     for i in range(trees.CACHE_ENTRIES + 100):
         entry = wire.ENTRY_HEADER.pack(0, 1, b"o" * 16, len(entry_body)) + entry_body
         t.announce(b"p" * 16, i.to_bytes(16, "big"), entry)
-    assert len(t._cache) <= trees.CACHE_ENTRIES
-    assert t._cache_bytes <= trees.CACHE_BYTES
+    assert len(t.history) <= trees.CACHE_ENTRIES
+    assert t.history.bytes <= trees.CACHE_BYTES
     assert sum(len(q) for q in t._ihave.values()) <= trees.MAX_IHAVE_PER_PEER
 
 
@@ -151,6 +157,114 @@ def test_graft_of_unknown_ids_answers_nothing() -> None:
     t.on_graft(b"p" * 16, wire.encode_id_groups([(b"o" * 16, 0, [b"i" * 16])]))
     assert t.take_resends() == []
     assert t.stats["trees_graft_miss"] == 1
+
+
+def test_graft_is_answered_from_the_catch_up_history() -> None:
+    # One store of recent entries: what catch-up recorded answers a GRAFT, and an
+    # announcement adds nothing of its own to it.
+    history = History(30.0, 1 << 20)
+    t = Trees(
+        b"me" * 8, True, SeenSet(100), Stats(),
+        queue_control=lambda p, f, b: None, clock=lambda: 0.0, history=history,
+    )  # fmt: skip
+    assert t.history is history
+    entry = wire.ENTRY_HEADER.pack(0, 1, b"o" * 16, 3) + b"abc"
+    history.add(b"i" * 16, entry, 0.0)
+    t.announce(b"p" * 16, b"i" * 16, entry)
+    assert len(history) == 1
+    t.on_graft(b"p" * 16, wire.encode_id_groups([(b"o" * 16, 0, [b"i" * 16])]))
+    assert t.take_resends() == [(b"p" * 16, [(b"i" * 16, entry)])]
+    # Catch-up off (its history keeps nothing): trees keep their own, bounded.
+    off = Trees(
+        b"me" * 8, True, SeenSet(100), Stats(),
+        queue_control=lambda p, f, b: None, clock=lambda: 0.0, history=History(0.0, 1 << 20),
+    )  # fmt: skip
+    assert off.history.max_age_s == trees.CACHE_AGE_S
+
+
+def test_core_shares_one_history() -> None:
+    on = NodeCore(Config.local(psks=[PSK], dissemination="trees"), now=0.0)
+    assert on.trees.history is on.catch_up.history
+    off = NodeCore(Config.local(psks=[PSK], catch_up_window_s=0.0), now=0.0)
+    assert off.trees.history is not off.catch_up.history
+
+
+def _paced_link(queue_bytes: int, rate: float) -> LinkState:
+    link = LinkState(b"s" * 16)
+    link.pacer = AimdPacer(PacingConfig(initial_rate_bytes_per_s=rate), 0.0)
+    link.queue_bytes = queue_bytes
+    return link
+
+
+def test_announcement_waits_for_the_data_queued_before_it() -> None:
+    # 100 kB queued at 1 MB/s: the IHAVE leaves after ~0.1 s, not after IHAVE_INTERVAL_S,
+    # so it cannot tell the subscriber of a path quicker than this link really is.
+    now = [0.0]
+    sent: list[tuple[bytes, FrameType, bytes]] = []
+    slow, idle = b"s" * 16, b"i" * 16
+    links = {slow: _paced_link(100_000, 1e6)}
+    t = Trees(
+        b"me" * 8, True, SeenSet(100), Stats(),
+        queue_control=lambda p, f, b: sent.append((p, f, b)), clock=lambda: now[0], links=links,
+    )  # fmt: skip
+    entry = wire.ENTRY_HEADER.pack(0, 1, b"o" * 16, 1) + b"x"
+    t.announce(slow, b"1" * 16, entry)
+    t.announce(idle, b"1" * 16, entry)
+    assert t.next_timer() == 0.0  # the idle link's: at once, nothing announced to it lately
+    t.handle_timer(now[0])
+    assert [p for p, f, _ in sent if f == FrameType.IHAVE] == [idle]
+    # The next id to the idle link waits one IHAVE_INTERVAL_S (a batch, not a datagram each).
+    now[0] = 0.002
+    t.announce(idle, b"2" * 16, entry)
+    assert t.next_timer() == pytest.approx(trees.IHAVE_INTERVAL_S)
+    now[0] = trees.IHAVE_INTERVAL_S
+    t.handle_timer(now[0])
+    assert [p for p, f, _ in sent if f == FrameType.IHAVE] == [idle, idle]
+    due = t.next_timer()
+    assert due is not None and 0.09 < due < 0.11
+    now[0] = due
+    t.handle_timer(now[0])
+    assert [p for p, f, _ in sent if f == FrameType.IHAVE] == [idle, idle, slow]
+    assert t.next_timer() is None
+
+
+def _announce_and_deliver(t: Trees, now: list[float], msg_id: bytes, late: float) -> None:
+    """``lazy`` announces ``msg_id``; the parent's copy comes ``late`` seconds later."""
+    t.on_ihave(b"L" * 16, wire.encode_id_groups([(b"o" * 16, 2, [msg_id])]), now[0])
+    now[0] += late
+    t.handle_timer(now[0])
+    t._seen.add(msg_id)
+    t.on_delivered(msg_id, b"o" * 16, 1, b"P" * 16)
+
+
+def test_graft_timeout_follows_the_parents_measured_lag() -> None:
+    now = [0.0]
+    t, sent = _trees(clock=lambda: now[0])
+    t.on_delivered(b"0" * 16, b"o" * 16, 1, b"P" * 16)  # P is the parent
+    path = t._origins[b"o" * 16]
+    # A parent whose copies come first: the timeout stays at its floor.
+    for i in range(20):
+        t.on_delivered(bytes([i]) * 16, b"o" * 16, 1, b"P" * 16)
+    assert path.graft_timeout() == trees.GRAFT_TIMEOUT_MIN_S == trees.GRAFT_TIMEOUT_S
+    # The parent's link fills up (a backlog growing 2 ms per message) until its copies
+    # trail the announcements by 60-80 ms: slow, not silent, so no graft and no swap.
+    for i in range(35):
+        _announce_and_deliver(t, now, b"m%014d" % i + b"x", 0.002 * i)
+    for i in range(30):
+        _announce_and_deliver(t, now, b"n%014d" % i + b"x", 0.06 + 0.02 * (i % 2))
+    assert t.stats.get("trees_swaps", 0) == 0
+    assert not [f for _, f, _ in sent if f == FrameType.GRAFT]
+    timeout = path.graft_timeout()
+    assert 0.07 < timeout <= trees.GRAFT_TIMEOUT_MAX_S
+    # Silent for longer than that: graft to the announcer.
+    t.on_ihave(b"L" * 16, wire.encode_id_groups([(b"o" * 16, 2, [b"z" * 16])]), now[0])
+    now[0] += timeout * 0.9
+    t.handle_timer(now[0])
+    assert not [f for _, f, _ in sent if f == FrameType.GRAFT]
+    now[0] += timeout * 0.2
+    t.handle_timer(now[0])
+    assert [p for p, f, _ in sent if f == FrameType.GRAFT] == [b"L" * 16]
+    assert path.parent == b"L" * 16
 
 
 # ---------------------------------------------------------------------------- clusters

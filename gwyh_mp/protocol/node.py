@@ -189,17 +189,18 @@ class NodeCore:
             link_backlog_bytes=lambda: self.link_queues.backlog_bytes,
         )
         self.flood.on_fragment = self.large.on_fragment
-        self.trees = self.flood.trees = Trees(
-            self.node_id, config.dissemination == "trees", self.seen, self.stats,
-            queue_control=self._queue_control, clock=lambda: self._last_now,
-        )  # fmt: skip
-        self.fanout.on_lazy = self.trees.announce
         self.catch_up = CatchUp(
             config, self.seen.ids, self.stats, self.peers, self.subscriptions, self.flood,
             watchdog_s=watchdog_s, clock=lambda: self._last_now, warn=self.warnings.append,
             queue_control=self._queue_control, connected=self.liveness.heard_from_a_provider,
         )  # fmt: skip
         self.large.record = self.catch_up.record
+        self.trees = self.flood.trees = Trees(
+            self.node_id, config.dissemination == "trees", self.seen, self.stats,
+            queue_control=self._queue_control, clock=lambda: self._last_now,
+            history=self.catch_up.history, links=self.peers.links,
+        )  # fmt: skip
+        self.fanout.on_lazy = self.trees.announce
         self.membership = MembershipChanges(
             self.node_id,
             self.members,
