@@ -293,6 +293,12 @@ def run_mode(args: argparse.Namespace, mode: str, floor: dict, result: dict[str,
         end = max(n.done_at for n in nodes if n.done_at is not None) if complete else None
         lost = sum(c["missing"] for c in checks)
         cpu_us = cpu_s * 1e6 / deliveries if deliveries else None
+        # Tree churn: every graft or swap leaves the old provider's queued copies in
+        # flight as duplicates, so these show whether the trees hold still.
+        churn = {
+            key: sum(s.get(key) or 0 for s in stats)
+            for key in ("trees_grafts_out", "trees_swaps", "trees_prunes_out")
+        }
         result.update(
             {
                 "msgs_per_s": round(args.count / (end - first_send), 1) if end else None,
@@ -314,12 +320,7 @@ def run_mode(args: argparse.Namespace, mode: str, floor: dict, result: dict[str,
                 "floor": floor,
                 "datagrams_in": sum(s.get("packets_in") or 0 for s in stats),
                 "duplicates_dropped": sum(s.get("duplicates") or 0 for s in stats),
-                # Tree churn: every graft or swap leaves the old provider's queued copies
-                # in flight as duplicates, so these show whether the trees hold still.
-                "trees": {
-                    key: sum(s.get(key) or 0 for s in stats)
-                    for key in ("trees_grafts_out", "trees_swaps", "trees_prunes_out")
-                },
+                "trees": churn,
                 "per_node": [
                     {
                         **c,
@@ -343,7 +344,7 @@ def run_mode(args: argparse.Namespace, mode: str, floor: dict, result: dict[str,
             f"{result['latency_ms']['p50']} p99 {result['latency_ms']['p99']} "
             f"max {result['latency_ms']['max']}, datagrams in {result['datagrams_in']} "
             f"(dropped as duplicates {result['duplicates_dropped']}), trees "
-            + " ".join(f"{k[6:]} {v}" for k, v in result["trees"].items()),  # type: ignore[attr-defined]
+            + " ".join(f"{k.removeprefix('trees_')} {v}" for k, v in churn.items()),
         )
         return 0 if complete and lost == 0 else 1
     finally:

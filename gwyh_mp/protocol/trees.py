@@ -6,14 +6,17 @@ trees a node takes a message in full from one provider and only its id from the 
 
 - A copy that arrives as a duplicate from a provider other than the one we keep for its
   origin makes us send that provider PRUNE(origin): from then on it sends us the
-  origin's messages as ids only (IHAVE, batched per peer every IHAVE_INTERVAL_S).
-- An announced id not received within GRAFT_TIMEOUT_S makes us send GRAFT(origin, id)
-  to an announcer: it answers with the message from a bounded cache and sends us the
-  origin's messages in full again. The next announcer is tried after each timeout, so
+  origin's messages as ids only (IHAVE, at most one batch per peer per IHAVE_INTERVAL_S).
+- An announced id not received within the origin's graft timeout (GRAFT_TIMEOUT_S until
+  the parent's copy-behind-announcement lag is known, then that lag plus four deviations)
+  makes us send GRAFT(origin, id) to an announcer: it answers with the message from its
+  recent-entry History (catch-up's, when that keeps one) and sends us the origin's
+  messages in full again. The next announcer is tried after each timeout, so
   a silent eager provider, a lost IHAVE or a lost GRAFT cost one timeout each.
 - The quickest-path optimisation: the first copy of a message decides which provider we
   keep (first arrival wins; the slower one is pruned by its duplicate), and an IHAVE
-  that arrives SWAP_MARGIN_S or more before the copy from the provider we keep swaps the
+  that beats the copy from the provider we keep by more than that parent's usual lag
+  plus max(SWAP_MARGIN_S, four lag deviations) swaps the
   two (GRAFT with no id to the announcer, PRUNE to the old one). Earlier, not fewer
   hops: with zones, the quickest path is often many cheap local hops, and a hop-count
   rule moved trees onto slower cross-zone links (measured: t99 1.8x eager push).
@@ -72,7 +75,8 @@ PRUNE_RESEND_S = 0.5
 """A pruned provider still sending in full this long after our PRUNE gets another
 (a PRUNE travels in an unacknowledged control frame and may be lost)."""
 SWAP_MARGIN_S = 0.03
-"""An announcement this much earlier than the copy from the provider we keep swaps them."""
+"""An announcement at least this much (or four lag deviations, if more) earlier than the
+parent's copy usually trails it swaps the two providers."""
 GRAFT_TRIES = 4
 MAX_ANNOUNCERS = 4
 MAX_ORIGINS = 16_384
